@@ -1,0 +1,3 @@
+from lmforge.apps.cli import main
+
+raise SystemExit(main())

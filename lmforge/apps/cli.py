@@ -1,0 +1,186 @@
+"""The ``lmforge`` command line: parse, call a recipe, print.  Nothing else lives here.
+
+Every user-caused error is an :class:`~lmforge.core.errors.LmforgeError`; it is printed as one line
+(``error: ...``) and the process exits with status 2.  Recipes are imported lazily so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from lmforge.core.errors import LmforgeError
+
+TRAINING_EPILOG = (
+    "CONFIG is a YAML file (see configs/); any key can be overridden with dotted key=value pairs, e.g. "
+    "`train.lr=3e-4 max_steps=200 run_dir=runs/x`. Top-level keys of every training command: run_dir, seed, "
+    "max_steps, resume (auto|true|false)."
+)
+
+
+def _add_training_command(sub, name: str, help_text: str, config_optional: bool = False) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=TRAINING_EPILOG)
+    p.add_argument("config", nargs="?" if config_optional else None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="lmforge: a language model through its whole life — tokenizer, pretraining, evaluation, "
+        "generation — on your data or the built-in world.",
+    )
+    from lmforge import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # tokenizer
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer", description="Tokenizer tools.")
+    tok_sub = tok.add_subparsers(dest="tok_command", metavar="SUBCOMMAND")
+    tt = tok_sub.add_parser("train", help="train byte-level BPE on a corpus",
+                            description="Train a byte-level BPE tokenizer (HF tokenizers) and save tokenizer.json "
+                            "+ tokenizer_config.json into --out.")
+    tt.add_argument("--data", default="world", help="text source: file, folder, glob, HF dataset dir or 'world' (default)")
+    tt.add_argument("--field", default="text", help="field/column for .jsonl/.csv/.parquet (default: text)")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--special-tokens", nargs="*", default=None, help="default: <|endoftext|> <|pad|>")
+    tt.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
+    tt.add_argument("--out", required=True, help="output directory")
+
+    # training commands
+    _add_training_command(sub, "pretrain", "pretrain a decoder language model (causal LM) — on the built-in world "
+                          "by default")
+    _add_training_command(sub, "pipeline", "tokenizer → pretrain → eval → samples on the built-in world, with a "
+                          "report (RUN_DIR/report.md)", config_optional=True)
+
+    # eval
+    ev = sub.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
+    ev_sub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    pp = ev_sub.add_parser("perplexity", help="perplexity and bits-per-byte on a text file or dataset",
+                           description="Perplexity with the fixed-length-model method: windows of --max-length "
+                           "tokens advancing by --stride; tokens scored by an earlier window are context only.")
+    pp.add_argument("--model", required=True, help="lmforge model dir or Hugging Face checkpoint dir")
+    pp.add_argument("--data", required=True, help="text file, folder, glob, .jsonl/.csv/.parquet, HF dataset dir or 'world'")
+    pp.add_argument("--field", default="text")
+    pp.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
+    pp.add_argument("--stride", type=int, default=None, help="window advance (default: max-length)")
+    pp.add_argument("--batch-size", type=int, default=8)
+    pp.add_argument("--max-docs", type=int, default=None, help="score only the first N documents")
+    pp.add_argument("--device", default="auto")
+    pp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    # generate
+    ge = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
+                        description="Generate a completion with the KV-cached engine; --temperature 0 is greedy.")
+    ge.add_argument("--model", required=True, help="lmforge model dir or Hugging Face checkpoint dir")
+    ge.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    ge.add_argument("--max-new-tokens", type=int, default=64)
+    ge.add_argument("--temperature", type=float, default=0.0)
+    ge.add_argument("--top-k", type=int, default=0)
+    ge.add_argument("--top-p", type=float, default=1.0)
+    ge.add_argument("--repetition-penalty", type=float, default=1.0)
+    ge.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--device", default="auto")
+    ge.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
+    ge.add_argument("--json", action="store_true", help="print results as one JSON object as the last line")
+
+    # world
+    wo = sub.add_parser("world", help="write the built-in synthetic world corpus to a JSONL file",
+                        description="Write documents of the built-in world (encyclopedia entries, stories, "
+                        "dialogues, lists, arithmetic) to a JSONL file with a 'text' field.")
+    wo.add_argument("--out", required=True)
+    wo.add_argument("--seed", type=int, default=0)
+    wo.add_argument("--bytes", type=int, default=10_000_000, help="approximate size of text to write")
+    return parser
+
+
+def _cmd_tokenizer(args) -> int:
+    if args.tok_command != "train":
+        raise LmforgeError("usage: lmforge tokenizer train --data PATH --vocab-size N --out DIR")
+    from lmforge.data.shards import train_tokenizer
+
+    tok = train_tokenizer(args.data, args.vocab_size, args.out, special_tokens=args.special_tokens,
+                          max_bytes=args.max_bytes, field=args.field)
+    print(f"saved tokenizer ({tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}) to {args.out}")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from lmforge.recipes.pretrain import run_pretrain
+
+    result = run_pretrain(args.config, args.overrides)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_pipeline(args) -> int:
+    from lmforge.apps.pipeline import run_pipeline
+
+    result = run_pipeline(args.config, args.overrides)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    if args.eval_command != "perplexity":
+        raise LmforgeError("usage: lmforge eval perplexity --model DIR --data PATH [--max-length L --stride S] [--json]")
+    from lmforge.recipes.evaluate import run_perplexity
+
+    result = run_perplexity(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  "
+              f"tokens {result['tokens']}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from lmforge.recipes.evaluate import run_generate
+
+    run_generate(args)
+    return 0
+
+
+def _cmd_world(args) -> int:
+    from lmforge.data.world import write_corpus
+
+    path = write_corpus(args.out, seed=args.seed, target_bytes=args.bytes)
+    print(f"wrote {os.path.getsize(path):,} bytes to {path}")
+    return 0
+
+
+COMMANDS: dict[str, Callable] = {
+    "tokenizer": _cmd_tokenizer,
+    "pretrain": _cmd_pretrain,
+    "pipeline": _cmd_pipeline,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "world": _cmd_world,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""The built-in world: a seeded, consistent fictional world rendered into English.
+
+It is lmforge's default pretraining data and, in later modules, the source of tasks with known
+answers.  Everything is deterministic for a seed and uses only the standard library::
+
+    world = World.build(seed=0)                      # people, places, creatures, objects, guilds
+    world.query(subject="Alva Dorn", relation="home")
+    train, held_out = world.split(0.1, seed=0)
+    docs = generate_documents(world, seed=0, target_bytes=1_000_000, exclude=held_out)
+    path = world_corpus_path("~/.cache/lmforge", seed=0, target_bytes=10_000_000)
+
+Modules: ``facts`` (store, queries, split), ``build`` (generation), ``names`` (syllable names),
+``vocab`` (closed word lists), renderers ``encyclopedia``, ``stories``, ``dialogues``, ``lists``,
+``arithmetic``, ``reviews`` (labelled sentiment), ``questions`` (fact Q&A), ``corpus`` (stream + cache).
+"""
+
+from .corpus import (
+    GENERATOR_VERSION,
+    GENRES,
+    generate_documents,
+    generate_records,
+    world_corpus_path,
+    write_corpus,
+)
+from .facts import KINDS, Entity, Fact, World
+from .questions import QA, ask, askable
+from .reviews import LABELS, Review, make_review
+from .vocab import CURRENT_YEAR
+
+__all__ = [
+    "CURRENT_YEAR", "GENERATOR_VERSION", "GENRES", "KINDS", "LABELS", "QA", "Entity", "Fact", "Review",
+    "World", "ask", "askable", "generate_documents", "generate_records", "make_review",
+    "world_corpus_path", "write_corpus",
+]

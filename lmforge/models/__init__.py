@@ -1,0 +1,14 @@
+"""Models: decoder LMs (GPT-2, Llama), shared layers, LM-head losses, FLOP counts, HF load/save.
+
+``lmforge.models.hf`` (load_model, save_model) is imported on use, not here, to keep imports light.
+"""
+
+from lmforge.models.cache import KVCache
+from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.flops import config_params, count_params, flops_per_token
+from lmforge.models.heads import chunked_cross_entropy, cross_entropy_sum
+
+__all__ = [
+    "KVCache", "DecoderConfig", "DecoderLM", "chunked_cross_entropy", "cross_entropy_sum",
+    "count_params", "config_params", "flops_per_token",
+]

@@ -1,0 +1,344 @@
+"""Decoder-only language models: GPT-2 and Llama flavours from one code base.
+
+``DecoderLM(config)`` maps token ids to final hidden states; ``logits(hidden)`` applies the LM head.
+Objectives compute losses (see :mod:`lmforge.models.heads`), loops drive optimisation.
+
+Module tree (lmforge's own paths; leaf Linear names are Hugging Face's)::
+
+    embed_tokens                       token embeddings (Embedding)
+    embed_positions                    learned positions (gpt2 only)
+    blocks.{i}.attn_norm               LayerNorm (gpt2) / RMSNorm (llama)
+    blocks.{i}.attn.c_attn, .c_proj    gpt2: fused q|k|v, output projection
+    blocks.{i}.attn.{q,k,v,o}_proj     llama
+    blocks.{i}.mlp_norm
+    blocks.{i}.mlp.c_fc, .c_proj       gpt2
+    blocks.{i}.mlp.{gate,up,down}_proj llama
+    norm                               final norm
+    lm_head                            Linear, weight tied to embed_tokens when configured
+
+:mod:`lmforge.models.hf` holds the one name/layout map per family to and from HF checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.models.cache import KVCache
+from lmforge.models.layers import (CausalSelfAttention, Embedding, GeluMLP, LayerNorm, Linear, RMSNorm,
+                                   RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, reset_children)
+
+
+@dataclass
+class DecoderConfig:
+    """Architecture of a decoder-only LM (the ``model:`` section of a run config).
+
+    Fields left ``None`` take the family's default, resolved by the read-only properties below
+    (``kv_heads``, ``ffn_dim``, ``has_attention_bias``, ``has_mlp_bias``) rather than written back, so
+    ``dataclasses.replace(cfg, d_model=...)`` in a sweep re-derives them.
+
+    - ``family``: ``gpt2`` (learned positions, LayerNorm, GELU-tanh MLP, biases, fused ``c_attn``) or
+      ``llama`` (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases by default).
+    - ``n_kv_head``: key/value heads (llama; ``None`` = ``n_head``, i.e. no GQA).
+    - ``d_ff``: MLP width.  ``None`` = ``4 * d_model`` for gpt2; for llama ``8 * d_model / 3`` rounded up
+      to a multiple of 64 (Llama's 2/3-of-4d rule; 64 rather than Llama's 256 so tiny models stay tiny).
+    - ``attention_bias``: biases on q, k, v and the output projection (HF Llama's ``attention_bias``).
+      ``None`` = family default (gpt2: True and required; llama: False).
+    - ``qkv_bias``: llama only — biases on q, k, v but not the output projection (Qwen2's layout).
+    - ``mlp_bias``: biases in the MLP.  ``None`` = family default (gpt2: True and required; llama: False).
+    - ``dropout``: gpt2 — embedding, attention and residual dropout (HF's embd/attn/resid_pdrop);
+      llama — attention dropout (HF Llama has no other dropout).
+    - ``pad_token_id``: for llama it is also the embedding's ``padding_idx`` (zero-initialised row that
+      receives no gradient from the embedding lookup), as in transformers.
+    """
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None
+    d_ff: Optional[int] = None
+    max_seq_len: int = 512
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    attention_bias: Optional[bool] = None
+    qkv_bias: bool = False
+    mlp_bias: Optional[bool] = None
+    dropout: float = 0.0
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.family in ("gpt2", "llama"), f"family={self.family!r} is not one of 'gpt2', 'llama'")
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
+            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        need(self.d_model % self.n_head == 0,
+             f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        need(self.n_kv_head is None or (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0),
+             f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        need(self.d_ff is None or self.d_ff > 0, f"d_ff={self.d_ff} must be positive")
+        need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
+        need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        need(self.initializer_range > 0, f"initializer_range={self.initializer_range} must be positive")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tid = getattr(self, name)
+            need(tid is None or 0 <= tid < self.vocab_size,
+                 f"{name}={tid} is outside the vocabulary [0, vocab_size={self.vocab_size})")
+        if self.family == "gpt2":
+            need(self.n_kv_head in (None, self.n_head),
+                 f"n_kv_head={self.n_kv_head}: grouped-query attention needs family 'llama'")
+            need(self.attention_bias in (None, True), "attention_bias=false: gpt2 always has attention biases")
+            need(self.mlp_bias in (None, True), "mlp_bias=false: gpt2 always has MLP biases")
+            need(not self.qkv_bias, "qkv_bias is a llama-family option (gpt2 always has biases)")
+        else:
+            need(self.head_dim % 2 == 0, f"head_dim d_model/n_head={self.head_dim} must be even for RoPE")
+            need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
+            need(not (self.qkv_bias and self.attention_bias),
+                 "qkv_bias and attention_bias are both set; attention_bias already covers q, k, v (and o)")
+            need(not (self.qkv_bias and self.mlp_bias),
+                 "qkv_bias with mlp_bias has no Hugging Face equivalent (Qwen2 has no MLP bias)")
+
+    # ---- resolved values -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.family == "gpt2":
+            return 4 * self.d_model
+        return -(-8 * self.d_model // (3 * 64)) * 64  # ceil(8d/3) rounded up to a multiple of 64
+
+    @property
+    def has_attention_bias(self) -> bool:
+        return self.family == "gpt2" or bool(self.attention_bias)
+
+    @property
+    def has_mlp_bias(self) -> bool:
+        return self.family == "gpt2" or bool(self.mlp_bias)
+
+    # ---- Hugging Face config.json ----------------------------------------------------------------
+    def to_hf(self) -> dict[str, Any]:
+        """The ``config.json`` dict transformers reads (gpt2, llama, or qwen2 when ``qkv_bias``)."""
+        from lmforge.models.hf import config_to_hf
+
+        return config_to_hf(self)
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any], source: str = "<dict>") -> "DecoderConfig":
+        """From a transformers ``config.json`` dict (model_type gpt2, llama, qwen2, mistral); fields
+        lmforge does not implement raise ``ModelError`` naming the field.  ``source`` names the file's
+        directory in messages."""
+        from lmforge.models.hf import config_from_hf
+
+        return config_from_hf(config, source)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(attn_norm(x))``, then ``x + mlp(mlp_norm(x))``."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        std = c.initializer_range
+        if c.family == "gpt2":
+            out_std = gpt2_residual_std(std, c.n_layer)
+            self.attn_norm = LayerNorm(c.d_model, eps=c.norm_eps)
+            self.attn = CausalSelfAttention(c.d_model, c.n_head, c.n_head, layer_idx=layer_idx, fused=True,
+                                            qkv_bias=True, out_bias=True, dropout=c.dropout, std=std,
+                                            out_std=out_std)
+            self.mlp_norm = LayerNorm(c.d_model, eps=c.norm_eps)
+            self.mlp = GeluMLP(c.d_model, c.ffn_dim, bias=True, std=std, out_std=out_std)
+            self.resid_dropout = c.dropout
+        else:
+            self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+            self.attn = CausalSelfAttention(c.d_model, c.n_head, c.kv_heads, layer_idx=layer_idx, fused=False,
+                                            qkv_bias=c.has_attention_bias or c.qkv_bias,
+                                            out_bias=c.has_attention_bias, dropout=c.dropout, std=std)
+            self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+            self.mlp = SwiGLUMLP(c.d_model, c.ffn_dim, bias=c.has_mlp_bias, std=std)
+            self.resid_dropout = 0.0
+
+    def reset_parameters(self) -> None:
+        reset_children(self)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resid_dropout > 0 and self.training:
+            return nn.functional.dropout(x, self.resid_dropout, training=True)
+        return x
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                attn_mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.attn_norm(x), rope, attn_mask, is_causal, cache))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
+
+
+class DecoderLM(nn.Module):
+    """A decoder-only LM; ``forward`` returns final (normed) hidden states ``[B, T, d_model]``.
+
+    Construction builds every module on the meta device, materialises it on ``device`` (default: the
+    current default device) and runs :meth:`reset_parameters`, so an eager build and a meta build
+    followed by ``to_empty(device=...)`` + ``reset_parameters()`` draw the same random numbers in the
+    same order and are bitwise equal for the same seed.  Built under ``torch.device("meta")`` (or with
+    ``device="meta"``) the model stays on meta, uninitialised.
+    """
+
+    def __init__(self, config: DecoderConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = c = config
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        with torch.device("meta"):
+            std = c.initializer_range
+            pad = c.pad_token_id if c.family == "llama" else None
+            self.embed_tokens = Embedding(c.vocab_size, c.d_model, padding_idx=pad, std=std)
+            if c.family == "gpt2":
+                self.embed_positions = Embedding(c.max_seq_len, c.d_model, std=std)
+                self.rotary = None
+            else:
+                self.embed_positions = None
+                self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
+            self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+            self.norm = LayerNorm(c.d_model, eps=c.norm_eps) if c.family == "gpt2" else RMSNorm(c.d_model, eps=c.norm_eps)
+            self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, std=std)
+        self.embed_dropout = c.dropout if c.family == "gpt2" else 0.0
+        self.activation_checkpointing = False
+        self.tie_weights()
+        if target.type != "meta":
+            self.to_empty(device=target)
+            self.reset_parameters()
+
+    # ---- parameters ------------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share ``embed_tokens.weight`` with ``lm_head.weight`` when ``config.tie_embeddings`` (call it
+        again after anything that re-creates parameters, e.g. ``to_empty``; ``reset_parameters`` does)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise every parameter as transformers does, walking modules in registration order
+        (embeddings, blocks in order, final norm, LM head unless tied)."""
+        self.tie_weights()
+        for name, child in self.named_children():
+            if name == "lm_head" and self.config.tie_embeddings:
+                continue
+            reset = getattr(child, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            else:
+                reset_children(child)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (non-reentrant ``torch.utils.checkpoint``);
+        only active in training mode with grad enabled and no KV cache."""
+        self.activation_checkpointing = bool(enabled)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    # ---- inference helpers -----------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len,
+                       dtype=dtype or self.dtype, device=device or self.device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids [B, T]`` (or ``inputs_embeds [B, T, d]``) -> hidden ``[B, T, d]``.
+
+        ``attention_mask [B, past + T]``: 1 = real token, 0 = padding (left padding for decoding).  With
+        a mask and no ``position_ids``, positions are ``cumsum(mask) - 1`` clamped at 0, so a left-padded
+        prompt sees the same positions as unpadded.  With ``cache``, ``cache.length`` positions are
+        already stored; this call appends ``T`` and advances the cache.  Pass no mask when there is no
+        padding: that takes SDPA's ``is_causal`` fast path.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, past + "
+                             f"new tokens] = [{B}, {S}] (cache holds {past} positions)")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+                if past:
+                    position_ids = position_ids[:, past:]
+            else:
+                position_ids = torch.arange(past, S, device=x.device)[None]
+        c = self.config
+        rope = None
+        if c.family == "gpt2":
+            if S > c.max_seq_len:
+                raise ValueError(f"sequence of {S} positions exceeds the model's max_seq_len={c.max_seq_len}")
+            x = x + self.embed_positions(position_ids)
+            if self.embed_dropout > 0 and self.training:
+                x = nn.functional.dropout(x, self.embed_dropout, training=True)
+        else:
+            rope = self.rotary(position_ids, x.dtype)
+        attn_mask, is_causal = _attention_mask(attention_mask, past, T, x.device)
+        use_ckpt = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x = checkpoint(block, x, rope, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+
+def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int,
+                    device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """Boolean SDPA mask (True = attend) ``[B, 1, T, past + T]`` or ``[T, past + T]``, and ``is_causal``.
+
+    Without padding: SDPA's ``is_causal`` when queries and keys start together, no mask at all for a
+    single decoded token, else an offset causal mask.  With padding a query also always sees itself, so
+    a padding query never has an empty row (which would give NaN and leak through the values).
+    """
+    S = past + T
+    if attention_mask is None:
+        if past == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        return torch.arange(S, device=device)[None, :] <= q_pos, False
+    q_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
+    real = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+    mask = ((k_pos <= q_pos) & real) | (k_pos == q_pos)
+    return mask, False

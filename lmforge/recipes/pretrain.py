@@ -1,0 +1,170 @@
+"""`lmforge pretrain`: tokenizer → token shards → decoder → Trainer → HF model dir.
+
+Mostly wiring.  The tokenizer is, in order of preference: the one saved in the run dir (resume), the
+one named by ``tokenizer.path``, or a new byte-level BPE trained on the run's own data and saved to
+``RUN_DIR/tokenizer``.  The model's vocabulary follows the tokenizer unless the config sets a larger one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from lmforge.core.config import load_config, to_dict
+from lmforge.core.errors import ConfigError, ModelError
+from lmforge.core.seed import seed_everything
+from lmforge.core.tokenizer import Tokenizer
+from lmforge.data.loader import PackedWindows
+from lmforge.data.objectives import CausalLMObjective
+from lmforge.data.shards import ShardSet, build_shards, train_tokenizer
+from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.heads import chunked_cross_entropy
+from lmforge.models.hf import save_model
+from lmforge.train.rundir import check_run_dir
+from lmforge.train.trainer import Trainer, TrainerConfig
+
+
+@dataclass
+class DataConfig:
+    source: str = "world"
+    """Text to train on: a .txt/.jsonl/.csv/.parquet file, folder, glob, HF dataset dir, or 'world'."""
+    field: str = "text"
+    """Field (jsonl) or column (csv/parquet) holding the text."""
+    seq_len: int = 256
+    """Tokens per training window (documents are packed, EOS between them)."""
+    val_fraction: float = 0.01
+    """Share of documents held out for validation."""
+    world_bytes: int = 12_000_000
+    """Size of the built-in world corpus when source is 'world'."""
+    cache_dir: Optional[str] = None
+    """Where token shards are cached (default $LMFORGE_CACHE or ~/.cache/lmforge)."""
+    num_workers: Optional[int] = None
+    """Tokenisation workers (None: the tokenizer's own thread pool)."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None
+    """An existing tokenizer (dir with tokenizer.json, or the file). None: train one on the data."""
+    vocab_size: Optional[int] = None
+    """Vocabulary of a newly trained tokenizer (None: model.vocab_size)."""
+    train_bytes: int = 4_000_000
+    """Text used to train a new tokenizer (the first bytes of the data)."""
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    seed: int = 0
+    max_steps: int = 1000
+    resume: Literal["auto", "true", "false"] = "false"
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def resolve_tokenizer(cfg: PretrainConfig, resuming: bool) -> Tokenizer:
+    saved = Path(cfg.run_dir) / "tokenizer"
+    if resuming and (saved / "tokenizer.json").exists():
+        return Tokenizer.load(saved)
+    if cfg.tokenizer.path:
+        return Tokenizer.load(cfg.tokenizer.path)
+    vocab = cfg.tokenizer.vocab_size or cfg.model.vocab_size
+    return train_tokenizer(cfg.data.source, vocab, saved, max_bytes=cfg.tokenizer.train_bytes,
+                           field=cfg.data.field, world_bytes=cfg.data.world_bytes,
+                           model_max_length=cfg.model.max_seq_len)
+
+
+def model_config_for(cfg: DecoderConfig, tokenizer: Tokenizer) -> DecoderConfig:
+    """The model's vocabulary must cover the tokenizer's; special-token ids come from the tokenizer."""
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ModelError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}; "
+                         f"set model.vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer")
+    return dataclasses.replace(cfg, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                               pad_token_id=tokenizer.pad_id)
+
+
+def lm_evaluator(val: PackedWindows | None, batch_size: int, max_batches: int):
+    """Mean next-token loss (and perplexity) over the first ``max_batches`` validation windows."""
+    if val is None:
+        return None
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for batch in val.val_batches(batch_size, max_batches or None):
+            hidden = model(batch["input_ids"].to(device))
+            loss_sum, n = chunked_cross_entropy(hidden, model.lm_head, batch["labels"].to(device))
+            total += float(loss_sum)
+            count += int(n)
+        val_loss = total / max(count, 1)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    return evaluate
+
+
+@dataclass
+class PretrainParts:
+    """Everything a pretraining run is made of, for recipes (the pipeline) that add stages around it."""
+
+    cfg: PretrainConfig
+    tokenizer: Tokenizer
+    shards: ShardSet
+    model: DecoderLM
+    trainer: Trainer
+    timings: dict[str, float]
+
+
+def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
+    timings: dict[str, float] = {}
+    resuming = check_run_dir(cfg.run_dir, cfg.resume)
+    seed_everything(cfg.seed)
+
+    t = time.perf_counter()
+    tokenizer = resolve_tokenizer(cfg, resuming)
+    timings["tokenizer_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    shards = build_shards(cfg.data.source, tokenizer, cfg.data.cache_dir, field=cfg.data.field,
+                          val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                          world_bytes=cfg.data.world_bytes)
+    timings["shards_s"] = time.perf_counter() - t
+
+    model_cfg = model_config_for(cfg.model, tokenizer)
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
+                          f"lower data.seq_len or raise model.max_seq_len")
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    model = DecoderLM(model_cfg)
+    train_src = PackedWindows(shards.tokens("train"), cfg.data.seq_len, seed=cfg.seed)
+    val_src = (PackedWindows(shards.tokens("val"), cfg.data.seq_len, seed=cfg.seed, shuffle=False)
+               if shards.num_tokens("val") > cfg.data.seq_len else None)
+    evaluator = lm_evaluator(val_src, cfg.train.micro_batch_size or cfg.train.global_batch_size,
+                             cfg.train.eval_max_batches)
+    objective = CausalLMObjective(pad_id=tokenizer.pad_id or 0)
+    trainer = Trainer(model, objective, train_src, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
+                      resume=cfg.resume, evaluator=evaluator, config_dict=to_dict(cfg), progress=progress)
+    saved = Path(cfg.run_dir) / "tokenizer"
+    if not (saved / "tokenizer.json").exists():
+        tokenizer.save(saved, model_max_length=model_cfg.max_seq_len)
+    return PretrainParts(cfg, tokenizer, shards, model, trainer, timings)
+
+
+def pretrain(cfg: PretrainConfig, progress: bool | None = None) -> dict[str, Any]:
+    parts = build(cfg, progress)
+    t = time.perf_counter()
+    result = parts.trainer.fit()
+    parts.timings["train_s"] = time.perf_counter() - t
+    save_model(parts.model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+    return {"run_dir": str(cfg.run_dir), **result, **parts.timings}
+
+
+def run_pretrain(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+    return pretrain(load_config(PretrainConfig, config_path, overrides))

@@ -1,0 +1,169 @@
+"""Run directories: create, refuse to clobber, resume safely.
+
+:func:`prepare_run_dir` is called once before training.  It
+
+1. creates ``run_dir`` (one-line :class:`RunError` if it cannot be written);
+2. decides whether this run resumes, from ``resume``:
+
+   - ``false``: the directory must not already hold a run (``config.yaml``, ``metrics.jsonl`` or
+     checkpoints) — lmforge never trains over an existing run;
+   - ``true``: continue from the latest complete checkpoint, which must exist;
+   - ``auto``: resume when a complete checkpoint exists, else start from step 0 (an existing run dir
+     without a checkpoint — a run killed before its first save — is started over, after the config check);
+
+3. when the directory already holds a run, compares its ``config.yaml`` with the new config and refuses
+   any changed key outside the *mutable* set, naming the keys;
+4. writes the resolved ``config.yaml`` atomically.
+
+Keys that may change on resume (:data:`DEFAULT_MUTABLE_KEYS`): they change how long the run goes, what it
+records, where and how it computes — never what it computes:
+
+- ``max_steps`` (the LR schedule follows the new horizon from the resume point), ``resume``, ``run_dir``
+  (the directory may have been moved);
+- ``train.log_every``, ``train.eval_every``, ``train.eval_max_batches``, ``train.ckpt_every``,
+  ``train.keep_last``, ``train.tensorboard``;
+- ``train.device`` (e.g. continue a CPU run on a GPU), ``train.micro_batch_size`` (the Trainer normalises
+  by the global batch's target count, so accumulation does not change the gradient), ``train.compile``,
+  ``train.activation_checkpointing``, ``train.fused_adamw``.
+
+Everything else — the model, the data, the seed, batch size, learning rate, schedule, precision — is fixed
+for the life of a run: start a new ``run_dir`` to change it.  Recipes may widen the set (e.g. ``eval.*``)
+by passing ``mutable_keys``; an entry ``a.b`` also covers every key below it (``a.b.c``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from lmforge.core.config import diff_configs, dump_yaml
+from lmforge.core.errors import ConfigError, RunError
+from lmforge.core.io import atomic_write_text
+from lmforge.train.checkpoint import CHECKPOINTS, latest_checkpoint
+
+DEFAULT_MUTABLE_KEYS: frozenset[str] = frozenset({
+    "max_steps", "resume", "run_dir",
+    "train.log_every", "train.eval_every", "train.eval_max_batches", "train.ckpt_every", "train.keep_last",
+    "train.tensorboard",
+    "train.device", "train.micro_batch_size", "train.compile", "train.activation_checkpointing",
+    "train.fused_adamw",
+})
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def normalize_resume(resume: Any) -> str:
+    """``auto|true|false`` (also accepts bools and None = auto)."""
+    if resume is None:
+        return "auto"
+    if isinstance(resume, bool):
+        return "true" if resume else "false"
+    value = str(resume).strip().lower()
+    if value not in ("auto", "true", "false"):
+        raise ConfigError(f"resume must be auto, true or false; got {resume!r}")
+    return value
+
+
+def _is_mutable(key: str, mutable_keys: Iterable[str]) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in mutable_keys)
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "<unset>"
+        node = node[part]
+    return node
+
+
+def _ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise RunError(f"run dir '{run_dir}' is not writable ({reason}); choose a run_dir you can write to") from None
+
+
+def has_run(run_dir: str | Path) -> bool:
+    """Does ``run_dir`` already hold (part of) a run?"""
+    run_dir = Path(run_dir)
+    return (run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists() or (
+        (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir()))
+
+
+def check_config_change(run_dir: Path, config_dict: dict[str, Any], mutable_keys: Iterable[str]) -> None:
+    """Refuse changed keys outside ``mutable_keys`` between the saved ``config.yaml`` and ``config_dict``."""
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise RunError(f"'{saved_path}' is not valid YAML; restore it or start a new run_dir") from None
+    changed = [k for k in diff_configs(saved, config_dict) if not _is_mutable(k, mutable_keys)]
+    if changed:
+        detail = ", ".join(f"{k} ({_lookup(saved, k)!r} -> {_lookup(config_dict, k)!r})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise RunError(f"cannot resume run dir '{run_dir}': config changed since the run started: {detail}{more}; "
+                       f"only {', '.join(sorted(mutable_keys))} may change on resume — undo the change or "
+                       f"choose a new run_dir")
+
+
+def check_run_dir(run_dir: str | Path, resume: Any = "auto") -> bool:
+    """The checks of :func:`prepare_run_dir` that write nothing but a probe file: call it before expensive
+    work (tokenizer training, sharding) so a bad ``run_dir``/``resume`` fails in seconds.  Returns whether
+    the run will resume from a checkpoint."""
+    run_dir = Path(run_dir)
+    resume = normalize_resume(resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"run dir '{run_dir}' is a file, not a directory; choose another run_dir")
+    _ensure_writable(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if resume == "false" and has_run(run_dir):
+        raise RunError(f"run dir '{run_dir}' already exists; pass resume=true to continue it or choose a new run_dir")
+    if resume == "true" and ckpt is None:
+        raise RunError(f"resume=true but run dir '{run_dir}' has no complete checkpoint to resume from; "
+                       f"pass resume=auto to start it over or choose a new run_dir")
+    return ckpt is not None
+
+
+def prepare_run_dir(run_dir: str | Path, config_dict: dict[str, Any], resume: Any = "auto",
+                    mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS) -> bool:
+    """Create/validate ``run_dir`` for a run with ``config_dict``; return whether it resumes."""
+    run_dir = Path(run_dir)
+    resuming = check_run_dir(run_dir, resume)
+    existing = has_run(run_dir)
+    if existing:
+        check_config_change(run_dir, config_dict, mutable_keys)
+    if existing and not resuming:  # auto, nothing to resume: start over (old metrics would mislead)
+        cut_metrics(run_dir / METRICS_FILE, 0)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(config_dict))
+    return resuming
+
+
+def cut_metrics(path: str | Path, step: int) -> None:
+    """Keep only the lines of a metrics.jsonl with ``step <= step`` (dropping torn or unparsable lines)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))

@@ -1,0 +1,486 @@
+"""The one supervised Trainer: batch -> loss -> optimizer step, for every supervised stage.
+
+Each step::
+
+    batch = train_source.next_batch(global_batch_size)      # dict of tensors, leading dim = global batch
+    n     = objective.target_count(batch)                    # targets in the WHOLE global batch, up front
+    for micro in split(batch, micro_batch_size):             # gradient accumulation
+        out = objective.loss(model, micro)                   # ObjectiveOutput(loss_sum, count, metrics)
+        (out.loss_sum / n).backward()
+    clip -> optimizer.step() -> scheduler.step() -> zero_grad(set_to_none=True)
+
+Dividing every micro-batch's *summed* loss by the target count of the whole global batch makes the
+gradient independent of how the batch is split and of padding: accumulation 1x8, 4x2 and 8x1 give the
+same gradient (averaging per micro-batch instead is the classic accumulation bug).
+
+Per-step overhead is kept small: no host sync inside the micro-batch loop; losses, grad norms and the
+non-finite check accumulate on the device and are read only at log / eval / checkpoint steps.
+
+A non-finite loss stops the run with a :class:`RunError` naming the step and the last good checkpoint;
+the check runs before every checkpoint, so a bad state is never saved.
+
+Step numbering: ``step`` counts completed optimizer updates.  The ``metrics.jsonl`` line with
+``step: 100`` describes the 100th update, and ``checkpoints/step_0000100`` holds the state after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Optional
+
+import torch
+from torch import nn
+
+from lmforge.core.config import to_dict
+from lmforge.core.device import resolve_device
+from lmforge.core.errors import ConfigError, RunError
+from lmforge.core.seed import rng_state, seed_everything, set_rng_state
+from lmforge.data.objectives import count_input_tokens
+from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+                                      write_best)
+from lmforge.train.logging import MetricsLogger, Progress
+from lmforge.train.optim import build_optimizer
+from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, METRICS_FILE, cut_metrics, normalize_resume, prepare_run_dir
+from lmforge.train.schedule import build_scheduler
+
+
+@dataclass
+class TrainerConfig:
+    """The ``train:`` section of a run config.  ``max_steps``, ``seed``, ``run_dir`` and ``resume`` are
+    top-level keys of the run config and are passed to :class:`Trainer` directly."""
+
+    global_batch_size: int = 32
+    """Examples (rows) per optimizer step."""
+    micro_batch_size: Optional[int] = None
+    """Rows per forward/backward; accumulation = global // micro.  None: no accumulation."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine, linear, wsd)."""
+    warmup_steps: int = 0
+    """Linear warmup from ~0 to ``lr`` over this many updates."""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Decay after warmup; ``wsd`` = warmup, stable, then linear decay over the last ``decay_fraction``."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of ``max_steps`` spent decaying."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on >=2-D parameters (biases and norms never decay)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 = off."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+    """Autocast dtype on CUDA (fp16 adds a GradScaler); auto = bf16 where supported, else fp32.  Other devices
+    train in fp32.  Weights (and checkpoints) stay fp32 either way."""
+    compile: bool = False
+    """torch.compile the model's forward."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward (model.set_activation_checkpointing)."""
+    log_every: int = 10
+    """Write a metrics.jsonl line (and a progress line) every N steps and at the last step."""
+    eval_every: int = 0
+    """Run the evaluator every N steps (0 = only at the end); it always runs at the last step."""
+    eval_max_batches: int = 20
+    """Validation batches per evaluation (read by the recipe's evaluator)."""
+    ckpt_every: int = 500
+    """Checkpoint every N steps and at the last step; 0 = never checkpoint."""
+    keep_last: int = 3
+    """Keep the N newest checkpoints (plus the best by validation); 0 = keep all."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    fused_adamw: Literal["auto", "true", "false"] = "auto"
+    """Fused AdamW kernel: auto = where the device has one."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars under RUN_DIR/tb when tensorboard is installed."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
+        micro = self.micro_batch_size
+        if micro is not None:
+            if micro < 1:
+                raise ConfigError(f"train.micro_batch_size must be >= 1, got {micro}")
+            if self.global_batch_size % micro:
+                fits = max(d for d in range(1, min(micro, self.global_batch_size) + 1) if self.global_batch_size % d == 0)
+                raise ConfigError(
+                    f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                    f"train.micro_batch_size={micro}; set train.micro_batch_size to a divisor of it (e.g. {fits})")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, e.g. [0.9, 0.95]; got {self.betas}")
+        for key in ("log_every",):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "ckpt_every", "keep_last", "warmup_steps", "eval_max_batches"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.global_batch_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // self.micro
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            print(f"note: train.precision={precision} applies on CUDA only; training in fp32 on {device.type}",
+                  file=sys.stderr)
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if precision == "bf16":
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use train.precision=fp16 or auto")
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return None
+
+
+def split_batch(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """Slice every entry whose leading dim is the batch size into chunks of ``size`` rows (views, no copies)."""
+    n = batch_rows(batch)
+    if n <= size:
+        return [batch]
+    parts = []
+    for start in range(0, n, size):
+        part = {}
+        for k, v in batch.items():
+            if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n) or (isinstance(v, list) and len(v) == n):
+                part[k] = v[start:start + size]
+            else:
+                part[k] = v
+        parts.append(part)
+    return parts
+
+
+def batch_rows(batch: dict[str, Any]) -> int:
+    for v in batch.values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            return v.shape[0]
+    raise RunError("the batch source returned a batch without tensors; next_batch(n) must return a dict of "
+                   "tensors with leading dimension n")
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class StepStats:
+    """Device-side results of one global batch (read them only at log steps)."""
+
+    loss_sum: torch.Tensor
+    count: int
+    tokens: int
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.loss_sum / max(self.count, 1)
+
+
+class Trainer:
+    """Trains ``model`` on ``objective`` over batches from ``train_source`` for ``max_steps`` updates.
+
+    Args:
+        model: the module to optimise (its trainable parameters); checkpointed whole.
+        objective: ``loss(model, batch) -> ObjectiveOutput``, ``target_count(batch)``, optionally
+            ``input_tokens(batch)`` and ``frozen_modules()`` (see lmforge/data/objectives.py).
+        train_source: ``next_batch(n)``, ``state_dict()``, ``load_state_dict(state)``.
+        cfg: :class:`TrainerConfig`.
+        run_dir, max_steps, seed, resume: the run config's top-level keys.
+        evaluator: ``evaluator(model) -> {"val_loss": ..., ...}``, called in eval mode under ``no_grad``
+            (and autocast) every ``cfg.eval_every`` steps and at the end; the Trainer saves and restores the
+            RNG states around it, so evaluation never perturbs training.
+        config_dict: the whole resolved run config, saved as ``RUN_DIR/config.yaml`` and compared on resume
+            (default: the top-level keys and ``train``).
+        mutable_keys: config keys allowed to change on resume (see lmforge/train/rundir.py).
+        progress: None = progress bar on a terminal / plain lines otherwise; False = silent.
+
+    ``fit()`` seeds python/numpy/torch with ``seed`` before the first step of a fresh run (so dropout does
+    not depend on how much RNG the model's construction used); a resumed run restores the saved RNG states.
+    """
+
+    def __init__(self, model: nn.Module, objective: Any, train_source: Any, cfg: TrainerConfig,
+                 run_dir: str | Path, max_steps: int, seed: int = 0, resume: Any = "auto",
+                 evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
+                 config_dict: dict[str, Any] | None = None,
+                 mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS, progress: bool | None = None) -> None:
+        if not isinstance(max_steps, int) or max_steps < 0:
+            raise ConfigError(f"max_steps must be a non-negative integer, got {max_steps!r}")
+        self.cfg = cfg
+        self.objective = objective
+        self.train_source = train_source
+        self.evaluator = evaluator
+        self.run_dir = Path(run_dir)
+        self.max_steps = max_steps
+        self.seed = seed
+        self.resume = normalize_resume(resume)
+        self.progress_enabled = progress
+        if config_dict is None:
+            config_dict = {"run_dir": str(run_dir), "seed": seed, "max_steps": max_steps, "resume": self.resume,
+                           "train": to_dict(cfg)}
+        self.config_dict = config_dict
+        self.resuming = prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys)
+
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        if cfg.activation_checkpointing:
+            if not hasattr(model, "set_activation_checkpointing"):
+                raise ConfigError(f"train.activation_checkpointing=true but {type(model).__name__} does not support "
+                                  f"it; set train.activation_checkpointing=false")
+            model.set_activation_checkpointing(True)
+        self.frozen = self._place_frozen_modules()
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.fused_adamw)
+        self._impl_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
+        self.scheduler = build_scheduler(self.optimizer, cfg, max_steps)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model
+
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_before = 0.0
+        self.best_val_loss = math.inf
+        self.best_step: int | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self._fit_start = time.perf_counter()
+        self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # first non-finite step, 0 = none
+        self._bad_value = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    # ---- setup ------------------------------------------------------------------------------------
+
+    def _place_frozen_modules(self) -> dict[str, nn.Module]:
+        frozen_fn = getattr(self.objective, "frozen_modules", None)
+        frozen = dict(frozen_fn() or {}) if frozen_fn is not None else {}
+        own = {id(p) for p in self.model.parameters()}
+        for name, module in frozen.items():
+            if any(id(p) in own for p in module.parameters()):
+                raise ValueError(f"frozen module '{name}' shares parameters with the trained model; an objective's "
+                                 f"frozen modules must be separate copies")
+            module.to(self.device)
+            module.eval()
+            module.requires_grad_(False)
+        return frozen
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def compute_gradients(self, batch: dict[str, Any], collect_metrics: bool = False) -> StepStats:
+        """Forward/backward over ``batch`` in micro-batches, accumulating ``sum(loss_sum) / global count``
+        gradients into ``.grad`` (no optimizer step, no zeroing)."""
+        count = int(self.objective.target_count(batch))
+        token_fn = getattr(self.objective, "input_tokens", None)
+        tokens = int(token_fn(batch)) if token_fn is not None else count_input_tokens(batch)
+        batch = _to_device(batch, self.device)
+        denom = max(count, 1)
+        loss_acc: torch.Tensor | None = None
+        metrics: dict[str, torch.Tensor] = {}
+        for micro in split_batch(batch, self.cfg.micro):
+            with self._autocast():
+                out = self.objective.loss(self.forward_model, micro)
+            loss_sum = out.loss_sum
+            if loss_sum.dtype in (torch.float16, torch.bfloat16):
+                loss_sum = loss_sum.float()
+            scaled = loss_sum / denom
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            detached = loss_sum.detach()
+            loss_acc = detached if loss_acc is None else loss_acc + detached
+            if collect_metrics:
+                for k, v in out.metrics.items():
+                    v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
+                    metrics[k] = metrics[k] + v if k in metrics else v
+        assert loss_acc is not None
+        return StepStats(loss_sum=loss_acc, count=count, tokens=tokens, metrics=metrics)
+
+    def train_step(self, batch: dict[str, Any], collect: bool = False) -> tuple[StepStats, torch.Tensor | None, float]:
+        """One optimizer update on a global batch; returns (stats, grad norm or None, lr used)."""
+        stats = self.compute_gradients(batch, collect_metrics=collect)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        elif collect:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Remember the first non-finite loss on the device (read at the next log/eval/checkpoint step).
+        step_loss = stats.loss
+        first_bad = (~torch.isfinite(step_loss)) & (self._bad_step == 0)
+        self._bad_step = torch.where(first_bad, self.step + 1, self._bad_step)
+        self._bad_value = torch.where(first_bad, step_loss, self._bad_value)
+        return stats, grad_norm, lr
+
+    def _check_finite(self) -> None:
+        bad_step = int(self._bad_step)
+        if bad_step == 0:
+            return
+        value = float(self._bad_value)
+        latest = latest_checkpoint(self.run_dir)
+        where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
+        fix = "lower train.lr or enable train.grad_clip" if self.cfg.grad_clip == 0 else \
+            "lower train.lr or train.grad_clip"
+        raise RunError(f"loss is {value} at step {bad_step}; {where} — {fix}")
+
+    # ---- evaluation and checkpoints -------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Run the evaluator in eval mode without touching the training RNG streams."""
+        if self.evaluator is None:
+            return {}
+        saved_rng = rng_state()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                result = self.evaluator(self.model)
+        finally:
+            self.model.train(was_training)
+            set_rng_state(saved_rng)
+        return {k: float(v) for k, v in (result or {}).items()}
+
+    def save_checkpoint(self, new_best: bool = False) -> Path:
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_state(),
+            "data": self.train_source.state_dict(),
+        }
+        trainer_state = {
+            "tokens": self.tokens,
+            "elapsed_s": self._elapsed(),
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "best_step": self.best_step,
+            "last_metrics": self.last_metrics,
+        }
+        path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer, state=state,
+                               trainer_state=trainer_state)
+        if new_best:
+            write_best(self.run_dir, self.step, self.best_val_loss)
+        prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, device=self.device)
+        for group, flags in zip(self.optimizer.param_groups, self._impl_flags):
+            group.update(flags)  # the implementation (fused/foreach) is this run's choice, not the saved one
+        self.scheduler.load_state_dict(state["scheduler"])  # re-derives lr with this run's max_steps
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.train_source.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.tokens = int(state.get("tokens", 0))
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        best = state.get("best_val_loss")
+        self.best_val_loss = float(best) if best is not None else math.inf
+        self.best_step = state.get("best_step")
+        self.last_metrics = dict(state.get("last_metrics") or {})
+        cut_metrics(self.run_dir / METRICS_FILE, self.step)
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._fit_start)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``max_steps`` (resuming if the run dir says so); return the last logged metrics."""
+        self._fit_start = time.perf_counter()
+        if self.resuming:
+            path = latest_checkpoint(self.run_dir)
+            assert path is not None
+            self._restore(path)
+        else:
+            seed_everything(self.seed)
+        cfg = self.cfg
+        logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
+                               purge_step=self.step + 1 if self.resuming else None)
+        progress = Progress(self.max_steps, self.step, enabled=self.progress_enabled)
+        if self.resuming:
+            progress.message(f"resuming {self.run_dir} from step {self.step}")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        window_tokens, window_start = 0, time.perf_counter()
+        try:
+            while self.step < self.max_steps:
+                step = self.step + 1
+                last = step == self.max_steps
+                want_log = step % cfg.log_every == 0 or last
+                want_eval = self.evaluator is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0))
+                want_ckpt = cfg.ckpt_every > 0 and (last or step % cfg.ckpt_every == 0)
+                batch = self.train_source.next_batch(cfg.global_batch_size)
+                stats, grad_norm, lr = self.train_step(batch, collect=want_log or want_eval)
+                self.step = step
+                self.tokens += stats.tokens
+                window_tokens += stats.tokens
+                progress.advance(step)
+                if not (want_log or want_eval or want_ckpt):
+                    continue
+                self._check_finite()  # never log, evaluate or save a diverged state
+                new_best = False
+                if want_log or want_eval:
+                    now = time.perf_counter()
+                    record = self._train_record(stats, grad_norm, lr, window_tokens, now - window_start)
+                    window_tokens, window_start = 0, now
+                    if want_eval:
+                        val = self.evaluate()
+                        record.update(val)
+                        vl = val.get("val_loss")
+                        if vl is not None and math.isfinite(vl) and vl < self.best_val_loss:
+                            self.best_val_loss, self.best_step, new_best = vl, step, True
+                        window_start = time.perf_counter()  # evaluation time is not training throughput
+                    self.last_metrics = record
+                    logger.log(record)
+                    progress.report(record)
+                if want_ckpt or (new_best and cfg.ckpt_every > 0):
+                    self.save_checkpoint(new_best=new_best)
+        finally:
+            logger.close()
+            progress.close()
+        return dict(self.last_metrics)
+
+    def _train_record(self, stats: StepStats, grad_norm: torch.Tensor | None, lr: float, window_tokens: int,
+                      window_s: float) -> dict[str, Any]:
+        denom = max(stats.count, 1)
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": float(stats.loss),
+            "lr": lr,
+            "tokens": self.tokens,
+            "tokens_per_s": window_tokens / window_s if window_s > 0 else 0.0,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        for k, v in stats.metrics.items():
+            record[k] = float(v) / denom
+        record["elapsed_s"] = round(self._elapsed(), 3)
+        if self.device.type == "cuda":
+            record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        return record

@@ -1,0 +1,23 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Shards and world corpora go to a per-session cache, never the user's ~/.cache."""
+    if "LMFORGE_CACHE" not in os.environ:
+        os.environ["LMFORGE_CACHE"] = str(tmp_path_factory.mktemp("lmforge-cache"))
+    yield
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m lmforge ARGS`` in a subprocess and capture its output."""
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd or ROOT, env=env, text=True,
+                          capture_output=True, timeout=timeout)

@@ -1,0 +1,70 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from lmforge.core.config import diff_configs, dump_yaml, load_config, parse_overrides, save_config, to_dict
+from lmforge.core.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    schedule: Literal["cosine", "linear"] = "cosine"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    steps: int | None = None
+
+
+@dataclass
+class Outer:
+    seed: int = 0
+    resume: Literal["auto", "true", "false"] = "false"
+    name: str = "x"
+    train: Inner = field(default_factory=Inner)
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\ntrain:\n  lr: 0.1\n  schedule: linear\n")
+    cfg = load_config(Outer, p, ["train.lr=3e-4", "resume=true", "train.betas=[0.8,0.9]"])
+    assert cfg.seed == 3 and cfg.train.lr == pytest.approx(3e-4) and cfg.train.schedule == "linear"
+    assert cfg.resume == "true" and cfg.train.betas == [0.8, 0.9]
+
+
+def test_unknown_key_names_valid_keys_and_closest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, None, ["train.lrr=1"])
+    msg = str(e.value)
+    assert "train.lrr" in msg and "did you mean 'lr'" in msg and "schedule" in msg and "\n" not in msg
+
+
+def test_bad_value_types():
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(Outer, None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="did you mean 'cosine'"):
+        load_config(Outer, None, ["train.schedule=cosin"])
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(Outer, None, ["seed=1.5"])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("seed: 1\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+"):
+        load_config(Outer, p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_roundtrip_and_diff(tmp_path):
+    cfg = load_config(Outer, None, ["train.lr=0.5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(Outer, tmp_path / "config.yaml")
+    assert again == cfg
+    assert diff_configs(to_dict(cfg), to_dict(load_config(Outer, None, ["seed=2"]))) == ["seed", "train.lr"]
+    assert "lr: 0.5" in dump_yaml(cfg)
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["novalue"])
