@@ -323,18 +323,20 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
 
     # --- inputs, built once on the host and moved in one copy each ----------------------------------
     ids = torch.tensor([[pad_id] * (P - n) + p for p, n in zip(prompts, lens)], dtype=torch.long)
-    mask = torch.ones(B, total, dtype=torch.long)
+    # Bool (True = real token): what the model's attention wants, so no per-step conversion.
+    mask = torch.ones(B, total, dtype=torch.bool)
     if padded:
         for i, n in enumerate(lens):
-            mask[i, : P - n] = 0
-    pos = (mask[:, :P].cumsum(-1) - 1).clamp_(min=0)
+            mask[i, : P - n] = False
+    pos = (mask[:, :P].long().cumsum(-1) - 1).clamp_(min=0)
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
 
     has_eos = bool(eos_ids)
     track_finish = has_eos or bool(cfg.stop)
     eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device) if has_eos else None
-    # With no padding and no masking of finished rows, the mask is all ones: pass None (causal only).
-    use_mask = padded or track_finish
+    # Without padding no mask is passed (causal only: SDPA's fastest path).  A finished row computes
+    # on, feeding pad, but rows never see each other, so its garbage reaches no other row (and is dropped).
+    use_mask = padded
 
     cache = model.new_cache(B, total, device=device)
     gen = None
@@ -365,11 +367,13 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
     need_lists = stop is not None or stream is not None
     gen_lists: list[list[int]] = [[] for _ in range(B)]
 
+    last_logits = _last_logits_fn(model, device)
+
     # --- prefill ------------------------------------------------------------------------------------
     hidden = model(ids, attention_mask=mask[:, :P] if use_mask else None, position_ids=pos, cache=cache)
     step_pos = pos[:, -1:] + 1
     for t in range(N):
-        logits = model.logits(hidden[:, -1:, :])[:, 0, :].float()
+        logits = last_logits(hidden)
         # --- choose the next token -------------------------------------------------------------------
         ban_eos = has_eos and t < cfg.min_new_tokens
         if plain and not ban_eos:
@@ -423,7 +427,8 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
         if track_finish:
             if bool(finished.all()):
                 break
-            mask[:, P + t] = (~finished).long()
+            if use_mask:
+                torch.logical_not(finished, out=mask[:, P + t])
         # --- next step -----------------------------------------------------------------------------
         hidden = model(
             tok[:, None],
@@ -462,6 +467,37 @@ def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
             return tokenizer.decode(ids)
 
     return decode
+
+
+def _last_logits_fn(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``hidden [B, T, d] -> fp32 logits [B, V]`` of the last position.
+
+    On CPU, when the head is a plain ``nn.Linear`` behind the stock ``DecoderLM.logits`` (no delta
+    wrapper, no hooks), the product runs against a transposed contiguous copy of the head weight made
+    once per call: a one-row product with an ``[in, out]`` matrix streams the weight several times faster
+    than ``F.linear``'s ``[out, in]`` layout for a large vocabulary (the head is the largest single
+    matrix of a small model).  Anything else goes through ``model.logits``.
+    """
+    from lmforge.models.decoder import DecoderLM
+
+    head = getattr(model, "lm_head", None)
+    if (
+        device.type == "cpu"
+        and getattr(type(model), "logits", None) is DecoderLM.logits
+        and isinstance(head, nn.Linear)
+        and type(head).forward is nn.Linear.forward
+        and head.weight.dtype == torch.float32
+        and not (head._forward_hooks or head._forward_pre_hooks)
+    ):
+        w_t = head.weight.detach().t().contiguous()
+        bias = head.bias
+
+        def fast(hidden: torch.Tensor) -> torch.Tensor:
+            h = hidden[:, -1, :]
+            return torch.addmm(bias, h, w_t) if bias is not None else h @ w_t
+
+        return fast
+    return lambda hidden: model.logits(hidden[:, -1:, :])[:, 0, :].float()
 
 
 def _vocab_size(model: nn.Module) -> int:

@@ -337,6 +337,10 @@ def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int,
             return None, False
         q_pos = torch.arange(past, S, device=device)[:, None]
         return torch.arange(S, device=device)[None, :] <= q_pos, False
+    if T == 1:  # one decoded token: every stored key is in its past
+        mask = attention_mask[:, None, None, :] != 0  # a new tensor, so the in-place edit is safe
+        mask[..., -1] = True
+        return mask, False
     q_pos = torch.arange(past, S, device=device)[:, None]  # [T, 1]
     k_pos = torch.arange(S, device=device)[None, :]  # [1, S]
     real = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]

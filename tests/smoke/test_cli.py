@@ -146,3 +146,42 @@ def test_accumulation_must_divide(tmp_path):
     proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tmp_path / 'r'}",
                    "train.global_batch_size=10", "train.micro_batch_size=4")
     assert_clean_error(proc, "global_batch_size=10", "micro_batch_size=4")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan"
+    proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={run_dir}", "max_steps=12", *TINY,
+                   "train.micro_batch_size=8", "train.lr=1e9", "train.grad_clip=0", "train.warmup_steps=0",
+                   "train.log_every=1", "train.ckpt_every=1", "train.eval_every=0")
+    assert_clean_error(proc, "loss is nan at step", "checkpoint")
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert ckpts and all((c / "COMPLETE").exists() for c in ckpts)
+    bad_step = int(proc.stderr.split("at step ")[1].split(";")[0])
+    assert max(int(c.name.split("_")[1]) for c in ckpts) < bad_step
+
+
+def test_resume_after_changed_model_config_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run, run_dir)
+    over = [o for o in TINY if not o.startswith("model.d_model")] + ["model.d_model=96"]
+    proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={run_dir}", "max_steps=30",
+                   "resume=true", *over)
+    assert_clean_error(proc, "model.d_model")
+    # and nothing already saved was lost
+    assert (run_dir / "checkpoints" / "step_0000020" / "COMPLETE").exists()
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == (tiny_run / "model" / "model.safetensors").read_bytes()
+
+
+def test_pretrained_tiny_gpt_loads_in_transformers_with_equal_logits(tiny_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.models.hf import load_model
+
+    ours, tok = load_model(tiny_run / "model")
+    ref = AutoModelForCausalLM.from_pretrained(tiny_run / "model").eval()
+    ids = torch.tensor([tok.encode("The town of Theihild lies in the north. A story about a beekeeper.")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids)), ref(ids).logits, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,16 @@ from lmforge.models.layers import Embedding, Linear
 V = 160
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost
+    seconds; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(family: str = "gpt2", **kw) -> DecoderConfig:
     base = dict(family=family, vocab_size=V, d_model=64, n_layer=2, n_head=4, max_seq_len=64)
     if family == "llama":

@@ -1,0 +1,114 @@
+"""Training-step speed: lmforge's GPT-2 vs transformers' GPT2LMHeadModel, same weights, same batch.
+
+Before timing, lmforge's weights are saved as an HF checkpoint and loaded into GPT2LMHeadModel (sdpa
+attention, dropout 0 in both), and the first-step losses are asserted equal.  Then both run
+forward + backward + AdamW step + zero_grad; the median of >= 10 steps is reported, with tokens/s, the
+ratio (transformers time / lmforge time: > 1 means lmforge is faster) and lmforge's MFU against a
+large-matmul ceiling measured in the same run (FLOPs per token 6N + 12·L·d·T, lmforge.models.flops).
+
+    python benchmarks/bench_train_step.py            # the acceptance shape: 6 layers, d=384, seq 256, batch 8
+    python benchmarks/bench_train_step.py --quick    # a seconds-long smoke run (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, matmul_ceiling, median_time  # noqa: E402
+
+from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from lmforge.models.flops import flops_per_token  # noqa: E402
+from lmforge.models.heads import chunked_cross_entropy  # noqa: E402
+from lmforge.models.hf import save_model  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and 3 steps (smoke run)")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the ratio < 1.0 or MFU < 60%% of the ceiling")
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.d_model, args.heads, args.seq, args.batch, args.vocab, args.steps = 2, 64, 2, 32, 2, 512, 3
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(family="gpt2", vocab_size=args.vocab, d_model=args.d_model, n_layer=args.layers,
+                        n_head=args.heads, max_seq_len=args.seq, dropout=0.0)
+    ours = DecoderLM(cfg).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(ours, tmp)
+        ref = GPT2LMHeadModel.from_pretrained(tmp, attn_implementation="sdpa").train()
+    window = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    inputs = window[:, :-1].contiguous()
+    # transformers shifts labels inside and drops the last position's target; give lmforge the same targets.
+    labels_ours = window[:, 1:].clone()
+    labels_ours[:, -1] = -100
+
+    def loss_ours() -> torch.Tensor:
+        total, n = chunked_cross_entropy(ours(inputs), ours.lm_head, labels_ours)
+        return total / n
+
+    def loss_ref() -> torch.Tensor:
+        return ref(input_ids=inputs, labels=inputs).loss
+
+    l0, l1 = loss_ours(), loss_ref()
+    torch.testing.assert_close(l0, l1, rtol=1e-5, atol=1e-5)
+    fused = {"fused": True}
+    try:
+        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused)
+        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, **fused)
+    except RuntimeError:
+        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+
+    def step(model_loss, opt) -> None:
+        model_loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ceiling = matmul_ceiling()
+    t_ours, _ = median_time(lambda: step(loss_ours, opt_ours), args.steps)
+    t_ref, _ = median_time(lambda: step(loss_ref, opt_ref), args.steps)
+    t_ours2, _ = median_time(lambda: step(loss_ours, opt_ours), args.steps, warmup=0)  # interleave against drift
+    t_ours = min(t_ours, t_ours2)
+    tokens = args.batch * args.seq
+    flops = flops_per_token(cfg, args.seq) * tokens
+    mfu = flops / t_ours / ceiling
+    result = {
+        "benchmark": "train_step", "machine": machine(),
+        "shape": f"{args.layers} layers, d={args.d_model}, {args.heads} heads, seq {args.seq}, batch {args.batch}, "
+                 f"vocab {args.vocab}, fp32",
+        "first_step_loss": float(l0), "lmforge_step_s": t_ours, "transformers_step_s": t_ref,
+        "lmforge_tokens_per_s": tokens / t_ours, "transformers_tokens_per_s": tokens / t_ref,
+        "ratio": t_ref / t_ours, "matmul_ceiling_gflops": ceiling / 1e9, "lmforge_gflops": flops / t_ours / 1e9,
+        "mfu_of_ceiling": mfu,
+    }
+    print(f"machine: {result['machine']}\nshape:   {result['shape']}")
+    print(f"first-step loss equal: {float(l0):.6f} (lmforge) vs {float(l1):.6f} (transformers)")
+    print(f"lmforge      {t_ours * 1e3:8.1f} ms/step  {tokens / t_ours:10.0f} tok/s")
+    print(f"transformers {t_ref * 1e3:8.1f} ms/step  {tokens / t_ref:10.0f} tok/s")
+    print(f"ratio (transformers time / lmforge time): {result['ratio']:.3f}")
+    print(f"MFU: {flops / t_ours / 1e9:.1f} GFLOP/s of a {ceiling / 1e9:.1f} GFLOP/s matmul ceiling = {mfu:.1%}")
+    print(json.dumps(result))
+    if args.check and (result["ratio"] < 1.0 or mfu < 0.6):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
