@@ -29,9 +29,9 @@ from lmforge.recipes import pretrain as pretrain_recipe
 from lmforge.recipes.pretrain import PretrainConfig
 
 DEFAULT_PROMPTS = [
-    "The town of",
-    "Once upon a time,",
-    "Q: What is 12 + 7?\nA:",
+    "There once was a fisher named",
+    "Q: Who is the mayor of",
+    "12 + 7 =",
 ]
 
 
@@ -46,7 +46,7 @@ def _pipeline_defaults() -> dict[str, Any]:
     """The tiny GPT-2-style model that trains on 2 CPU cores in a few minutes (configs/pipeline.yaml)."""
     return {
         "run_dir": "runs/pipeline",
-        "max_steps": 600,
+        "max_steps": 400,
         "model": {"family": "gpt2", "vocab_size": 4096, "d_model": 192, "n_layer": 4, "n_head": 6,
                   "max_seq_len": 256},
         "data": {"seq_len": 128, "world_bytes": 6_000_000},
@@ -119,7 +119,7 @@ def stage_eval(ctx: Context) -> None:
         {"model": "lmforge decoder", "validation perplexity": ppl["perplexity"]},
     ]
     ctx.report.add("Evaluation", markdown_table(rows) + "\n\n" +
-                   f"Model / unigram perplexity: **{ratio:.4f}** (target ≤ 0.1). Bits per byte ≈ {bpb:.4f} "
+                   f"Model / unigram perplexity: **{ratio:.4f}** (the acceptance bar is ≤ 0.1). Bits per byte ≈ {bpb:.4f} "
                    f"(window {seq}, stride {seq // 2}, {ppl['tokens']:,} scored tokens).")
 
 

@@ -48,6 +48,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        if len(classes) > 1 and isinstance(value, dict):
+            return _coerce_tagged(value, classes, where)
         errors = []
         # Try the most specific types first so that "3" stays a str for `int | str` only if it is not an int.
         for arg in args:
@@ -108,6 +111,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return str(value)
         raise ConfigError(f"config key '{where}': {value!r} is not a string")
     return value
+
+
+def _family_values(cls: type) -> tuple[Any, ...]:
+    hint = get_type_hints(cls).get("family")
+    return get_args(hint) if get_origin(hint) is Literal else ()
+
+
+def _coerce_tagged(value: dict[str, Any], classes: list[type], where: str) -> Any:
+    """A union of config dataclasses is told apart by its ``family`` key (e.g. model.family: gpt2 | bert | t5);
+    without one, the first class's default family applies."""
+    family = value.get("family")
+    if family is None:
+        return from_dict(classes[0], value, prefix=where + ".")
+    for cls in classes:
+        if family in _family_values(cls):
+            return from_dict(cls, value, prefix=where + ".")
+    known = [str(f) for cls in classes for f in _family_values(cls)]
+    raise ConfigError(f"config key '{where}.family': {family!r} is not one of {', '.join(known)}"
+                      f"{_closest(str(family), known)}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:

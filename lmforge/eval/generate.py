@@ -218,23 +218,22 @@ def _model_max_len(model: nn.Module) -> int | None:
 
 
 class _StopChecker:
-    """Finds stop strings in each row's completion, decoding only a short tail of tokens per step."""
+    """Finds stop strings in each row's completion, decoding only a short tail of tokens per step.
+
+    Checked after every token, so a stop string is caught at the step that completes it; it then ends
+    inside the newest token's text and starts at most ``L - 1`` characters (``L`` = the longest stop
+    string) before it.  A character takes at most 4 byte-level tokens, so the last ``4·L + 8`` tokens
+    always cover it, with margin for a partial character decoded as U+FFFD at the tail's start.
+    """
 
     def __init__(self, stops: Sequence[str], decode: Callable[[list[int]], str]) -> None:
         self.stops = list(stops)
         self.decode = decode
-        # A stop string ending in the newest token lies within the last `need` characters; a few extra
-        # characters absorb a leading partial UTF-8 sequence decoded as U+FFFD.
-        self.need = max(len(s) for s in self.stops) + 4
+        self.width = 4 * max(len(s) for s in self.stops) + 8
 
     def found(self, ids: list[int]) -> bool:
-        width = self.need
-        while True:
-            start = max(0, len(ids) - width)
-            text = self.decode(ids[start:])
-            if start == 0 or len(text) >= self.need:
-                return any(s in text for s in self.stops)
-            width *= 2  # tokens that decode to few characters (partial bytes, specials): look further back
+        text = self.decode(ids[-self.width:])
+        return any(s in text for s in self.stops)
 
     def truncate(self, text: str) -> str:
         cut = len(text)
@@ -386,8 +385,9 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
                 tok = proc.argmax(dim=-1, keepdim=True)
             else:
                 probs = torch.softmax(proc, dim=-1)
-                # Exponential race == a draw from `probs` (Gumbel-max in disguise), no host sync.
-                q = torch.empty_like(probs).exponential_(generator=gen)
+                # Exponential race == a draw from `probs` (Gumbel-max in disguise), no host sync.  The
+                # clamp keeps a (rare) exact 0 draw from turning 0/0 into NaN for a filtered-out token.
+                q = torch.empty_like(probs).exponential_(generator=gen).clamp_(min=torch.finfo(probs.dtype).tiny)
                 tok = (probs / q).argmax(dim=-1, keepdim=True)
             lp = proc.gather(1, tok) - torch.logsumexp(proc, dim=-1, keepdim=True)
             raw = logits.gather(1, tok) - torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -404,7 +404,7 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
         if has_eos:
             just = ~finished & torch.isin(tok, eos_t)
             eos_hit |= just
-            n_new = torch.where(just, t + 1, n_new)
+            n_new.masked_fill_(just, t + 1)
             finished |= just
         if need_lists:
             row_toks = tok.tolist()
@@ -513,37 +513,35 @@ def _vocab_size(model: nn.Module) -> int:
 
 
 class _TextStream:
-    """Prints one row's completion as tokens arrive, holding back text that may still become part of a
-    stop string or is an incomplete UTF-8 sequence."""
+    """Prints one row's completion as tokens arrive.
+
+    Holds back an incomplete UTF-8 character (decoded as a trailing U+FFFD) and the last ``L - 1``
+    characters (``L`` = the longest stop string), which may still turn out to start a stop string, so
+    nothing printed is ever taken back; :meth:`finish` prints the rest of the final text.  Decodes the
+    whole completion per token: this is for one interactive stream, not the batch hot path.
+    """
 
     def __init__(self, tokenizer: Any, out: IO[str], stops: Sequence[str]) -> None:
         self.decode = _decoder(tokenizer)
         self.out = out
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
-        self.printed = ""  # text already written, from the start of the completion
-        self.base = 0  # token index where the current decode segment starts
-        self.base_text = ""  # text of tokens before `base`
+        self.printed = 0  # characters of the completion already written
 
     def __call__(self, row: int, token: int) -> None:
         self.ids.append(token)
-        seg = self.decode(self.ids[self.base:])
-        if seg.endswith("\ufffd"):
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
             return  # incomplete character: wait for the next token
-        text = self.base_text + seg
-        ready = text[: max(len(self.printed), len(text) - self.hold)]
-        if ready.startswith(self.printed) and len(ready) > len(self.printed):
-            self.out.write(ready[len(self.printed):])
+        upto = len(text) - self.hold
+        if upto > self.printed:
+            self.out.write(text[self.printed:upto])
             self.out.flush()
-            self.printed = ready
-        # Start a fresh segment after whitespace so decoding stays short (boundaries are stable there).
-        if seg and seg[-1].isspace() and len(self.ids) - self.base > 16:
-            self.base_text = text
-            self.base = len(self.ids)
+            self.printed = upto
 
     def finish(self, final_text: str | None) -> None:
-        if final_text is not None and final_text.startswith(self.printed):
-            self.out.write(final_text[len(self.printed):])
+        if final_text is not None and len(final_text) > self.printed:
+            self.out.write(final_text[self.printed:])
         self.out.write("\n")
         self.out.flush()
 

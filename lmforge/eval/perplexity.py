@@ -94,17 +94,31 @@ def _resolve_lengths(model: nn.Module, max_length: int | None, stride: int | Non
     return int(max_length), int(stride)
 
 
-def _as_tensor(tokens: Any) -> torch.Tensor:
+def _as_1d(tokens: Any) -> torch.Tensor | np.ndarray:
+    """A 1-D tensor or numpy array (a memmap shard stays a memmap: windows are converted one by one)."""
     if isinstance(tokens, torch.Tensor):
-        return tokens.reshape(-1).long().cpu()
-    return torch.as_tensor(np.asarray(tokens, dtype=np.int64).reshape(-1))
+        return tokens.reshape(-1)
+    if isinstance(tokens, np.ndarray):
+        return tokens.reshape(-1)
+    return np.asarray(tokens, dtype=np.int64).reshape(-1)
+
+
+def _window(tokens: torch.Tensor | np.ndarray, begin: int, end: int) -> torch.Tensor:
+    if isinstance(tokens, torch.Tensor):
+        return tokens[begin:end].long().cpu()
+    return torch.from_numpy(np.asarray(tokens[begin:end], dtype=np.int64))
 
 
 @torch.inference_mode()
-def _score(model: nn.Module, tokens: torch.Tensor, max_length: int, stride: int, batch_size: int,
-           chunk_tokens: int = 4096) -> tuple[float, int, list[tuple[int, int, int]]]:
-    """Sum of NLL (nats, float64) and count over the scored tokens; also the windows used."""
-    n = tokens.numel()
+def _score(model: nn.Module, tokens: torch.Tensor | np.ndarray, max_length: int, stride: int,
+           batch_size: int) -> tuple[float, int, list[tuple[int, int, int]]]:
+    """Sum of NLL (nats, float64) and count over the scored tokens; also the windows used.
+
+    Logits are computed only at scored positions, in chunks of about 32M fp32 values, so a large
+    vocabulary or batch never materialises ``[batch, max_length, V]`` logits."""
+    n = int(tokens.shape[0])
+    if batch_size < 1:
+        raise ConfigError(f"perplexity batch_size={batch_size} must be >= 1")
     windows = sliding_windows(n, max_length, stride)
     if not windows:
         raise DataError(f"the text is {n} token(s) long; perplexity needs at least 2 tokens to score one")
@@ -123,7 +137,7 @@ def _score(model: nn.Module, tokens: torch.Tensor, max_length: int, stride: int,
     try:
         for group in groups:
             L = group[0][1] - group[0][0]
-            ids = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
+            ids = torch.stack([_window(tokens, b, e) for b, e, _ in group]).to(device)
             hidden = model(ids)  # [b, L, d]
             # Hidden position j predicts token j + 1; window (b, e, f) scores tokens f..e-1 -> j in [f-b-1, L-1).
             j = torch.arange(L - 1, device=device)
@@ -132,12 +146,20 @@ def _score(model: nn.Module, tokens: torch.Tensor, max_length: int, stride: int,
             h = hidden[:, :-1][sel]  # [m, d]
             targets = ids[:, 1:][sel]
             count += int(targets.numel())
+            chunk_tokens = max(1, (1 << 25) // max(1, _vocab_size(model)))
             for s in range(0, h.shape[0], chunk_tokens):
                 logits = model.logits(h[None, s:s + chunk_tokens])[0].float()
                 total += F.cross_entropy(logits, targets[s:s + chunk_tokens], reduction="sum").double()
     finally:
         model.train(was_training)
     return float(total), count, windows
+
+
+def _vocab_size(model: nn.Module) -> int:
+    head = getattr(model, "lm_head", None)
+    if head is not None and hasattr(head, "out_features"):
+        return int(head.out_features)
+    return int(getattr(getattr(model, "config", None), "vocab_size", 50_000))
 
 
 def _scored_mask(n: int, windows: list[tuple[int, int, int]]) -> np.ndarray:
@@ -158,14 +180,15 @@ def perplexity_of_tokens(model: nn.Module, token_ids: Any, max_length: int | Non
     method of the module doc.  Returns ``perplexity``, ``nll`` (summed nats) and ``tokens`` (scored);
     with ``token_bytes`` (the UTF-8 bytes each token owns) also ``bytes`` and ``bits_per_byte``."""
     max_length, stride = _resolve_lengths(model, max_length, stride)
-    tokens = _as_tensor(token_ids)
+    tokens = _as_1d(token_ids)
+    n = int(tokens.shape[0])
     nll, count, windows = _score(model, tokens, max_length, stride, batch_size)
     out = _summary(nll, count)
     if token_bytes is not None:
         tb = np.asarray(token_bytes, dtype=np.int64).reshape(-1)
-        if tb.shape[0] != tokens.numel():
-            raise ConfigError(f"token_bytes has {tb.shape[0]} entries for {tokens.numel()} tokens")
-        n_bytes = int(tb[_scored_mask(tokens.numel(), windows)].sum())
+        if tb.shape[0] != n:
+            raise ConfigError(f"token_bytes has {tb.shape[0]} entries for {n} tokens")
+        n_bytes = int(tb[_scored_mask(n, windows)].sum())
         out["bytes"] = n_bytes
         out["bits_per_byte"] = nll / (math.log(2) * n_bytes) if n_bytes else float("nan")
     return out

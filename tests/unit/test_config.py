@@ -68,3 +68,43 @@ def test_roundtrip_and_diff(tmp_path):
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["novalue"])
+
+
+def test_shipped_configs_parse():
+    """Every YAML in configs/ builds its command's config (catches renamed keys early)."""
+    from pathlib import Path
+
+    from lmforge.apps.pipeline import PipelineConfig, load_pipeline_config
+    from lmforge.recipes.pretrain import PretrainConfig
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        cfg = load_pipeline_config(str(path), []) if path.name == "pipeline.yaml" else load_config(PretrainConfig, path)
+        assert cfg.max_steps > 0, path
+    assert load_pipeline_config(None, []) == load_pipeline_config(str(root / "pipeline.yaml"), [])
+
+
+@dataclass
+class DecA:
+    family: Literal["gpt2", "llama"] = "gpt2"
+    width: int = 8
+
+
+@dataclass
+class EncB:
+    family: Literal["bert"] = "bert"
+    layers: int = 2
+
+
+@dataclass
+class HasModel:
+    model: DecA | EncB = field(default_factory=DecA)
+
+
+def test_model_section_is_chosen_by_family():
+    assert load_config(HasModel, None, ["model.width=4"]).model == DecA(width=4)
+    assert load_config(HasModel, None, ["model.family=bert", "model.layers=3"]).model == EncB(layers=3)
+    with pytest.raises(ConfigError, match="model.width"):
+        load_config(HasModel, None, ["model.family=bert", "model.width=3"])
+    with pytest.raises(ConfigError, match="did you mean 'bert'"):
+        load_config(HasModel, None, ["model.family=bertt"])

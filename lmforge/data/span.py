@@ -1,0 +1,367 @@
+"""T5 span corruption (Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
+Transformer", §3.1.4 and the reference ``random_spans_noise_mask`` / ``random_spans_helper`` preprocessors).
+
+For a window of ``L`` tokens: ``round(L * noise_density)`` tokens (at least 1, at most ``L - 1``) are noise, in
+``round(noise / mean_noise_span_length)`` spans (at least 1).  The noise tokens and the non-noise tokens are
+each split into that many non-empty parts, uniformly at random, and interleaved starting with non-noise, so a
+window always ends with a noise span.  Inputs: every noise span replaced by one sentinel; targets: every
+non-noise span replaced by one sentinel, i.e. ``<extra_id_0> span_0 <extra_id_1> span_1 ...``; both end with
+EOS.  Sentinel ``i`` has id ``vocab_size - 1 - i``.  Example (spans "for inviting", "last")::
+
+    tokens   Thank you for inviting me to your party last week
+    inputs   Thank you <extra_id_0> me to your party <extra_id_1> week </s>     (non-noise ... noise last:
+    targets  <extra_id_0> for inviting <extra_id_1> last </s>                    here "week" is the final span)
+
+Lengths are the same for every window (they depend on ``L`` only), so batches need no padding:
+:func:`compute_input_and_target_lengths` picks the largest ``L`` whose inputs fit ``inputs_length``.
+
+Tokenizers: lmforge's BPE trainer puts special tokens at the *first* ids, so sentinels cannot come from it
+directly.  :func:`train_t5_tokenizer` trains with ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2) and then appends
+the sentinels as special tokens in reverse order with :func:`add_sentinels`, so ``<extra_id_i>`` lands on
+``vocab_size - 1 - i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.core.errors import ConfigError, DataError, RunError
+from lmforge.data.loader import PackedWindows
+from lmforge.data.objectives import IGNORE_INDEX, Objective, ObjectiveOutput
+
+T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 (T5's convention)
+_VAL_STREAM = 0x56414C  # numpy seed component of the validation corruption ("VAL")
+_TRAIN_STREAM = 0x5350414E  # ... and of training ("SPAN")
+
+
+@dataclass
+class SpanConfig:
+    """Span corruption settings (YAML ``span:`` section).  ``inputs_length``: encoder tokens per example
+    including the final EOS; the raw window and the target length follow from the arithmetic."""
+
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+    inputs_length: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.noise_density < 1.0:
+            raise ValueError(f"noise_density={self.noise_density} must be in (0, 1), e.g. 0.15")
+        if self.mean_noise_span_length < 1.0:
+            raise ValueError(f"mean_noise_span_length={self.mean_noise_span_length} must be >= 1, e.g. 3")
+        if self.inputs_length < 2:
+            raise ValueError(f"inputs_length={self.inputs_length} must be >= 2")
+
+
+# ---- length arithmetic -----------------------------------------------------------------------------
+
+def _counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a window, clamped as the mask algorithm does."""
+    noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    return noise, max(int(round(noise / mean_noise_span_length)), 1)
+
+
+def compute_input_and_target_lengths(inputs_length: int, noise_density: float = 0.15,
+                                     mean_noise_span_length: float = 3.0) -> tuple[int, int]:
+    """``(tokens_length, targets_length)``: the longest raw window whose corrupted inputs (non-noise tokens, one
+    sentinel per span, EOS) fit in ``inputs_length``, and the targets' length (noise tokens, one sentinel per
+    span, EOS).  The reference arithmetic, unclamped; :func:`plan_spans` checks that it is servable."""
+    def lengths(tokens_length: int) -> tuple[int, int]:
+        noise = int(round(tokens_length * noise_density))
+        spans = int(round(noise / mean_noise_span_length))
+        return tokens_length - noise + spans + 1, noise + spans + 1
+
+    tokens_length = inputs_length - 1
+    while lengths(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    targets_length = lengths(tokens_length)[1]
+    if noise_density == 0.5 and targets_length > inputs_length:  # the reference's "round number" adjustment
+        tokens_length -= 1
+        targets_length -= 1
+    return tokens_length, targets_length
+
+
+@dataclass(frozen=True)
+class SpanPlan:
+    """The fixed shape of every corrupted window."""
+
+    tokens_length: int
+    inputs_length: int
+    targets_length: int
+    noise_tokens: int
+    noise_spans: int
+
+
+def _servable(inputs_length: int, density: float, mean: float) -> SpanPlan | None:
+    tokens_length, targets_length = compute_input_and_target_lengths(inputs_length, density, mean)
+    if tokens_length < 2:
+        return None
+    noise, spans = _counts(tokens_length, density, mean)
+    ok = (noise == int(round(tokens_length * density)) and spans == int(round(noise / mean))
+          and tokens_length - noise >= spans and tokens_length - noise + spans + 1 == inputs_length
+          and noise + spans + 1 == targets_length)
+    return SpanPlan(tokens_length, inputs_length, targets_length, noise, spans) if ok else None
+
+
+def plan_spans(cfg: SpanConfig) -> SpanPlan:
+    """The window/target lengths for ``cfg``; ``ConfigError`` when the arithmetic cannot give exactly
+    ``inputs_length`` inputs with at least one noise span (names the nearest lengths that work)."""
+    plan = _servable(cfg.inputs_length, cfg.noise_density, cfg.mean_noise_span_length)
+    if plan is not None:
+        return plan
+    near = [n for n in range(max(2, cfg.inputs_length - 64), cfg.inputs_length + 4096)
+            if _servable(n, cfg.noise_density, cfg.mean_noise_span_length)]
+    below = [n for n in near if n < cfg.inputs_length][-1:]
+    above = [n for n in near if n > cfg.inputs_length][:1]
+    raise ConfigError(
+        f"span.inputs_length={cfg.inputs_length} cannot be served with noise_density={cfg.noise_density} and "
+        f"mean_noise_span_length={cfg.mean_noise_span_length} (no window gives exactly that many inputs with at "
+        f"least one noise span); use span.inputs_length={' or '.join(map(str, below + above)) or 'larger'}")
+
+
+# ---- the corruption itself -------------------------------------------------------------------------
+
+def _segment(u: np.ndarray, num_items: int, num_segments: int) -> np.ndarray:
+    """Random split of ``num_items`` into ``num_segments`` non-empty parts, one per row of ``u``
+    (``[n, num_items - 1]`` uniforms).  A part starts after position ``j`` when ``argsort(u)[j] < num_segments
+    - 1``: the reference's shuffle of ``num_segments - 1`` ones among ``num_items - 1`` gaps.  -> ``[n, S]``."""
+    n = u.shape[0]
+    if num_segments == 1:
+        return np.full((n, 1), num_items, dtype=np.int64)
+    cut = np.argsort(u, axis=1, kind="stable") < num_segments - 1  # [n, num_items - 1]
+    starts = np.nonzero(cut)[1].reshape(n, num_segments - 1) + 1  # row-major: sorted within each row
+    bounds = np.concatenate([np.zeros((n, 1), np.int64), starts, np.full((n, 1), num_items)], axis=1)
+    return np.diff(bounds, axis=1)
+
+
+def random_spans_noise_mask(n: int, length: int, noise_density: float, mean_noise_span_length: float,
+                            rng: np.random.Generator) -> np.ndarray:
+    """``[n, length]`` bool noise masks.  Row by row the generator gives ``noise - 1`` uniforms for the noise
+    split, then ``length - noise - 1`` for the non-noise split (one ``rng.random((n, ...))`` draw)."""
+    noise, spans = _counts(length, noise_density, mean_noise_span_length)
+    if length - noise < spans:
+        raise ConfigError(f"a window of {length} tokens has {length - noise} non-noise tokens, fewer than its "
+                          f"{spans} noise spans; lower noise_density or raise mean_noise_span_length")
+    u = rng.random((n, length - 2)) if length > 2 else np.zeros((n, 0))
+    noise_lengths = _segment(u[:, :noise - 1], noise, spans)
+    clean_lengths = _segment(u[:, noise - 1:], length - noise, spans)
+    interleaved = np.stack([clean_lengths, noise_lengths], axis=2).reshape(n, 2 * spans)  # clean first
+    starts = np.cumsum(interleaved, axis=1)[:, :-1]
+    first = np.zeros((n, length), dtype=np.int64)
+    np.put_along_axis(first, starts, 1, axis=1)
+    return np.cumsum(first, axis=1) % 2 == 1  # odd-numbered spans are noise
+
+
+def corrupt_spans(tokens: np.ndarray, noise: np.ndarray, vocab_size: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``tokens``/``noise`` ``[n, L]`` -> (inputs, targets): each noise span (inputs) or non-noise span
+    (targets) becomes one sentinel, numbered in order from ``vocab_size - 1`` down; EOS appended to both."""
+    return _collapse(tokens, noise, vocab_size, eos_id), _collapse(tokens, ~noise, vocab_size, eos_id)
+
+
+def _collapse(tokens: np.ndarray, drop: np.ndarray, vocab_size: int, eos_id: int) -> np.ndarray:
+    n = tokens.shape[0]
+    prev = np.zeros_like(drop)
+    prev[:, 1:] = drop[:, :-1]
+    first = drop & ~prev  # first token of each dropped span -> its sentinel
+    sentinel = vocab_size - np.cumsum(first, axis=1)  # vocab_size - 1 - (span index)
+    out = np.where(first, sentinel, tokens)
+    keep = ~(drop & prev)
+    out = out[keep].reshape(n, -1)  # every row keeps the same number of tokens
+    return np.concatenate([out, np.full((n, 1), eos_id, dtype=out.dtype)], axis=1)
+
+
+# ---- sentinels and tokenizers ----------------------------------------------------------------------
+
+def sentinel_token(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def t5_special_tokens() -> list[str]:
+    """Special tokens to train with so that pad = 0, EOS = 1, unk = 2; sentinels are appended afterwards by
+    :func:`add_sentinels` (the trainer can only place special tokens at the first ids)."""
+    return list(T5_SPECIAL_TOKENS)
+
+
+def add_sentinels(tokenizer: Any, n: int = 100) -> Any:
+    """A copy of ``tokenizer`` with ``<extra_id_{n-1}> ... <extra_id_0>`` appended as special tokens, so that
+    ``<extra_id_i>`` has id ``vocab_size - 1 - i`` of the new vocabulary."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.core.tokenizer import Tokenizer
+
+    present = [sentinel_token(i) for i in range(n) if tokenizer.token_to_id(sentinel_token(i)) is not None]
+    if present:
+        raise DataError(f"the tokenizer already has sentinel token {present[0]}; use it as it is")
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+    hf.add_special_tokens([AddedToken(sentinel_token(i), special=True, normalized=False)
+                           for i in reversed(range(n))])
+    return Tokenizer(hf, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+                     unk_token=tokenizer.unk_token, mask_token=tokenizer.mask_token, cls_token=tokenizer.cls_token,
+                     sep_token=tokenizer.sep_token, chat_template=tokenizer.chat_template,
+                     model_max_length=tokenizer.model_max_length)
+
+
+def train_t5_tokenizer(texts: Iterable[str], vocab_size: int, n_sentinels: int = 100, min_frequency: int = 2) -> Any:
+    """Byte-level BPE with T5's ids: ``<pad>`` 0, ``</s>`` 1 (EOS), ``<unk>`` 2, and ``n_sentinels`` sentinels
+    on the last ids; ``vocab_size`` counts them all."""
+    from lmforge.core.tokenizer import Tokenizer
+
+    if vocab_size - n_sentinels < 256 + len(T5_SPECIAL_TOKENS):
+        raise ConfigError(f"vocab_size {vocab_size} is too small for a byte-level BPE with {n_sentinels} sentinels "
+                          f"(needs at least {256 + len(T5_SPECIAL_TOKENS) + n_sentinels}); use e.g. 4096")
+    base = Tokenizer.train(texts, vocab_size - n_sentinels, special_tokens=t5_special_tokens(),
+                           min_frequency=min_frequency, eos_token="</s>", pad_token="<pad>")
+    return add_sentinels(base, n_sentinels)
+
+
+def check_sentinels(tokenizer: Any, n: int) -> None:
+    """``DataError`` unless ``<extra_id_i>`` sits at ``vocab_size - 1 - i`` for ``i < n`` and EOS exists."""
+    V = tokenizer.vocab_size
+    for i in range(n):
+        if tokenizer.id_to_token(V - 1 - i) != sentinel_token(i):
+            raise DataError(
+                f"the tokenizer has no sentinel {sentinel_token(i)} at id vocab_size-1-{i} = {V - 1 - i} (found "
+                f"{tokenizer.id_to_token(V - 1 - i)!r}); span corruption needs special tokens <extra_id_0>... on the "
+                f"last ids: train one with lmforge.data.span.train_t5_tokenizer or add them with add_sentinels")
+    if tokenizer.eos_id is None:
+        raise DataError("the tokenizer has no EOS token (e.g. '</s>'); span corruption ends inputs and targets "
+                        "with EOS: train one with lmforge.data.span.train_t5_tokenizer")
+
+
+# ---- the batch source ------------------------------------------------------------------------------
+
+class SpanCorruptionSource:
+    """Batch source of span-corrupted packed windows: ``next_batch(n) -> {input_ids [n, inputs_length],
+    attention_mask (ones), labels [n, targets_length]}`` (int64).
+
+    Raw windows of ``tokens_length`` tokens come from :class:`PackedWindows` (``seq_len = tokens_length - 1``,
+    so consecutive windows share one token); the noise masks from a numpy ``PCG64`` generator whose state is in
+    ``state_dict`` -- a resumed run continues with the same windows and the same masks.  ``val_batches`` uses a
+    fresh generator each call, so every evaluation sees the same corruption.
+    """
+
+    def __init__(self, tokens: np.ndarray | list[np.ndarray], cfg: SpanConfig, vocab_size: int | None = None,
+                 eos_id: int | None = None, seed: int = 0, shuffle: bool = True, tokenizer: Any = None) -> None:
+        self.cfg = cfg
+        self.plan = plan_spans(cfg)
+        if tokenizer is not None:
+            check_sentinels(tokenizer, self.plan.noise_spans)
+            vocab_size = tokenizer.vocab_size if vocab_size is None else vocab_size
+            eos_id = tokenizer.eos_id if eos_id is None else eos_id
+        if vocab_size is None or eos_id is None:
+            raise ConfigError("SpanCorruptionSource needs a tokenizer or both vocab_size and eos_id")
+        self.vocab_size, self.eos_id, self.seed = int(vocab_size), int(eos_id), int(seed)
+        arrays = [tokens] if isinstance(tokens, np.ndarray) or torch.is_tensor(tokens) else list(tokens)
+        L = self.plan.tokens_length
+        if not any(len(a) >= L for a in arrays):
+            raise DataError(f"the token stream has {max(len(a) for a in arrays)} tokens, too few for one span-"
+                            f"corruption window of {L} tokens (span.inputs_length={cfg.inputs_length}); use more "
+                            f"data or a smaller span.inputs_length")
+        self.windows = PackedWindows(arrays, seq_len=L - 1, seed=seed, shuffle=shuffle)
+        self.rng = np.random.Generator(np.random.PCG64([self.seed, _TRAIN_STREAM]))
+
+    def corrupt(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Raw windows ``[n, tokens_length]`` -> a batch."""
+        c = self.cfg
+        noise = random_spans_noise_mask(tokens.shape[0], tokens.shape[1], c.noise_density,
+                                        c.mean_noise_span_length, rng)
+        inputs, targets = corrupt_spans(tokens, noise, self.vocab_size, self.eos_id)
+        input_ids = torch.from_numpy(inputs)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "labels": torch.from_numpy(targets)}
+
+    @staticmethod
+    def _raw(batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """PackedWindows' shifted pair back to the ``seq_len + 1`` raw window."""
+        return torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1).numpy()
+
+    def next_batch(self, n: int) -> dict[str, torch.Tensor]:
+        return self.corrupt(self._raw(self.windows.next_batch(n)), self.rng)
+
+    def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        rng = np.random.Generator(np.random.PCG64([self.seed, _VAL_STREAM]))
+        for batch in self.windows.val_batches(batch_size, max_batches):
+            yield self.corrupt(self._raw(batch), rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows": self.windows.state_dict(), "rng": self.rng.bit_generator.state,
+                "inputs_length": self.plan.inputs_length, "tokens_length": self.plan.tokens_length}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if "windows" not in sd or "rng" not in sd:
+            raise RunError("data loader state lacks 'windows'/'rng'; the checkpoint is not from SpanCorruptionSource")
+        if int(sd.get("inputs_length", -1)) != self.plan.inputs_length:
+            raise RunError(f"cannot resume: the checkpoint used span.inputs_length={sd.get('inputs_length')}, this "
+                           f"run {self.plan.inputs_length}; set it back or start a new run")
+        self.windows.load_state_dict(sd["windows"])
+        self.rng.bit_generator.state = sd["rng"]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
+# ---- the objective ---------------------------------------------------------------------------------
+
+class Seq2SeqObjective(Objective):
+    """Cross-entropy over target tokens of an encoder-decoder model (span corruption, text-to-text).
+
+    Batch: ``input_ids``/``attention_mask`` ``[B, S]`` (encoder), ``labels`` ``[B, T]`` (-100 = no target),
+    optional ``decoder_input_ids`` (default ``model.shift_right(labels)``).  The loss runs
+    :func:`lmforge.models.heads.chunked_cross_entropy` on the decoder output, which already carries T5 v1.0's
+    ``d_model ** -0.5`` rescaling (``EncoderDecoderLM.decode`` applies it), with ``model.lm_head``.  Metric
+    ``accuracy``: summed correct argmax predictions (logged as target-token accuracy).
+    """
+
+    def __init__(self, pad_id: int = 0, ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None) -> None:
+        self.pad_id, self.ignore_index, self.chunk_size = pad_id, ignore_index, chunk_size
+
+    def collate(self, raw: Any) -> dict[str, torch.Tensor]:
+        """A list of ``(input_ids, target_ids)`` pairs -> right-padded batch (``-100`` labels at padding)."""
+        pairs = list(raw)
+        if not pairs or any(len(x) == 0 or len(y) == 0 for x, y in pairs):
+            raise DataError("seq2seq collate needs non-empty (input, target) token sequences")
+        S, T = max(len(x) for x, _ in pairs), max(len(y) for _, y in pairs)
+        input_ids = torch.full((len(pairs), S), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(pairs), S), dtype=torch.long)
+        labels = torch.full((len(pairs), T), self.ignore_index, dtype=torch.long)
+        for i, (x, y) in enumerate(pairs):
+            input_ids[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+            mask[i, :len(x)] = 1
+            labels[i, :len(y)] = torch.as_tensor(y, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def target_count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != self.ignore_index).sum())
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        from lmforge.models.heads import chunked_cross_entropy
+
+        labels = batch["labels"]
+        dec_in = batch.get("decoder_input_ids")
+        if dec_in is None:
+            dec_in = model.shift_right(labels)
+        hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), decoder_input_ids=dec_in)
+        kwargs = {"ignore_index": self.ignore_index}
+        if self.chunk_size is not None:
+            kwargs["chunk_size"] = self.chunk_size
+        loss_sum, count = chunked_cross_entropy(hidden, model.lm_head, labels, **kwargs)
+        return ObjectiveOutput(loss_sum, count, {"accuracy": _correct(hidden.detach(), model.lm_head, labels,
+                                                                      self.ignore_index)})
+
+
+@torch.no_grad()
+def _correct(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of target positions whose argmax prediction is the label (head applied to target rows only,
+    in chunks of ~16M logits)."""
+    valid = labels != ignore_index
+    h, y = hidden[valid], labels[valid]
+    step = max(1, (1 << 24) // lm_head.weight.shape[0])
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+    for s in range(0, h.shape[0], step):
+        correct += (lm_head(h[s:s + step]).argmax(-1) == y[s:s + step]).sum()
+    return correct

@@ -1,0 +1,481 @@
+"""Encoder-decoder language models: T5 v1.0 (ReLU MLP, tied and rescaled head) and v1.1 (gated GELU,
+untied head) from one code base.
+
+``EncoderDecoderLM(config)``: ``encode(input_ids, attention_mask) -> enc_hidden``, ``decode(decoder_input_ids,
+enc_hidden, enc_mask, cache) -> dec_hidden``, ``logits(dec_hidden)``.  ``decode`` returns exactly what the LM
+head consumes: final RMS norm, dropout and -- when ``config.scales_output`` (v1.0) -- the ``d_model ** -0.5``
+rescaling T5 applies before its tied head.  So ``lm_head(decode(...))`` are the logits, and objectives can run
+:func:`lmforge.models.heads.chunked_cross_entropy` on ``decode``'s output as they do for decoder LMs.
+
+T5's attention differs from GPT's in three ways, all here: no ``1/sqrt(d)`` score scaling (folded into the
+init of ``q``), a learned bias per head added to the scores from the bucketed distance ``key - query``
+(computed once per stack from ``relative_attention_bias`` and shared by all layers; bidirectional buckets in
+the encoder, causal ones in the decoder), and RMS norms without mean subtraction or bias.
+
+Module tree (lmforge paths; leaf names are Hugging Face's; :mod:`lmforge.models.hf_t5` maps them)::
+
+    shared                                   token embeddings, used by encoder, decoder (and head if tied)
+    encoder.relative_attention_bias          Embedding [num_buckets, num_heads]
+    encoder.blocks.{i}.self_attn.{layer_norm, q, k, v, o}
+    encoder.blocks.{i}.ff.{layer_norm, wi | wi_0, wi_1, wo}
+    encoder.final_layer_norm
+    decoder.relative_attention_bias
+    decoder.blocks.{i}.self_attn.{layer_norm, q, k, v, o}
+    decoder.blocks.{i}.cross_attn.{layer_norm, q, k, v, o}
+    decoder.blocks.{i}.ff.{...}
+    decoder.final_layer_norm
+    lm_head                                  Linear; weight is shared.weight when tied
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.models.cache import KVCache
+from lmforge.models.layers import Embedding, Linear, reset_children
+
+
+@dataclass
+class T5Config:
+    """Architecture of a T5 model (the ``model:`` section of a run config); field names are HF's.
+
+    - ``feed_forward_proj``: ``relu`` (T5 v1.0: ``wo(relu(wi(x)))``) or ``gated-gelu`` (v1.1:
+      ``wo(gelu_tanh(wi_0(x)) * wi_1(x))``).
+    - ``tie_word_embeddings``: LM head shares ``shared.weight``.  ``None`` = the variant's default (v1.0 tied,
+      v1.1 untied).
+    - ``scale_decoder_outputs``: multiply the decoder output by ``d_model ** -0.5`` before the head.  ``None`` =
+      same as the tie (what transformers does: original T5 ties and rescales, v1.1 does neither).
+    - ``d_kv``: per-head width; ``num_heads * d_kv`` need not equal ``d_model``.
+    - ``num_decoder_layers``: ``None`` = ``num_layers``.
+    - ``dropout``: HF's ``dropout_rate`` (embeddings, attention probabilities, MLP hidden, residual branches,
+      final norm outputs).
+    - ``initializer_factor``: scales every init std (HF's ``initializer_factor``).
+    - ``decoder_start_token_id``: first decoder input; ``None`` = ``pad_token_id`` (the T5 convention).
+    """
+
+    family: Literal["t5"] = "t5"
+    vocab_size: int = 8192
+    d_model: int = 256
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 4
+    num_decoder_layers: Optional[int] = None
+    num_heads: int = 4
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: Literal["relu", "gated-gelu"] = "relu"
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    tie_word_embeddings: Optional[bool] = None
+    scale_decoder_outputs: Optional[bool] = None
+    initializer_factor: float = 1.0
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(self.family == "t5", f"family={self.family!r} is not 't5'")
+        need(self.feed_forward_proj in ("relu", "gated-gelu"),
+             f"feed_forward_proj={self.feed_forward_proj!r} is not one of 'relu', 'gated-gelu'")
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        need(self.num_decoder_layers is None or self.num_decoder_layers > 0,
+             f"num_decoder_layers={self.num_decoder_layers} must be positive")
+        need(self.relative_attention_num_buckets >= 4,
+             f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 4")
+        need(self.layer_norm_epsilon > 0, f"layer_norm_epsilon={self.layer_norm_epsilon} must be positive")
+        need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        need(self.initializer_factor > 0, f"initializer_factor={self.initializer_factor} must be positive")
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+            tid = getattr(self, name)
+            need(tid is None or 0 <= tid < self.vocab_size,
+                 f"{name}={tid} is outside the vocabulary [0, vocab_size={self.vocab_size})")
+
+    # ---- resolved values -------------------------------------------------------------------------
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj == "gated-gelu"
+
+    @property
+    def tied(self) -> bool:
+        return (not self.gated) if self.tie_word_embeddings is None else bool(self.tie_word_embeddings)
+
+    @property
+    def scales_output(self) -> bool:
+        return self.tied if self.scale_decoder_outputs is None else bool(self.scale_decoder_outputs)
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @property
+    def start_token_id(self) -> int:
+        return self.pad_token_id if self.decoder_start_token_id is None else self.decoder_start_token_id
+
+
+# ---- building blocks -------------------------------------------------------------------------------
+
+class T5LayerNorm(nn.Module):
+    """RMS norm: ``weight * x / sqrt(mean(x^2) + eps)``, no mean subtraction, no bias; the mean of squares is
+    taken in fp32 (as HF does) and the weight starts at ``initializer_factor``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, factor: float = 1.0) -> None:
+        super().__init__()
+        self.eps = eps
+        self.factor = factor
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """Bucket of each distance ``key_pos - query_pos`` (Mesh TensorFlow's scheme, as in T5).
+
+    Half the buckets (per direction when bidirectional) hold the exact small distances ``0..exact-1``; the rest
+    cover ``[exact, max_distance)`` on a log scale, and everything farther shares the last bucket.  In the
+    causal (decoder) case only keys at or before the query count; future keys fall in bucket 0 (masked anyway).
+    """
+    rel = relative_position
+    if bidirectional:
+        num_buckets //= 2
+        base = (rel > 0).long() * num_buckets  # keys after the query use the upper half
+        dist = rel.abs()
+    else:
+        base = torch.zeros_like(rel)
+        dist = (-rel).clamp(min=0)
+    exact = num_buckets // 2
+    # clamp(min=1) only avoids log(0); those distances take the exact branch below.
+    log_scaled = (torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                  * (num_buckets - exact)).long()
+    far = (exact + log_scaled).clamp(max=num_buckets - 1)
+    return base + torch.where(dist < exact, dist, far)
+
+
+def padding_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """``[B, S]`` (1 = real token) -> additive ``[B, 1, 1, S]`` (0 / most negative float); None stays None."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention scores have here: the autocast dtype when autocast is on, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _as_attn_mask(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """SDPA wants the additive mask in the query dtype; masked entries stay finite so no row becomes NaN."""
+    if bias is None or bias.dtype == dtype:
+        return bias
+    return bias.to(dtype).clamp(min=torch.finfo(dtype).min)
+
+
+class T5Attention(nn.Module):
+    """Pre-norm attention sublayer ``x + o(attention(layer_norm(x)))``, self- or cross-attention.
+
+    Scores are ``q @ k^T + bias`` with no ``1/sqrt(d_kv)`` scaling; ``bias`` (``[B or 1, H, T, S]``) carries
+    the relative position bias and the padding/causal mask.
+    """
+
+    def __init__(self, c: T5Config, layer_idx: int, cross: bool = False) -> None:
+        super().__init__()
+        f, d, inner = c.initializer_factor, c.d_model, c.inner_dim
+        self.layer_idx, self.cross = layer_idx, cross
+        self.n_heads, self.d_kv, self.dropout = c.num_heads, c.d_kv, c.dropout
+        self.layer_norm = T5LayerNorm(d, c.layer_norm_epsilon, f)
+        self.q = Linear(d, inner, bias=False, std=f * (d * c.d_kv) ** -0.5)
+        self.k = Linear(d, inner, bias=False, std=f * d ** -0.5)
+        self.v = Linear(d, inner, bias=False, std=f * d ** -0.5)
+        self.o = Linear(inner, d, bias=False, std=f * inner ** -0.5)
+
+    def reset_parameters(self) -> None:
+        reset_children(self)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.n_heads, self.d_kv).transpose(1, 2)  # [B, H, T, D]
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, enc: torch.Tensor | None = None,
+                cache: "EncDecCache | None" = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = self.layer_norm(x)
+        q = self._heads(self.q(h))
+        if self.cross:  # keys/values from the encoder output: computed once per generation, then reused
+            kv = cache.cross[self.layer_idx] if cache is not None else None
+            if kv is None:
+                kv = (self._heads(self.k(enc)), self._heads(self.v(enc)))
+                if cache is not None:
+                    cache.cross[self.layer_idx] = kv
+            k, v = kv
+        else:
+            k, v = self._heads(self.k(h)), self._heads(self.v(h))
+            if cache is not None:
+                k, v = cache.self_attn.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_kv))
+        return x + _dropout(y, self.dropout, self.training)
+
+
+class T5FeedForward(nn.Module):
+    """Pre-norm MLP sublayer ``x + wo(act(wi(layer_norm(x))))``; gated: ``wo(gelu(wi_0(h)) * wi_1(h))``."""
+
+    def __init__(self, c: T5Config) -> None:
+        super().__init__()
+        f, d = c.initializer_factor, c.d_model
+        self.gated, self.dropout = c.gated, c.dropout
+        self.layer_norm = T5LayerNorm(d, c.layer_norm_epsilon, f)
+        if self.gated:
+            self.wi_0 = Linear(d, c.d_ff, bias=False, std=f * d ** -0.5)
+            self.wi_1 = Linear(d, c.d_ff, bias=False, std=f * d ** -0.5)
+        else:
+            self.wi = Linear(d, c.d_ff, bias=False, std=f * d ** -0.5)
+        self.wo = Linear(c.d_ff, d, bias=False, std=f * c.d_ff ** -0.5)
+
+    def reset_parameters(self) -> None:
+        reset_children(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer_norm(x)
+        if self.gated:
+            h = F.gelu(self.wi_0(h), approximate="tanh") * self.wi_1(h)  # HF's gelu_new
+        else:
+            h = F.relu(self.wi(h))
+        h = self.wo(_dropout(h, self.dropout, self.training))
+        return x + _dropout(h, self.dropout, self.training)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, training=True) if p > 0 and training else x
+
+
+class T5Block(nn.Module):
+    """Self-attention, then (decoder only) cross-attention, then the MLP; each a residual sublayer."""
+
+    def __init__(self, c: T5Config, layer_idx: int, is_decoder: bool) -> None:
+        super().__init__()
+        self.self_attn = T5Attention(c, layer_idx)
+        self.cross_attn = T5Attention(c, layer_idx, cross=True) if is_decoder else None
+        self.ff = T5FeedForward(c)
+
+    def reset_parameters(self) -> None:
+        reset_children(self)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, enc: torch.Tensor | None = None,
+                enc_bias: torch.Tensor | None = None, cache: "EncDecCache | None" = None) -> torch.Tensor:
+        x = self.self_attn(x, bias, cache=cache)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, enc_bias, enc=enc, cache=cache)
+        return self.ff(x)
+
+
+class T5Stack(nn.Module):
+    """The encoder (bidirectional position buckets) or the decoder (causal buckets + mask, cross-attention)."""
+
+    def __init__(self, c: T5Config, is_decoder: bool) -> None:
+        super().__init__()
+        self.is_decoder = is_decoder
+        self.num_buckets, self.max_distance = c.relative_attention_num_buckets, c.relative_attention_max_distance
+        self.dropout = c.dropout
+        self.relative_attention_bias = Embedding(c.relative_attention_num_buckets, c.num_heads,
+                                                 std=c.initializer_factor * c.d_model ** -0.5)
+        n = c.decoder_layers if is_decoder else c.num_layers
+        self.blocks = nn.ModuleList(T5Block(c, i, is_decoder) for i in range(n))
+        self.final_layer_norm = T5LayerNorm(c.d_model, c.layer_norm_epsilon, c.initializer_factor)
+        self.activation_checkpointing = False
+
+    def reset_parameters(self) -> None:
+        reset_children(self)
+
+    def position_bias(self, q_len: int, k_len: int, past: int, device: torch.device) -> torch.Tensor:
+        """``[1, H, q_len, k_len]`` bias for queries at ``past .. past + q_len - 1`` and keys ``0 .. k_len - 1``."""
+        q_pos = torch.arange(past, past + q_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(k_pos - q_pos, not self.is_decoder, self.num_buckets, self.max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor | None, enc: torch.Tensor | None = None,
+                enc_bias: torch.Tensor | None = None, cache: "EncDecCache | None" = None) -> torch.Tensor:
+        """``x [B, T, d]`` embeddings -> normed hidden states.  ``self_bias``: padding mask (encoder) or causal
+        mask (decoder) as additive ``[B or 1, 1, T, S]``, or None; the position bias is added here."""
+        T = x.shape[1]
+        past = cache.length if cache is not None else 0
+        bias = self.position_bias(T, past + T, past, x.device)
+        if self_bias is not None:
+            bias = bias + self_bias
+        dtype = _compute_dtype(x)
+        bias, enc_bias = _as_attn_mask(bias, dtype), _as_attn_mask(enc_bias, dtype)
+        x = _dropout(x, self.dropout, self.training)
+        use_ckpt = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x = checkpoint(block, x, bias, enc, enc_bias, use_reentrant=False)
+            else:
+                x = block(x, bias, enc, enc_bias, cache)
+        return _dropout(self.final_layer_norm(x), self.dropout, self.training)
+
+
+class EncDecCache:
+    """Decoding state of an :class:`EncoderDecoderLM`.
+
+    ``self_attn``: a static :class:`KVCache` of the decoder's self-attention keys/values (``[B, H, max_len,
+    d_kv]`` per layer; all rows share one write position, the decoder inputs are never padded).
+    ``cross[i]``: layer ``i``'s cross-attention keys/values ``[B, H, S, d_kv]``, computed from the encoder
+    output on the first decode call and reused afterwards (the encoder output never changes).
+    """
+
+    def __init__(self, self_attn: KVCache, n_layers: int) -> None:
+        self.self_attn = self_attn
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return self.self_attn.length
+
+    @property
+    def batch_size(self) -> int:
+        return self.self_attn.batch_size
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/duplicate rows ``index`` of every cached tensor (drop finished rows, beam search)."""
+        self.self_attn.reorder(index)
+        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for kv in self.cross]
+
+    def reset(self) -> None:
+        self.self_attn.reset()
+        self.cross = [None] * len(self.cross)
+
+
+class EncoderDecoderLM(nn.Module):
+    """T5: ``forward(input_ids, attention_mask, decoder_input_ids) -> dec_hidden [B, T, d]`` (head input).
+
+    Built on the meta device, materialised on ``device`` and reset, like :class:`lmforge.models.decoder.DecoderLM`,
+    so ``with torch.device("meta"): m = EncoderDecoderLM(c)`` + ``m.to_empty(...)`` + ``m.reset_parameters()``
+    equals an eager build bitwise for the same seed.
+    """
+
+    is_encoder_decoder = True
+
+    def __init__(self, config: T5Config, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = c = config
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        with torch.device("meta"):
+            self.shared = Embedding(c.vocab_size, c.d_model, std=c.initializer_factor * 1.0)
+            self.encoder = T5Stack(c, is_decoder=False)
+            self.decoder = T5Stack(c, is_decoder=True)
+            self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, std=c.initializer_factor * 1.0)
+        self.tie_weights()
+        if target.type != "meta":
+            self.to_empty(device=target)
+            self.reset_parameters()
+
+    # ---- parameters ------------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share ``shared.weight`` with ``lm_head.weight`` when tied (again after ``to_empty``)."""
+        if self.config.tied:
+            self.lm_head.weight = self.shared.weight
+
+    def reset_parameters(self) -> None:
+        """HF's T5 init in registration order: embeddings N(0, f), q N(0, f/sqrt(d*d_kv)), k/v N(0, f/sqrt(d)),
+        o N(0, f/sqrt(H*d_kv)), wi* N(0, f/sqrt(d)), wo N(0, f/sqrt(d_ff)), position biases N(0, f/sqrt(d)),
+        norms f, untied head N(0, f)."""
+        self.tie_weights()
+        for name, child in self.named_children():
+            if name == "lm_head" and self.config.tied:
+                continue
+            child.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (training with grad, no cache only)."""
+        self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = bool(enabled)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.shared
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shared.weight.dtype
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids [B, S]`` (+ ``attention_mask [B, S]``, 1 = real, padding on either side) -> ``[B, S, d]``."""
+        return self.encoder(self.shared(input_ids), padding_bias(attention_mask))
+
+    def decode(self, decoder_input_ids: torch.Tensor, enc_hidden: torch.Tensor | None,
+               enc_mask: torch.Tensor | None = None, cache: EncDecCache | None = None) -> torch.Tensor:
+        """``decoder_input_ids [B, T]`` -> ``[B, T, d]``: final norm applied and, for v1.0 (``scales_output``),
+        multiplied by ``d_model ** -0.5`` -- the LM head's input.
+
+        Decoder rows are causal, so right padding of targets needs no mask.  With ``cache`` the new tokens
+        follow ``cache.length`` stored ones; ``enc_hidden`` may be None once the cross keys/values are cached.
+        """
+        T = decoder_input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        causal = None
+        if T > 1:  # one new token sees every stored key; several need a (possibly offset) causal mask
+            q_pos = torch.arange(past, past + T, device=decoder_input_ids.device)[:, None]
+            k_pos = torch.arange(past + T, device=decoder_input_ids.device)[None, :]
+            causal = ((k_pos > q_pos).float() * torch.finfo(torch.float32).min)[None, None]
+        h = self.decoder(self.shared(decoder_input_ids), causal, enc_hidden, padding_bias(enc_mask), cache)
+        if cache is not None:
+            cache.self_attn.advance(T)
+        if self.config.scales_output:
+            h = h * self.config.d_model ** -0.5
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if decoder_input_ids is None:
+            raise ValueError("EncoderDecoderLM.forward needs decoder_input_ids (e.g. model.shift_right(labels))")
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing decoder inputs: ``[start, labels[:-1]]`` with ``-100`` replaced by the pad id."""
+        out = labels.new_full(labels.shape, self.config.start_token_id)
+        out[..., 1:] = labels[..., :-1]
+        return out.masked_fill_(out == -100, self.config.pad_token_id)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> EncDecCache:
+        """A decoding cache for ``max_len`` decoder positions."""
+        c = self.config
+        kv = KVCache(c.decoder_layers, batch_size, c.num_heads, c.d_kv, max_len,
+                     dtype=dtype or self.dtype, device=device or self.device)
+        return EncDecCache(kv, c.decoder_layers)

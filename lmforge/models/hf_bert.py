@@ -1,0 +1,313 @@
+"""Hugging Face compatibility for BERT: config.json <-> EncoderConfig, the one name map, load/save.
+
+lmforge's :class:`~lmforge.models.encoder.EncoderLM` keeps HF's module boundaries and leaf names; only
+the top-level prefixes differ, so the whole map is five prefix rules plus one special key::
+
+    embeddings.*         <-> bert.embeddings.*
+    blocks.{i}.*         <-> bert.encoder.layer.{i}.*
+    pooler.*             <-> bert.pooler.*
+    predictions.*        <-> cls.predictions.*
+    seq_relationship.*   <-> cls.seq_relationship.*
+    predictions.decoder.bias <-> cls.predictions.bias   (with tied embeddings HF ties decoder.bias to
+                                                          it and stores neither decoder tensor)
+
+With untied embeddings transformers (5.x) keeps ``cls.predictions.decoder.bias`` as the bias its forward
+uses and ``cls.predictions.bias`` as a separate, unused parameter: lmforge then writes the bias under both
+names (older transformers always tie the two) and, reading, prefers ``decoder.bias`` when present.
+
+A saved directory has ``architectures: ["BertForPreTraining"]`` and every weight of that class, so it
+loads in ``BertForPreTraining`` with no missing or unexpected key, and in ``BertModel`` /
+``BertForMaskedLM`` with no missing key (those report the heads they lack as unused -- exactly as for a
+checkpoint transformers itself saves from ``BertForPreTraining``).  Any local HF BERT directory loads:
+``BertModel`` (no ``bert.`` prefix), ``BertForMaskedLM`` and task checkpoints included; head weights the
+directory lacks (pooler, MLM transform, NSP) are freshly initialised with a warning naming them, weights
+of task heads lmforge does not model (``classifier``, ``qa_outputs``) are ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.core.errors import ModelError
+from lmforge.core.io import atomic_dir
+from lmforge.models.encoder import EncoderConfig, EncoderLM
+
+# (lmforge module prefix, HF module prefix in BertForPreTraining); a path keeps everything below it.
+_PREFIXES = [
+    ("embeddings", "bert.embeddings"),
+    ("blocks", "bert.encoder.layer"),
+    ("pooler", "bert.pooler"),
+    ("predictions", "cls.predictions"),
+    ("seq_relationship", "cls.seq_relationship"),
+]
+_BIAS_LM, _BIAS_HF = "predictions.decoder.bias", "cls.predictions.bias"
+# lmforge weights that may be absent from a HF directory (BertModel has no heads, BertForMaskedLM no
+# pooler/NSP); they are initialised fresh.  Everything else must be present.
+_OPTIONAL = ("pooler.", "predictions.", "seq_relationship.")
+# Non-weight buffers older checkpoints carry.
+_IGNORED_HF_KEYS = re.compile(r"(^|\.)embeddings\.(position_ids|token_type_ids)$")
+# Task heads of fine-tuned BERT classes, which this pretraining model does not have.
+_TASK_HEADS = re.compile(r"^(classifier|qa_outputs|cls\.seq_relationship_head)\.")
+
+
+def _swap_prefix(name: str, to_hf: bool) -> str | None:
+    for lm, hf in _PREFIXES:
+        src, dst = (lm, hf) if to_hf else (hf, lm)
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+    return None
+
+
+def hf_module_name(name: str, base_model: bool = False) -> str:
+    """lmforge module path -> HF module path in ``BertForPreTraining`` (``blocks.0.attention.self.query``
+    -> ``bert.encoder.layer.0.attention.self.query``); a suffix such as ``.lora_A`` is kept.  With
+    ``base_model`` the path is relative to ``BertModel`` (no ``bert.`` prefix; heads have none)."""
+    out = _swap_prefix(name, to_hf=True)
+    if out is None:
+        raise ModelError(f"'{name}' is not a module path of an lmforge BERT model")
+    if base_model:
+        if not out.startswith("bert."):
+            raise ModelError(f"'{name}' is a pretraining head, which BertModel does not have")
+        out = out[len("bert."):]
+    return out
+
+
+def lmforge_module_name(hf_name: str) -> str:
+    """HF module path (``BertForPreTraining`` or ``BertModel``-relative) -> lmforge module path."""
+    name = hf_name if hf_name.startswith(("bert.", "cls.")) else "bert." + hf_name
+    out = _swap_prefix(name, to_hf=False)
+    if out is None:
+        raise ModelError(f"'{hf_name}' is not a Hugging Face BERT module path")
+    return out
+
+
+# ---- state dicts ---------------------------------------------------------------------------------
+
+def state_dict_to_hf(model: EncoderLM) -> dict[str, torch.Tensor]:
+    """Weights under ``BertForPreTraining`` key names (the tied decoder weight left out, as HF saves)."""
+    model = _unwrap(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key == "predictions.decoder.weight" and model.config.tie_embeddings:
+            continue
+        if key == _BIAS_LM and not model.config.tie_embeddings:
+            out["cls.predictions.decoder.bias"] = value.clone()  # what an untied HF head computes with
+        hf_key = _BIAS_HF if key == _BIAS_LM else _swap_prefix(key, to_hf=True)
+        if hf_key is None:
+            raise ModelError(f"parameter '{key}' has no Hugging Face equivalent (merge or remove delta "
+                             f"modules before saving a full model)")
+        out[hf_key] = value
+    return out
+
+
+def _normalise_hf_keys(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Old TF-converted names (``gamma``/``beta``), a missing ``bert.`` prefix (BertModel checkpoints)
+    and non-weight buffers -> ``BertForPreTraining`` keys."""
+    state = {}
+    for k, v in hf_state.items():
+        if _IGNORED_HF_KEYS.search(k):
+            continue
+        k = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)) if "LayerNorm" in k else k
+        state[k] = v
+    if not any(k.startswith("bert.") for k in state):
+        state = {(k if k.startswith("cls.") or _TASK_HEADS.match(k) else "bert." + k): v for k, v in state.items()}
+    return state
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: EncoderConfig,
+                       source: str = "<state dict>") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF keys -> lmforge keys.  Returns ``(state, missing_heads)``: ``missing_heads`` are lmforge keys of
+    head weights the checkpoint lacks (the caller initialises them).  A missing encoder weight, an
+    unknown key under ``bert.`` or a shape mismatch raises ``ModelError``."""
+    state = _normalise_hf_keys(hf_state)
+    if "cls.predictions.decoder.bias" in state:  # the bias HF's decoder applies (see the module doc)
+        state[_BIAS_HF] = state.pop("cls.predictions.decoder.bias")
+    if config.tie_embeddings:
+        state.pop("cls.predictions.decoder.weight", None)  # old checkpoints store the tied copy
+    out: dict[str, torch.Tensor] = {}
+    unexpected, ignored = [], []
+    for key, value in state.items():
+        lm_key = _BIAS_LM if key == _BIAS_HF else _swap_prefix(key, to_hf=False)
+        if lm_key is None:
+            (ignored if _TASK_HEADS.match(key) else unexpected).append(key)
+            continue
+        out[lm_key] = value
+    with torch.device("meta"):
+        expected = EncoderLM(config).state_dict()
+    if config.tie_embeddings:
+        expected.pop("predictions.decoder.weight")
+    unexpected += [hf_module_name(k.rpartition(".")[0]) + "." + k.rpartition(".")[2]
+                   for k in out if k not in expected]
+    missing = [k for k in expected if k not in out]
+    missing_core = [k for k in missing if not k.startswith(_OPTIONAL)]
+    if missing_core or unexpected:
+        parts = []
+        if missing_core:
+            parts.append(f"missing {len(missing_core)} weight(s), e.g. " + ", ".join(
+                _BIAS_HF if k == _BIAS_LM else hf_module_name(k.rpartition('.')[0]) + '.' + k.rpartition('.')[2]
+                for k in missing_core[:4]))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:4])}")
+        raise ModelError(f"weights of '{source}' do not match its config.json (bert): {'; '.join(parts)}")
+    bad = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in out.items()
+           if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        k, got, want = bad[0]
+        raise ModelError(f"weights of '{source}': '{k}' has shape {list(got)} but config.json implies "
+                         f"{list(want)} ({len(bad)} mismatched tensor(s))")
+    if ignored:
+        warnings.warn(f"'{source}': ignoring {len(ignored)} task-head weight(s) lmforge's BERT does not have "
+                      f"({', '.join(ignored[:4])})", stacklevel=3)
+    return out, missing
+
+
+# ---- config.json ---------------------------------------------------------------------------------
+
+# transformers' BertConfig defaults for fields a config.json may leave out
+_HF_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
+    type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, is_decoder=False,
+    add_cross_attention=False, tie_word_embeddings=True, position_embedding_type="absolute")
+_ACTS = ("gelu", "gelu_python")  # both the exact erf GELU
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "<dict>") -> EncoderConfig:
+    """EncoderConfig from a transformers BERT config dict; anything lmforge does not implement is refused."""
+    where = f"config.json of '{source}'"
+    if not isinstance(hf, dict):
+        raise ModelError(f"{where} is not a JSON object")
+    if hf.get("model_type") != "bert":
+        raise ModelError(f"{where}: model_type {hf.get('model_type')!r} is not 'bert'")
+    cfg = {**_HF_DEFAULTS, **hf}
+
+    def require(field: str, ok, supported: str) -> None:
+        if field in cfg and not ok(cfg[field]):
+            raise ModelError(f"{where}: field '{field}' = {cfg[field]!r} is not supported by lmforge "
+                             f"(supported: {supported}); use a checkpoint without it")
+
+    require("position_embedding_type", lambda v: v in (None, "absolute"), "'absolute'")
+    require("is_decoder", lambda v: not v, "false")
+    require("add_cross_attention", lambda v: not v, "false")
+    require("is_encoder_decoder", lambda v: not v, "false")
+    require("hidden_act", lambda v: v in _ACTS, ", ".join(_ACTS))
+    require("pruned_heads", lambda v: not v, "none")
+    require("quantization_config", lambda v: v is None, "null")
+    require("embedding_size", lambda v: v in (None, cfg["hidden_size"]), "equal to hidden_size")
+    require("tie_word_embeddings", lambda v: isinstance(v, bool), "true, false")
+    pad = cfg.get("pad_token_id")
+    if pad is not None and not (isinstance(pad, int) and 0 <= pad < int(cfg["vocab_size"])):
+        warnings.warn(f"{where}: pad_token_id={pad!r} is outside the vocabulary; ignored", stacklevel=3)
+        pad = None
+    try:
+        return EncoderConfig(
+            vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"],
+            n_head=cfg["num_attention_heads"], d_ff=cfg["intermediate_size"],
+            max_seq_len=cfg["max_position_embeddings"], type_vocab_size=cfg["type_vocab_size"],
+            norm_eps=float(cfg["layer_norm_eps"]), dropout=float(cfg["hidden_dropout_prob"]),
+            attention_dropout=float(cfg["attention_probs_dropout_prob"]),
+            initializer_range=float(cfg.get("initializer_range") or 0.02),
+            tie_embeddings=cfg["tie_word_embeddings"], pad_token_id=pad)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{where}: {e}") from None
+
+
+def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
+    """The transformers config.json dict for ``config`` (without dtype, which depends on the weights)."""
+    c = config
+    return dict(architectures=["BertForPreTraining"], model_type="bert", vocab_size=c.vocab_size,
+                hidden_size=c.d_model, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                intermediate_size=c.ffn_dim, hidden_act="gelu", hidden_dropout_prob=c.dropout,
+                attention_probs_dropout_prob=c.attention_dropout, max_position_embeddings=c.max_seq_len,
+                type_vocab_size=c.type_vocab_size, initializer_range=c.initializer_range,
+                layer_norm_eps=c.norm_eps, pad_token_id=c.pad_token_id, position_embedding_type="absolute",
+                is_decoder=False, add_cross_attention=False, tie_word_embeddings=c.tie_embeddings,
+                classifier_dropout=None, use_cache=True)
+
+
+# ---- model directories ---------------------------------------------------------------------------
+
+def _unwrap(model: torch.nn.Module) -> EncoderLM:
+    for attr in ("_orig_mod", "module"):  # torch.compile, DDP
+        while hasattr(model, attr) and not isinstance(model, EncoderLM):
+            model = getattr(model, attr)
+    if not isinstance(model, EncoderLM):
+        raise ModelError(f"save_bert expects an EncoderLM, got {type(model).__name__}")
+    return model
+
+
+def load_bert_config(path: str | Path) -> EncoderConfig:
+    """The EncoderConfig of a model directory (reads config.json only)."""
+    from lmforge.models.hf import _read_json, load_config
+
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        load_config(d)  # raises the shared "not a model directory" message
+    return EncoderConfig.from_hf(_read_json(d / "config.json"), source=str(d))
+
+
+def load_bert(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
+              ) -> tuple[EncoderLM, Any]:
+    """Load a HF/lmforge BERT directory -> ``(model in eval mode, Tokenizer or None)``.
+
+    Weights: ``model.safetensors`` (or sharded, or ``pytorch_model.bin`` read with ``weights_only``).
+    ``dtype=None`` keeps the stored dtype.  Head weights the directory lacks are initialised as
+    transformers would (a warning names them).  The tokenizer loads when ``tokenizer.json`` exists.
+    """
+    from lmforge.models.hf import _read_weights
+
+    d = Path(path)
+    config = load_bert_config(d)
+    tokenizer = None
+    if (d / "tokenizer.json").is_file():
+        from lmforge.core.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(d)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
+                             f"{config.vocab_size} embedding rows (vocab_size); use the tokenizer the model "
+                             f"was trained with")
+    state, missing = state_dict_from_hf(_read_weights(d), config, source=str(d))
+    state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+             for k, v in state.items()}
+    if missing:
+        warnings.warn(f"'{d}' has no weights for {len(missing)} head parameter(s) "
+                      f"({', '.join(missing[:4])}); they are newly initialised", stacklevel=2)
+        model = EncoderLM(config, device=device)  # initialised, then overwritten where the file has weights
+        if dtype is not None:
+            model = model.to(dtype)
+        model.load_state_dict(state, strict=False)
+    else:
+        with torch.device("meta"):
+            model = EncoderLM(config)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def save_bert(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
+    """Write ``model`` as a HF BERT directory (atomically: tmp dir, then rename): ``config.json``
+    (``BertForPreTraining``), ``model.safetensors`` and, when given, the tokenizer's files."""
+    from safetensors.torch import save_file
+
+    model = _unwrap(model)
+    config = model.config
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
+                         f"embedding rows; build the model with vocab_size >= the tokenizer's")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict_to_hf(model).items()}
+    dtype = str(model.dtype).removeprefix("torch.")
+    hf_config = {**config.to_hf(), "dtype": dtype, "torch_dtype": dtype}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp, model_max_length=tokenizer.model_max_length or config.max_seq_len)
+    return path
