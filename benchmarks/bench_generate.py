@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         hf = GPT2LMHeadModel.from_pretrained(d, attn_implementation="sdpa").to(device).eval()
 
     print(machine_info(device))
+    try:
+        busy = os.getloadavg()[0]
+        if device.type == "cpu" and busy > 0.5:
+            print(f"warning: the machine is busy (load {busy:.2f}); other processes share the cores, so CPU "
+                  f"timings are noisy (with more torch threads than free cores, badly so: try --threads 1)")
+    except OSError:
+        pass
     print(f"model: gpt2-style, 6 layers, d_model 384, 6 heads, vocab 8192, fp32, random weights; "
           f"{args.new_tokens} new tokens, greedy, median of {args.repeats}")
     print(f"{'batch':>5} {'lmforge tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")

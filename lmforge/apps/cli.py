@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     pp = ev_sub.add_parser("perplexity", help="perplexity and bits-per-byte on a text file or dataset",
-                           description="Perplexity with the fixed-length-model method: windows of --max-length "
-                           "tokens advancing by --stride; tokens scored by an earlier window are context only.")
+                           description="Decoders: perplexity with the fixed-length-model method (windows of "
+                           "--max-length tokens advancing by --stride; tokens scored by an earlier window are context "
+                           "only) and bits-per-byte.  bert: pseudo-perplexity.  t5: span-corruption loss.")
     pp.add_argument("--model", required=True, help="lmforge model dir or Hugging Face checkpoint dir")
     pp.add_argument("--data", required=True, help="text file, folder, glob, .jsonl/.csv/.parquet, HF dataset dir or 'world'")
     pp.add_argument("--field", default="text")
@@ -89,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--device", default="auto")
     ge.add_argument("--no-stream", action="store_true", help="print the completion at the end only")
     ge.add_argument("--json", action="store_true", help="print results as one JSON object as the last line")
+
+    # fill-mask
+    fm = sub.add_parser("fill-mask", help="top-k predictions for each [MASK] of a text (bert models)",
+                        description="Masked-LM inference: the top-k tokens and probabilities for each [MASK].")
+    fm.add_argument("--model", required=True, help="lmforge or Hugging Face bert model dir")
+    fm.add_argument("--text", required=True, help="text with one or more [MASK] tokens")
+    fm.add_argument("--top-k", type=int, default=5)
+    fm.add_argument("--device", default="auto")
+    fm.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     # world
     wo = sub.add_parser("world", help="write the built-in synthetic world corpus to a JSONL file",
@@ -148,6 +158,13 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_fill_mask(args) -> int:
+    from lmforge.recipes.evaluate import run_fill_mask
+
+    run_fill_mask(args)
+    return 0
+
+
 def _cmd_world(args) -> int:
     from lmforge.data.world import write_corpus
 
@@ -162,6 +179,7 @@ COMMANDS: dict[str, Callable] = {
     "pipeline": _cmd_pipeline,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
+    "fill-mask": _cmd_fill_mask,
     "world": _cmd_world,
 }
 

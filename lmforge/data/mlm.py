@@ -14,7 +14,8 @@ epoch by ``(seed, epoch)``, like :class:`~lmforge.data.loader.PackedWindows`).  
 probability ``short_seq_prob`` the chunk is shortened to a random length >= 2 (BERT's short sequences);
 segment A is the chunk's first ``a`` tokens, ``a`` uniform in ``[1, len - 1]``; with probability 1/2
 segment B is the rest of the chunk (label 0, IsNext -- HF's convention), else a span of the same length
-at a random place in another, uniformly chosen document (label 1).  Input ``[CLS] A [SEP] B [SEP]``,
+at a random place in another, uniformly chosen document (label 1; the chunk's remaining tokens are
+then unused this epoch -- the next epoch cuts the chunk anew).  Input ``[CLS] A [SEP] B [SEP]``,
 ``token_type_ids`` 0 up to the first [SEP] and 1 after, right-padded to ``seq_len``.  Documents with fewer
 than 2 content tokens cannot give a pair: they are skipped and counted (``source.stats``); a 1-token
 tail chunk is dropped.  ``nsp: false`` gives RoBERTa's full-sentence inputs instead: the token stream
@@ -157,6 +158,8 @@ def collate_texts(seqs: Sequence[Sequence[int]], vocab: MLMVocab, cfg: MLMConfig
                   max_len: int | None = None) -> dict[str, torch.Tensor]:
     """Token-id lists (content only) -> masked ``[CLS] ids [SEP]`` rows, right-padded, with
     ``attention_mask``.  A text with no maskable token is a ``DataError`` naming it."""
+    if len(seqs) == 0:
+        raise DataError("no texts to collate; give at least one")
     rows = []
     for i, s in enumerate(seqs):
         s = torch.as_tensor(list(s), dtype=torch.long)
@@ -246,7 +249,8 @@ class MLMBatchSource:
         label = (u[:, 0] < 0.5).astype(np.int64)  # 1 = random B
         n_docs = len(self.doc_start)
         for r, c in enumerate(chunks):
-            s, length, d = int(self.chunk_start[c]), int(self.chunk_end[c] - self.chunk_start[c]), int(self.chunk_doc[c])
+            s, d = int(self.chunk_start[c]), int(self.chunk_doc[c])
+            length = int(self.chunk_end[c]) - s
             if length > 2 and u[r, 1] < self.cfg.short_seq_prob:
                 length = 2 + int(u[r, 2] * (length - 1))  # uniform in [2, length]
             a = 1 + int(u[r, 3] * (length - 1))  # uniform in [1, length - 1]
@@ -343,8 +347,18 @@ class MLMObjective(Objective):
     """Masked-LM loss (+ NSP when the batch has ``next_sentence_label``) on an
     :class:`~lmforge.models.encoder.EncoderLM`; see the module docstring for the normalisation."""
 
-    def __init__(self, ignore_index: int = IGNORE_INDEX) -> None:
-        self.ignore_index = ignore_index
+    def __init__(self, vocab: MLMVocab | None = None, config: MLMConfig | None = None, seed: int = 0,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        self.vocab, self.cfg, self.ignore_index = vocab, config or MLMConfig(), ignore_index
+        self._generator = torch.Generator().manual_seed(int(seed))
+
+    def collate(self, raw: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Token-id lists -> a masked batch (:func:`collate_texts`; no NSP).  Pretraining batches come from
+        :class:`MLMBatchSource`, whose masking generator is resumable; this one is not."""
+        if self.vocab is None:
+            raise ConfigError("MLMObjective.collate needs the vocabulary: "
+                              "MLMObjective(vocab=MLMVocab.from_tokenizer(tokenizer))")
+        return collate_texts(raw, self.vocab, self.cfg, self._generator)
 
     def target_count(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != self.ignore_index).sum())

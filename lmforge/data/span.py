@@ -259,11 +259,17 @@ class SpanCorruptionSource:
         arrays = [tokens] if isinstance(tokens, np.ndarray) or torch.is_tensor(tokens) else list(tokens)
         L = self.plan.tokens_length
         if not any(len(a) >= L for a in arrays):
-            raise DataError(f"the token stream has {max(len(a) for a in arrays)} tokens, too few for one span-"
+            raise DataError(f"the token stream has {max((len(a) for a in arrays), default=0)} tokens, too few for one span-"
                             f"corruption window of {L} tokens (span.inputs_length={cfg.inputs_length}); use more "
                             f"data or a smaller span.inputs_length")
         self.windows = PackedWindows(arrays, seq_len=L - 1, seed=seed, shuffle=shuffle)
         self.rng = np.random.Generator(np.random.PCG64([self.seed, _TRAIN_STREAM]))
+
+    @classmethod
+    def from_shards(cls, shards: Any, split: str, tokenizer: Any, cfg: SpanConfig, seed: int = 0,
+                    shuffle: bool = True) -> "SpanCorruptionSource":
+        """From a :class:`~lmforge.data.shards.ShardSet` split and the tokenizer (with sentinels) it was made with."""
+        return cls(shards.tokens(split), cfg, seed=seed, shuffle=shuffle, tokenizer=tokenizer)
 
     def corrupt(self, tokens: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Raw windows ``[n, tokens_length]`` -> a batch."""
@@ -287,6 +293,9 @@ class SpanCorruptionSource:
         rng = np.random.Generator(np.random.PCG64([self.seed, _VAL_STREAM]))
         for batch in self.windows.val_batches(batch_size, max_batches):
             yield self.corrupt(self._raw(batch), rng)
+
+    def num_val_batches(self, batch_size: int, max_batches: int | None = None) -> int:
+        return self.windows.num_val_batches(batch_size, max_batches)
 
     def state_dict(self) -> dict[str, Any]:
         return {"windows": self.windows.state_dict(), "rng": self.rng.bit_generator.state,
@@ -314,7 +323,7 @@ class Seq2SeqObjective(Objective):
     optional ``decoder_input_ids`` (default ``model.shift_right(labels)``).  The loss runs
     :func:`lmforge.models.heads.chunked_cross_entropy` on the decoder output, which already carries T5 v1.0's
     ``d_model ** -0.5`` rescaling (``EncoderDecoderLM.decode`` applies it), with ``model.lm_head``.  Metric
-    ``accuracy``: summed correct argmax predictions (logged as target-token accuracy).
+    ``target_acc``: summed correct argmax predictions (logged as target-token accuracy).
     """
 
     def __init__(self, pad_id: int = 0, ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None) -> None:
@@ -350,8 +359,8 @@ class Seq2SeqObjective(Objective):
         if self.chunk_size is not None:
             kwargs["chunk_size"] = self.chunk_size
         loss_sum, count = chunked_cross_entropy(hidden, model.lm_head, labels, **kwargs)
-        return ObjectiveOutput(loss_sum, count, {"accuracy": _correct(hidden.detach(), model.lm_head, labels,
-                                                                      self.ignore_index)})
+        return ObjectiveOutput(loss_sum, count, {"target_acc": _correct(hidden.detach(), model.lm_head, labels,
+                                                                        self.ignore_index)})
 
 
 @torch.no_grad()
@@ -365,3 +374,18 @@ def _correct(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, ign
     for s in range(0, h.shape[0], step):
         correct += (lm_head(h[s:s + step]).argmax(-1) == y[s:s + step]).sum()
     return correct
+
+
+@torch.no_grad()
+def evaluate_span(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Validation means over the target tokens of ``batches`` (e.g. ``source.val_batches(...)``): ``val_loss``
+    (cross-entropy, as in training) and ``val_target_acc``."""
+    device = next(model.parameters()).device
+    objective = Seq2SeqObjective()
+    loss = correct = count = 0.0
+    for batch in batches:
+        out = objective.loss(model, {k: v.to(device) for k, v in batch.items()})
+        loss += float(out.loss_sum)
+        correct += float(out.metrics["target_acc"])
+        count += float(out.count)
+    return {"val_loss": loss / max(count, 1.0), "val_target_acc": correct / max(count, 1.0)}

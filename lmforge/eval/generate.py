@@ -13,10 +13,17 @@ model in a single prefill forward that fills a static :class:`~lmforge.models.ca
 to ``P + max_new_tokens`` positions.  Then every step feeds one token per row.  The attention mask is
 preallocated once at full length and sliced per step; position ids come from the mask (left padding does
 not shift a row's positions) and are advanced in place.  Rows that have finished keep emitting ``pad_id``
-and their new positions are masked; the loop stops as soon as every row has finished.  Only the last
-position's logits are ever computed.  Per step the Python work is a handful of tensor ops over the whole
-batch; the only per-row Python work is the stop-string check (only when stop strings are given) and the
-streaming callback (only when one is given).
+(masked out when the batch carries a mask; rows never attend to each other, so a finished row cannot
+disturb the others either way) and the loop stops as soon as every row has finished.  Only the last
+position's logits are ever computed (on CPU against a transposed copy of the LM head, see
+:func:`_last_logits_fn`).  Per step the Python work is a handful of tensor ops over the whole batch and at
+most one host sync (the "all finished?" test, only when EOS or stop strings can finish a row); the only
+per-row Python work is the stop-string check (only when stop strings are given) and the streaming
+callback (only when one is given).
+
+Finishing.  ``finish_reason`` is ``'eos'`` (the EOS token is the last of ``tokens``), ``'stop'`` (the
+token that completed a stop string is the last of ``tokens``; ``text`` ends before the stop string) or
+``'length'`` (``max_new_tokens`` reached).
 
 Sampling, applied in this order to the next-token logits (fp32): repetition penalty → temperature →
 top-k → top-p, then argmax (``temperature == 0``) or a draw from the softmax.
@@ -35,9 +42,7 @@ Log-probs.  Each result carries two per-token arrays, aligned with ``tokens``:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Sequence
 
@@ -202,10 +207,10 @@ def process_logits(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+        return p.device
+    return torch.device("cpu")
 
 
 def _model_max_len(model: nn.Module) -> int | None:
@@ -306,7 +311,7 @@ def generate(
         text = "" if tokenizer is not None else None
         return [GenerationResult([], [], [], "length", text, lens[i]) for i in range(B)]
 
-    device, _ = _model_device_dtype(model)
+    device = _model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -517,7 +522,8 @@ class _TextStream:
 
     Holds back an incomplete UTF-8 character (decoded as a trailing U+FFFD) and the last ``L - 1``
     characters (``L`` = the longest stop string), which may still turn out to start a stop string, so
-    nothing printed is ever taken back; :meth:`finish` prints the rest of the final text.  Decodes the
+    nothing printed is ever taken back; :meth:`finish` prints the rest of the final text (no newline: the
+    caller decides what follows).  Decodes the
     whole completion per token: this is for one interactive stream, not the batch hot path.
     """
 
@@ -542,7 +548,6 @@ class _TextStream:
     def finish(self, final_text: str | None) -> None:
         if final_text is not None and len(final_text) > self.printed:
             self.out.write(final_text[self.printed:])
-        self.out.write("\n")
         self.out.flush()
 
 

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError
-from lmforge.eval.generate import (GenerationConfig, GenerationResult, _decoder, _model_device_dtype, _StopChecker,
-                                   process_logits)
+from lmforge.eval.generate import GenerationConfig, GenerationResult, _decoder, _StopChecker, process_logits
 
 __all__ = ["generate_seq2seq", "generate_seq2seq_text"]
 
@@ -73,7 +72,7 @@ def generate_seq2seq(model: nn.Module, inputs: Sequence[Sequence[int]], cfg: Gen
 
 def _run(model, inputs, lens, cfg, eos_ids, pad_id, stream, tokenizer) -> list[GenerationResult]:
     B, S, N = len(inputs), max(lens), cfg.max_new_tokens
-    device, _ = _model_device_dtype(model)
+    device = next(model.parameters()).device
     ids = torch.tensor([x + [pad_id] * (S - n) for x, n in zip(inputs, lens)], dtype=torch.long, device=device)
     mask = None
     if any(n != S for n in lens):

@@ -257,14 +257,23 @@ def unigram_perplexity(train_tokens: Any, eval_tokens: Any, vocab_size: int) -> 
     """Perplexity of ``eval_tokens`` under an add-one (Laplace) smoothed unigram model of ``train_tokens``:
     ``p(v) = (count_train(v) + 1) / (n_train + vocab_size)``.  Every eval token is scored (a unigram
     model needs no context).  Returns ``perplexity``, ``nll`` (summed nats) and ``tokens``."""
-    train = np.asarray(train_tokens).reshape(-1).astype(np.int64)
-    ev = np.asarray(eval_tokens).reshape(-1).astype(np.int64)
-    if ev.size == 0:
+    train = _as_1d(train_tokens)
+    ev = _as_1d(eval_tokens)
+    if ev.shape[0] == 0:
         raise DataError("unigram_perplexity got no eval tokens")
-    for name, arr in (("train", train), ("eval", ev)):
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-            raise ConfigError(f"{name} tokens hold ids outside [0, {vocab_size}); pass the right vocab_size")
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts) - math.log(train.size + vocab_size)
-    nll = float(-logp[ev].sum())
-    return _summary(nll, int(ev.size))
+    step = 1 << 24  # chunks: a memmap shard of any size is counted without an int64 copy of it
+
+    def counts_of(arr: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for s in range(0, int(arr.shape[0]), step):
+            chunk = _window(arr, s, s + step).numpy()
+            if chunk.size and (chunk.min() < 0 or chunk.max() >= vocab_size):
+                raise ConfigError(f"{name} tokens hold ids outside [0, {vocab_size}); pass the right vocab_size")
+            counts += np.bincount(chunk, minlength=vocab_size)
+        return counts
+
+    train_counts = counts_of(train, "train")
+    eval_counts = counts_of(ev, "eval")
+    logp = np.log(train_counts + 1.0) - math.log(int(train.shape[0]) + vocab_size)
+    nll = float(-(eval_counts * logp).sum())
+    return _summary(nll, int(ev.shape[0]))

@@ -44,7 +44,7 @@ from lmforge.models.layers import Embedding, Linear, reset_children
 
 @dataclass
 class T5Config:
-    """Architecture of a T5 model (the ``model:`` section of a run config); field names are HF's.
+    """Architecture of a T5 model (the ``model:`` section of a run config); field names are HF's but ``dropout``.
 
     - ``feed_forward_proj``: ``relu`` (T5 v1.0: ``wo(relu(wi(x)))``) or ``gated-gelu`` (v1.1:
       ``wo(gelu_tanh(wi_0(x)) * wi_1(x))``).
@@ -91,13 +91,12 @@ class T5Config:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                      "relative_attention_num_buckets", "relative_attention_max_distance"):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
-        need(self.num_decoder_layers is None or self.num_decoder_layers > 0,
-             f"num_decoder_layers={self.num_decoder_layers} must be positive")
+        for name in ("num_decoder_layers", "layer_norm_epsilon", "initializer_factor"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name}={value} must be positive")
         need(self.relative_attention_num_buckets >= 4,
              f"relative_attention_num_buckets={self.relative_attention_num_buckets} must be >= 4")
-        need(self.layer_norm_epsilon > 0, f"layer_norm_epsilon={self.layer_norm_epsilon} must be positive")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
-        need(self.initializer_factor > 0, f"initializer_factor={self.initializer_factor} must be positive")
         for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
             tid = getattr(self, name)
             need(tid is None or 0 <= tid < self.vocab_size,
@@ -184,15 +183,11 @@ def padding_bias(mask: torch.Tensor | None, dtype: torch.dtype = torch.float32) 
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype attention scores have here: the autocast dtype when autocast is on, else ``x``'s."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def _as_attn_mask(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """SDPA wants the additive mask in the query dtype; masked entries stay finite so no row becomes NaN."""
+def _as_attn_mask(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """SDPA wants the additive mask in the query dtype (the autocast dtype when autocast is on, else ``x``'s);
+    masked entries stay finite after the cast, so no row becomes NaN."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if bias is None or bias.dtype == dtype:
         return bias
     return bias.to(dtype).clamp(min=torch.finfo(dtype).min)
@@ -330,8 +325,7 @@ class T5Stack(nn.Module):
         bias = self.position_bias(T, past + T, past, x.device)
         if self_bias is not None:
             bias = bias + self_bias
-        dtype = _compute_dtype(x)
-        bias, enc_bias = _as_attn_mask(bias, dtype), _as_attn_mask(enc_bias, dtype)
+        bias, enc_bias = _as_attn_mask(bias, x), _as_attn_mask(enc_bias, x)
         x = _dropout(x, self.dropout, self.training)
         use_ckpt = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
@@ -358,10 +352,6 @@ class EncDecCache:
     @property
     def length(self) -> int:
         return self.self_attn.length
-
-    @property
-    def batch_size(self) -> int:
-        return self.self_attn.batch_size
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep/duplicate rows ``index`` of every cached tensor (drop finished rows, beam search)."""

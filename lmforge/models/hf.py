@@ -342,12 +342,18 @@ def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
 
 # ---- model directories ---------------------------------------------------------------------------
 
-def _unwrap(model: torch.nn.Module) -> DecoderLM:
-    for attr in ("_orig_mod", "module"):  # torch.compile, DDP
-        while hasattr(model, attr) and not isinstance(model, DecoderLM):
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The lmforge model inside torch.compile / DDP wrappers."""
+    for attr in ("_orig_mod", "module"):
+        while hasattr(model, attr) and not hasattr(model, "config"):
             model = getattr(model, attr)
+    return model
+
+
+def _unwrap(model: torch.nn.Module) -> DecoderLM:
+    model = unwrap_model(model)
     if not isinstance(model, DecoderLM):
-        raise ModelError(f"save_model expects a DecoderLM, got {type(model).__name__}")
+        raise ModelError(f"save_decoder expects a DecoderLM, got {type(model).__name__}")
     return model
 
 
@@ -398,16 +404,38 @@ def _read_weights(d: Path) -> dict[str, torch.Tensor]:
 def load_config(path: str | Path) -> DecoderConfig:
     """The DecoderConfig of a model directory (reads config.json only)."""
     d = Path(path)
+    return DecoderConfig.from_hf(_require_model_dir(d), source=str(d))
+
+
+def _require_model_dir(d: Path) -> dict[str, Any]:
     if not (d / "config.json").is_file():
         why = ": the path does not exist" if not d.exists() else (": it is a file" if d.is_file() else " in it")
-        raise ModelError(f"'{d}' is not a model directory: no config.json{why} (pass a directory written by lmforge or a "
-                         f"Hugging Face checkpoint)")
-    return DecoderConfig.from_hf(_read_json(d / "config.json"), source=str(d))
+        raise ModelError(f"'{d}' is not a model directory: no config.json{why} (pass a directory written by lmforge "
+                         f"or a Hugging Face checkpoint)")
+    return _read_json(d / "config.json")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
-               ) -> tuple[DecoderLM, Any]:
-    """Load a HF/lmforge model directory -> ``(model in eval mode, Tokenizer or None)``.
+               ) -> tuple[torch.nn.Module, Any]:
+    """Any supported model directory -> ``(model in eval mode, Tokenizer or None)``, by ``model_type``:
+    decoders (gpt2, llama, qwen2, mistral) here, bert in :mod:`lmforge.models.hf_bert`, t5 in
+    :mod:`lmforge.models.hf_t5` (imported lazily: they import helpers from this module)."""
+    d = Path(path)
+    model_type = _require_model_dir(d).get("model_type")
+    if model_type == "bert":
+        from lmforge.models.hf_bert import load_bert
+
+        return load_bert(d, device=device, dtype=dtype)
+    if model_type == "t5":
+        from lmforge.models.hf_t5 import load_t5
+
+        return load_t5(d, device=device, dtype=dtype)
+    return load_decoder(d, device=device, dtype=dtype)
+
+
+def load_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
+                 ) -> tuple[DecoderLM, Any]:
+    """Load a HF/lmforge decoder directory -> ``(model in eval mode, Tokenizer or None)``.
 
     Reads ``model.safetensors`` (or sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``
     with ``weights_only=True``).  ``dtype=None`` keeps the stored dtype.  The tokenizer is loaded when
@@ -436,7 +464,22 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
 
 def save_model(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
                generation_config: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as a HF checkpoint directory (atomically: tmp dir, then rename).
+    """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family."""
+    family = getattr(getattr(unwrap_model(model), "config", None), "family", None)
+    if family == "bert":
+        from lmforge.models.hf_bert import save_bert
+
+        return save_bert(model, path, tokenizer=tokenizer)
+    if family == "t5":
+        from lmforge.models.hf_t5 import save_t5
+
+        return save_t5(model, path, tokenizer=tokenizer)
+    return save_decoder(model, path, tokenizer=tokenizer, generation_config=generation_config)
+
+
+def save_decoder(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
+                 generation_config: dict[str, Any] | None = None) -> Path:
+    """Write a decoder as a HF checkpoint directory (atomically: tmp dir, then rename).
 
     Files: ``config.json`` (incl. ``architectures``, ``model_type``, ``dtype``), ``model.safetensors``
     (HF key names/layouts, tied head stored once as HF does), ``generation_config.json`` (token ids plus

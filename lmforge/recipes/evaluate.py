@@ -26,30 +26,71 @@ def load_for_inference(path: str, device: str = "auto"):
 
 
 def run_perplexity(args) -> dict[str, Any]:
+    """Decoders: strided perplexity + bits-per-byte.  Encoders (bert): pseudo-perplexity (each token masked in
+    turn).  Encoder–decoders (t5): span-corruption loss on the text, as perplexity of the target tokens."""
     from lmforge.data.sources import iter_documents
-    from lmforge.eval.perplexity import perplexity
 
     model, tokenizer = load_for_inference(args.model, args.device)
     docs = list(iter_documents(args.data, field=args.field, max_docs=args.max_docs))
+    family = model.config.family
     with torch.inference_mode():
+        if family == "bert":
+            from lmforge.eval.pseudo_perplexity import pseudo_perplexity
+
+            r = pseudo_perplexity(model, tokenizer, docs, max_length=args.max_length or model.config.max_seq_len,
+                                  batch_size=max(args.batch_size, 32))
+            return {"perplexity": r["pseudo_perplexity"], "bits_per_byte": None, "tokens": r["tokens"],
+                    "kind": "pseudo-perplexity", **r}
+        if family == "t5":
+            from lmforge.eval.span_eval import span_corruption_loss
+
+            r = span_corruption_loss(model, tokenizer, docs, max_length=args.max_length, batch_size=args.batch_size)
+            return {"perplexity": r["perplexity"], "bits_per_byte": None, "tokens": r["tokens"],
+                    "kind": "span-corruption", **r}
+        from lmforge.eval.perplexity import perplexity
+
         result = perplexity(model, tokenizer, docs, max_length=args.max_length, stride=args.stride,
                             batch_size=args.batch_size)
     return {k: result[k] for k in ("perplexity", "bits_per_byte", "tokens")} | {
         k: v for k, v in result.items() if k not in ("perplexity", "bits_per_byte", "tokens")}
 
 
+def run_fill_mask(args) -> list[list[tuple[str, float]]]:
+    from lmforge.eval.fill_mask import fill_mask
+
+    model, tokenizer = load_for_inference(args.model, args.device)
+    if model.config.family != "bert":
+        raise ModelError(f"fill-mask needs a masked-LM (bert) model; '{args.model}' is a {model.config.family} model")
+    with torch.inference_mode():
+        preds = fill_mask(model, tokenizer, args.text, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"text": args.text, "predictions": preds}))
+    else:
+        for i, options in enumerate(preds):
+            shown = "  ".join(f"{tok!r} {p:.3f}" for tok, p in options)
+            print(f"[MASK] #{i + 1}: {shown}")
+    return preds
+
+
 def run_generate(args) -> list[dict[str, Any]]:
+    """Decoders continue the prompt (streamed for a single prompt); t5 maps the input text to an output text."""
     from lmforge.eval.generate import GenerationConfig, generate_text
 
     model, tokenizer = load_for_inference(args.model, args.device)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
                            seed=args.seed)
-    stream = len(args.prompt) == 1 and not args.no_stream and not args.json
-    if stream:
-        sys.stdout.write(args.prompt[0])
-        sys.stdout.flush()
-    results = generate_text(model, tokenizer, args.prompt, cfg, stream_to=sys.stdout if stream else None)
+    seq2seq = getattr(model, "is_encoder_decoder", False)
+    stream = len(args.prompt) == 1 and not args.no_stream and not args.json and not seq2seq
+    if seq2seq:
+        from lmforge.eval.generate_seq2seq import generate_seq2seq_text
+
+        results = generate_seq2seq_text(model, tokenizer, args.prompt, cfg)
+    else:
+        if stream:
+            sys.stdout.write(args.prompt[0])
+            sys.stdout.flush()
+        results = generate_text(model, tokenizer, args.prompt, cfg, stream_to=sys.stdout if stream else None)
     out = [{"prompt": p, "completion": r.text, "finish_reason": r.finish_reason, "tokens": len(r.tokens)}
            for p, r in zip(args.prompt, results)]
     if stream:
@@ -58,5 +99,5 @@ def run_generate(args) -> list[dict[str, Any]]:
         print(json.dumps({"results": out}))
     else:
         for p, r in zip(args.prompt, results):
-            print(p + r.text)
+            print(r.text if seq2seq else p + r.text)
     return out

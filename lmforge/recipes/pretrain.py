@@ -1,4 +1,9 @@
-"""`lmforge pretrain`: tokenizer → token shards → decoder → Trainer → HF model dir.
+"""`lmforge pretrain`: tokenizer → token shards → model → Trainer → HF model dir, for every family.
+
+The objective follows the model family (``model.family``): causal LM for decoders (gpt2, llama), masked
+LM + next-sentence prediction for encoders (bert), span corruption for encoder–decoders (t5).  The
+family-specific parts — special tokens, the batch source, the objective, the evaluator — are chosen in
+:func:`paradigm_parts`; everything else (shards, Trainer, checkpoints, resume, metrics) is shared.
 
 Mostly wiring.  The tokenizer is, in order of preference: the one saved in the run dir (resume), the
 one named by ``tokenizer.path``, or a new byte-level BPE trained on the run's own data and saved to
@@ -23,7 +28,12 @@ from lmforge.core.tokenizer import Tokenizer
 from lmforge.data.loader import PackedWindows
 from lmforge.data.objectives import CausalLMObjective
 from lmforge.data.shards import ShardSet, build_shards, train_tokenizer
+from lmforge.data.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab, evaluate_mlm
 from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.data.span import (Seq2SeqObjective, SpanConfig, SpanCorruptionSource, add_sentinels, evaluate_span,
+                               t5_special_tokens)
+from lmforge.models.encdec import EncoderDecoderLM, T5Config
+from lmforge.models.encoder import EncoderConfig, EncoderLM
 from lmforge.models.heads import chunked_cross_entropy
 from lmforge.models.hf import save_model
 from lmforge.train.rundir import check_run_dir
@@ -64,10 +74,31 @@ class PretrainConfig:
     seed: int = 0
     max_steps: int = 1000
     resume: Literal["auto", "true", "false"] = "false"
-    model: DecoderConfig = field(default_factory=DecoderConfig)
+    model: DecoderConfig | EncoderConfig | T5Config = field(default_factory=DecoderConfig)
+    """The architecture; ``model.family`` (gpt2 | llama | bert | t5) picks the config fields and the objective."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    """Masking and next-sentence settings (bert only)."""
+    span: SpanConfig = field(default_factory=SpanConfig)
+    """Span-corruption settings (t5 only); ``span.inputs_length`` is the encoder length (data.seq_len is unused)."""
+
+
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+T5_SENTINELS = 100
+
+
+def special_tokens_for(family: str) -> list[str] | None:
+    """Special tokens of a newly trained tokenizer; None = the decoder default (<|endoftext|>, <|pad|>).
+    T5's sentinels are appended after training (they take the last ids), see :func:`resolve_tokenizer`."""
+    return {"bert": BERT_SPECIAL_TOKENS, "t5": t5_special_tokens()}.get(family)
+
+
+def max_len_of(cfg: Any) -> int | None:
+    return getattr(cfg, "max_seq_len", None)
 
 
 def resolve_tokenizer(cfg: PretrainConfig, resuming: bool) -> Tokenizer:
@@ -77,18 +108,31 @@ def resolve_tokenizer(cfg: PretrainConfig, resuming: bool) -> Tokenizer:
     if cfg.tokenizer.path:
         return Tokenizer.load(cfg.tokenizer.path)
     vocab = cfg.tokenizer.vocab_size or cfg.model.vocab_size
-    return train_tokenizer(cfg.data.source, vocab, saved, max_bytes=cfg.tokenizer.train_bytes,
-                           field=cfg.data.field, world_bytes=cfg.data.world_bytes,
-                           model_max_length=cfg.model.max_seq_len)
+    family = cfg.model.family
+    tok = train_tokenizer(cfg.data.source, vocab - (T5_SENTINELS if family == "t5" else 0), saved,
+                          special_tokens=special_tokens_for(family), max_bytes=cfg.tokenizer.train_bytes,
+                          field=cfg.data.field, world_bytes=cfg.data.world_bytes,
+                          model_max_length=max_len_of(cfg.model))
+    if family == "t5":  # <extra_id_i> = vocab_size - 1 - i, as T5 expects
+        tok = add_sentinels(tok, T5_SENTINELS)
+        tok.save(saved)
+    return tok
 
 
-def model_config_for(cfg: DecoderConfig, tokenizer: Tokenizer) -> DecoderConfig:
+def model_config_for(cfg: Any, tokenizer: Tokenizer) -> Any:
     """The model's vocabulary must cover the tokenizer's; special-token ids come from the tokenizer."""
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ModelError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}; "
                          f"set model.vocab_size >= {tokenizer.vocab_size} or use a smaller tokenizer")
-    return dataclasses.replace(cfg, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                               pad_token_id=tokenizer.pad_id)
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in ids.items() if k in names})
+
+
+def build_model(cfg: Any) -> torch.nn.Module:
+    if isinstance(cfg, T5Config):
+        return EncoderDecoderLM(cfg)
+    return EncoderLM(cfg) if isinstance(cfg, EncoderConfig) else DecoderLM(cfg)
 
 
 def lm_evaluator(val: PackedWindows | None, batch_size: int, max_batches: int):
@@ -110,6 +154,31 @@ def lm_evaluator(val: PackedWindows | None, batch_size: int, max_batches: int):
     return evaluate
 
 
+def paradigm_parts(cfg: PretrainConfig, shards: ShardSet, tokenizer: Tokenizer) -> tuple[Any, Any, Any]:
+    """(objective, train batch source, evaluator) for the model family's pretraining objective."""
+    seq = cfg.data.seq_len
+    eval_bs = cfg.train.micro_batch_size or cfg.train.global_batch_size
+    has_val = shards.num_tokens("val") > seq
+    if cfg.model.family == "t5":
+        train_src = SpanCorruptionSource.from_shards(shards, "train", tokenizer, cfg.span, seed=cfg.seed)
+        val_src = (SpanCorruptionSource.from_shards(shards, "val", tokenizer, cfg.span, seed=cfg.seed, shuffle=False)
+                   if shards.num_tokens("val") > train_src.plan.tokens_length else None)
+        evaluator = (None if val_src is None else
+                     lambda model: evaluate_span(model, val_src.val_batches(eval_bs, cfg.train.eval_max_batches or None)))
+        return Seq2SeqObjective(pad_id=tokenizer.pad_id or 0), train_src, evaluator
+    if cfg.model.family == "bert":
+        train_src = MLMBatchSource.from_shards(shards, "train", tokenizer, seq, cfg.mlm, seed=cfg.seed)
+        val_src = (MLMBatchSource.from_shards(shards, "val", tokenizer, seq, cfg.mlm, seed=cfg.seed, shuffle=False)
+                   if has_val else None)
+        evaluator = (None if val_src is None else
+                     lambda model: evaluate_mlm(model, val_src.val_batches(eval_bs, cfg.train.eval_max_batches or None)))
+        return MLMObjective(MLMVocab.from_tokenizer(tokenizer), cfg.mlm, seed=cfg.seed), train_src, evaluator
+    train_src = PackedWindows(shards.tokens("train"), seq, seed=cfg.seed)
+    val_src = PackedWindows(shards.tokens("val"), seq, seed=cfg.seed, shuffle=False) if has_val else None
+    return CausalLMObjective(pad_id=tokenizer.pad_id or 0), train_src, lm_evaluator(val_src, eval_bs,
+                                                                                     cfg.train.eval_max_batches)
+
+
 @dataclass
 class PretrainParts:
     """Everything a pretraining run is made of, for recipes (the pipeline) that add stages around it."""
@@ -117,7 +186,7 @@ class PretrainParts:
     cfg: PretrainConfig
     tokenizer: Tokenizer
     shards: ShardSet
-    model: DecoderLM
+    model: torch.nn.Module
     trainer: Trainer
     timings: dict[str, float]
 
@@ -138,22 +207,17 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
     timings["shards_s"] = time.perf_counter() - t
 
     model_cfg = model_config_for(cfg.model, tokenizer)
-    if cfg.data.seq_len > model_cfg.max_seq_len:
+    if max_len_of(model_cfg) is not None and cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
                           f"lower data.seq_len or raise model.max_seq_len")
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    model = DecoderLM(model_cfg)
-    train_src = PackedWindows(shards.tokens("train"), cfg.data.seq_len, seed=cfg.seed)
-    val_src = (PackedWindows(shards.tokens("val"), cfg.data.seq_len, seed=cfg.seed, shuffle=False)
-               if shards.num_tokens("val") > cfg.data.seq_len else None)
-    evaluator = lm_evaluator(val_src, cfg.train.micro_batch_size or cfg.train.global_batch_size,
-                             cfg.train.eval_max_batches)
-    objective = CausalLMObjective(pad_id=tokenizer.pad_id or 0)
+    model = build_model(model_cfg)
+    objective, train_src, evaluator = paradigm_parts(cfg, shards, tokenizer)
     trainer = Trainer(model, objective, train_src, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
                       resume=cfg.resume, evaluator=evaluator, config_dict=to_dict(cfg), progress=progress)
     saved = Path(cfg.run_dir) / "tokenizer"
     if not (saved / "tokenizer.json").exists():
-        tokenizer.save(saved, model_max_length=model_cfg.max_seq_len)
+        tokenizer.save(saved, model_max_length=max_len_of(model_cfg))
     return PretrainParts(cfg, tokenizer, shards, model, trainer, timings)
 
 

@@ -94,8 +94,10 @@ def _compare_all(model: EncoderLM, hf_models: dict, tag: str) -> None:
                 _check(f"{tag} BertModel sequence", hidden, out.last_hidden_state, real)
                 _check(f"{tag} BertModel pooled", pooled, out.pooler_output)
             elif name == "BertForPreTraining":
-                _check(f"{tag} BertForPreTraining prediction_logits", model.mlm_logits(hidden), out.prediction_logits, real)
-                _check(f"{tag} BertForPreTraining seq_relationship", model.nsp_logits(pooled), out.seq_relationship_logits)
+                _check(f"{tag} BertForPreTraining prediction_logits", model.mlm_logits(hidden),
+                       out.prediction_logits, real)
+                _check(f"{tag} BertForPreTraining seq_relationship", model.nsp_logits(pooled),
+                       out.seq_relationship_logits)
             else:
                 _check(f"{tag} BertForMaskedLM logits", model.mlm_logits(hidden), out.logits, real)
 
@@ -152,13 +154,18 @@ def test_old_format_and_task_head_checkpoints(tmp_path):
     old["bert.embeddings.position_ids"] = torch.arange(40)[None]
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "pytorch_model.bin")
-    (tmp_path / "old" / "config.json").write_text(json.dumps({**hf.config.to_dict(), "position_embedding_type": "absolute"}))
+    config = {**hf.config.to_dict(), "position_embedding_type": "absolute"}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     model, _ = load_bert(tmp_path / "old")
     _compare_all(model, {"BertForPreTraining": hf}, "hf->lm old-format")
     clf = BertForSequenceClassification(_hf_config(num_labels=3))
     clf.save_pretrained(tmp_path / "clf")
-    with pytest.warns(UserWarning, match="task-head weight"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         load_bert(tmp_path / "clf")
+    said = " ".join(str(w.message) for w in caught)
+    assert "ignoring 2 task-head weight(s) lmforge's BERT does not have (classifier" in said
+    assert "no weights for 7 head parameter(s)" in said  # MLM head (5) and NSP (2); the pooler is there
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -200,7 +207,8 @@ def test_same_files_as_transformers_writes(tmp_path):
     save_bert(model, tmp_path / "lm")
     from safetensors.torch import load_file
 
-    assert load_file(tmp_path / "lm" / "model.safetensors").keys() == load_file(tmp_path / "hf" / "model.safetensors").keys()
+    ours, theirs = (load_file(tmp_path / d / "model.safetensors") for d in ("lm", "hf"))
+    assert ours.keys() == theirs.keys()
 
 
 BASE = dict(model_type="bert", vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -94,7 +94,7 @@ def test_hf_to_lmforge_logits(variant, tmp_path):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_lmforge_to_hf_logits_and_clean_load(variant, tmp_path, caplog):
+def test_lmforge_to_hf_logits_and_clean_load(variant, tmp_path):
     ff, tie = VARIANTS[variant]
     torch.manual_seed(1)
     model = EncoderDecoderLM(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
@@ -110,13 +110,21 @@ def test_lmforge_to_hf_logits_and_clean_load(variant, tmp_path, caplog):
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["architectures"] == ["T5ForConditionalGeneration"] and saved["tie_word_embeddings"] == tie
     assert json.loads((tmp_path / "m" / "generation_config.json").read_text())["decoder_start_token_id"] == 0
-    with caplog.at_level(logging.WARNING):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = transformers.utils.logging.get_logger("transformers")  # does not propagate to the root logger
+    hf_logger.addHandler(handler)
+    try:
         hf, info = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "m", output_loading_info=True,
                                                                            attn_implementation=ATTN)
+    finally:
+        hf_logger.removeHandler(handler)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    # transformers 5 always declares the head tied; for v1.1 it finds a different stored head and logs that it
-    # keeps it untied.  Nothing else may be logged.
-    assert not [r for r in caplog.records if "NOT tie" not in r.getMessage()], caplog.text
+    # transformers 5 always declares the head tied; for v1.1 it finds a different stored head, keeps it untied
+    # and logs exactly that.  Nothing else may be logged.
+    messages = [r.getMessage() for r in records]
+    assert messages == ([] if tie else [m for m in messages if "will NOT tie them" in m]) and len(messages) == 1 - tie
     assert (hf.lm_head.weight.data_ptr() == hf.shared.weight.data_ptr()) == tie
     hf.eval()
     ids, mask, dec = _batch(1)
@@ -162,7 +170,8 @@ def test_config_round_trip_and_refusals():
         assert c.scales_output == VARIANTS[variant][1]
     base = {"model_type": "t5"}
     cases = [({"model_type": "mt5"}, "mt5"), ({"model_type": "umt5"}, "umt5"), ({"model_type": "bert"}, "bert"),
-             ({**base, "is_decoder": True}, "is_decoder"), ({**base, "is_encoder_decoder": False}, "is_encoder_decoder"),
+             ({**base, "is_decoder": True}, "is_decoder"),
+             ({**base, "is_encoder_decoder": False}, "is_encoder_decoder"),
              ({**base, "feed_forward_proj": "gated-silu"}, "feed_forward_proj"),
              ({**base, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu"}, "dense_act_fn")]
     for cfg, field in cases:
@@ -206,11 +215,13 @@ def test_greedy_generation_equals_hf_generate(variant, tmp_path):
     for seed in range(20):  # the first seed whose reference output is varied enough (deterministic search)
         # transformers' generate sizes its cache by num_layers, so the decoder depth must equal the encoder's
         hf = _hf_model(variant, seed=seed, scale=2.0, num_decoder_layers=2)
+        with torch.no_grad():  # random signs here stop a tied head from just repeating the previous token
+            hf.decoder.final_layer_norm.weight.normal_(generator=torch.Generator().manual_seed(seed))
         hf.generation_config.eos_token_id = None  # run all steps
         ref = _hf_greedy(hf, inputs, new)
-        if min(len(set(r)) for r in ref) >= 8:
+        if len(set(ref[0])) >= 8:
             break
-    assert min(len(set(r)) for r in ref) >= 8
+    assert len(set(ref[0])) >= 8
     hf.save_pretrained(tmp_path)
     model, _ = load_t5(tmp_path)
     got = generate_seq2seq(model, inputs, GenerationConfig(max_new_tokens=new, eos_token_id=[]))

@@ -3,7 +3,6 @@ objective's normalisation, resume, errors, pseudo-perplexity and a tiny training
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -232,8 +231,9 @@ def test_bad_input_errors(docs, tok):
         collate_texts([[40, 41], [tok.sep_id, tok.mask_id]], vocab, MLMConfig(), g)
     with pytest.raises(DataError, match="text 0"):
         collate_texts([[]], vocab, MLMConfig(), g)
-    ok = collate_texts([[40, 41, 42], [50]], vocab, MLMConfig(), g)
+    ok = MLMObjective(vocab).collate([[40, 41, 42], [50]])
     assert ok["input_ids"].shape == (2, 5) and ((ok["labels"] != -100).sum(1) == 1).all()
+    assert ok["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
     tokens, offsets, svocab, _ = synthetic()
     with pytest.raises(ConfigError, match="seq_len 4"):
         MLMBatchSource(tokens, offsets, 4, svocab, MLMConfig())

@@ -216,7 +216,7 @@ def test_streaming(model, tokenizer):
         assert [t for row, t in seen if row == i] == r.tokens
     buf = io.StringIO()
     out = generate_text(model, tokenizer, "The river", GenerationConfig(max_new_tokens=16), stream_to=buf)
-    assert buf.getvalue() == out[0].text + "\n"
+    assert buf.getvalue() == out[0].text
 
 
 def test_text_level_and_edge_cases(model, tokenizer):

@@ -187,3 +187,29 @@ def test_sampling_is_reproducible_with_a_seed():
     a = generate_seq2seq(m, [[4, 5, 6, 1]], cfg)[0]
     b = generate_seq2seq(m, [[4, 5, 6, 1]], cfg)[0]
     assert a.tokens == b.tokens and len(a.tokens) == 10
+
+
+class _CharTokenizer:
+    """ids 3.. <-> characters; 1 = EOS."""
+
+    eos_id = 1
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + (ord(ch) % (V - 3)) for ch in text]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(ord("a") + (i - 3) % 26) for i in ids if i >= 3)
+
+
+def test_text_generation_appends_eos_and_honours_stop_strings():
+    from lmforge.eval.generate_seq2seq import generate_seq2seq_text
+
+    m, tok = model("gated-gelu", seed=1), _CharTokenizer()
+    free = generate_seq2seq_text(m, tok, ["hello", "hi"], GenerationConfig(max_new_tokens=10, ignore_eos=True))
+    ids = [tok.encode("hello") + [1], tok.encode("hi") + [1]]
+    assert [r.tokens for r in free] == [r.tokens for r in generate_seq2seq(m, ids, GenerationConfig(max_new_tokens=10,
+                                                                                                     ignore_eos=True))]
+    assert free[0].text == tok.decode(free[0].tokens) and free[0].prompt_tokens == 6
+    stop = free[0].text[2:4]
+    res = generate_seq2seq_text(m, tok, ["hello"], GenerationConfig(max_new_tokens=10, ignore_eos=True, stop=[stop]))[0]
+    assert res.finish_reason == "stop" and stop not in res.text and len(res.tokens) <= 4
