@@ -7,6 +7,11 @@ Stages run in order and each contributes a section to ``RUN_DIR/report.md`` and 
 3. eval — validation perplexity and bits-per-byte beside the unigram baseline of the same text;
 4. samples — greedy continuations of a few prompts.
 
+Any model family pretrains (``model.family``: gpt2, llama, bert, t5); the eval and samples stages follow the
+family: perplexity vs a unigram model for decoders, masked-token / next-sentence accuracy for bert and
+target-token accuracy for t5 beside majority-class baselines, and greedy continuations, fill-mask
+predictions or span infilling as samples.
+
 Later issues append stages (fine-tuning, delta tuning, SFT, alignment) to :data:`STAGES`.
 """
 
@@ -35,9 +40,17 @@ DEFAULT_PROMPTS = [
 ]
 
 
+FAMILY_PROMPTS = {
+    "bert": ["There once was a [MASK] named Lanen Kraidal.", "The town is led by its [MASK].", "12 + 7 = [MASK]"],
+    "t5": ["There once was a <extra_id_0> named Lanen Kraidal who lived in <extra_id_1>.",
+           "Q: Who is the mayor of <extra_id_0>?"],
+}
+
+
 @dataclass
 class SampleConfig:
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: list[str] = field(default_factory=list)
+    """Empty: prompts suited to the model family (continuations, [MASK] sentences, T5 sentinels)."""
     max_new_tokens: int = 48
     temperature: float = 0.0
 
@@ -85,21 +98,77 @@ def stage_pretrain(ctx: Context) -> None:
     metrics = read_metrics(ctx.run_dir / "metrics.jsonl")
     has_plot = plot_curves(metrics, ctx.run_dir / "curves.png", title="pretraining")
     shards = parts.shards
+    mc = parts.model.config
+    layers = getattr(mc, "n_layer", None) or getattr(mc, "num_layers", "?")
     body = [
-        f"Model: {parts.model.config.family}, {parts.model.config.n_layer} layers, d={parts.model.config.d_model}, "
+        f"Model: {mc.family}, {layers} layers, d={mc.d_model}, "
         f"{sum(p.numel() for p in parts.model.parameters()):,} parameters; tokenizer: {parts.tokenizer.vocab_size} "
         f"tokens; data: {shards.num_tokens('train'):,} train / {shards.num_tokens('val'):,} validation tokens.",
         "",
         "![loss and validation perplexity](curves.png)" if has_plot else
         "_(install matplotlib — `pip install -e \".[plots]\"` — for the loss curves)_",
         "",
-        markdown_table([{k: result.get(k) for k in ("step", "loss", "val_loss", "val_ppl", "tokens", "tokens_per_s")
-                         if k in result}]),
+        markdown_table([{k: result.get(k) for k in ("step", "loss", "val_loss", "val_ppl", "val_mlm_acc", "val_nsp_acc",
+                                                      "val_target_acc", "tokens", "tokens_per_s") if k in result}]),
     ]
     ctx.report.add("Pretraining", "\n".join(body))
 
 
+def majority_baseline(batches) -> float:
+    """Accuracy of always predicting the most frequent target (labels != -100) of ``batches``."""
+    labels = torch.cat([b["labels"][b["labels"] != -100] for b in batches])
+    return float(torch.bincount(labels).max()) / max(labels.numel(), 1)
+
+
 def stage_eval(ctx: Context) -> None:
+    family = ctx.parts.model.config.family
+    if family == "bert":
+        return eval_encoder(ctx)
+    if family == "t5":
+        return eval_encdec(ctx)
+    return eval_decoder(ctx)
+
+
+def _val_source(ctx: Context):
+    """The validation batches the Trainer's evaluator saw (same fixed masks / corruptions)."""
+    from lmforge.recipes.pretrain import paradigm_parts
+
+    cfg, parts = ctx.cfg, ctx.parts
+    return paradigm_parts(cfg, parts.shards, parts.tokenizer, split="val")[1]
+
+
+def eval_encoder(ctx: Context) -> None:
+    r = ctx.results["pretrain"]
+    bs = ctx.cfg.train.micro_batch_size or ctx.cfg.train.global_batch_size
+    batches = list(_val_source(ctx).val_batches(bs, ctx.cfg.train.eval_max_batches or None))
+    base = majority_baseline(batches)
+    out = {"val_mlm_acc": r.get("val_mlm_acc"), "majority_mlm_acc": base, "val_mlm_loss": r.get("val_mlm_loss")}
+    rows = [{"metric": "masked-token accuracy", "model": r.get("val_mlm_acc"), "baseline": base,
+             "baseline is": "most frequent masked token"}]
+    if "val_nsp_acc" in r:
+        out["val_nsp_acc"] = r["val_nsp_acc"]
+        rows.append({"metric": "next-sentence accuracy", "model": r["val_nsp_acc"], "baseline": 0.5,
+                     "baseline is": "chance (50/50 pairs)"})
+    ctx.results["eval"] = out
+    ctx.report.add("Evaluation", markdown_table(rows) + "\n\nOn the validation split, with the fixed masks the "
+                   "Trainer's evaluator used.")
+
+
+def eval_encdec(ctx: Context) -> None:
+    r = ctx.results["pretrain"]
+    bs = ctx.cfg.train.micro_batch_size or ctx.cfg.train.global_batch_size
+    batches = list(_val_source(ctx).val_batches(bs, ctx.cfg.train.eval_max_batches or None))
+    base = majority_baseline(batches)
+    ctx.results["eval"] = {"val_target_acc": r.get("val_target_acc"), "majority_target_acc": base,
+                           "val_loss": r.get("val_loss")}
+    rows = [{"metric": "span-corruption target-token accuracy", "model": r.get("val_target_acc"), "baseline": base,
+             "baseline is": "most frequent target token"},
+            {"metric": "target-token loss (nats)", "model": r.get("val_loss"), "baseline": "", "baseline is": ""}]
+    ctx.report.add("Evaluation", markdown_table(rows) + "\n\nOn the validation split (fixed corruption), "
+                   "teacher-forced.")
+
+
+def eval_decoder(ctx: Context) -> None:
     from lmforge.eval.perplexity import perplexity_of_tokens, unigram_perplexity
 
     parts = ctx.parts
@@ -127,13 +196,35 @@ def stage_samples(ctx: Context) -> None:
     from lmforge.eval.generate import GenerationConfig, generate_text
 
     s = ctx.cfg.samples
+    model, tok = ctx.parts.model.eval(), ctx.parts.tokenizer
+    family = model.config.family
+    prompts = s.prompts or FAMILY_PROMPTS.get(family, DEFAULT_PROMPTS)
+    lines = []
+    if family == "bert":
+        from lmforge.eval.fill_mask import fill_mask
+
+        with torch.inference_mode():
+            preds = [fill_mask(model, tok, p, top_k=3) for p in prompts]
+        ctx.results["samples"] = [{"prompt": p, "predictions": pr} for p, pr in zip(prompts, preds)]
+        for p, pr in zip(prompts, preds):
+            options = "; ".join(", ".join(f"{t!r} {q:.2f}" for t, q in m) for m in pr)
+            lines += [f"- `{p}` → {options}"]
+        ctx.report.add("Samples (fill-mask, top 3)", "\n".join(lines))
+        return
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=ctx.cfg.seed)
     with torch.inference_mode():
-        results = generate_text(ctx.parts.model.eval(), ctx.parts.tokenizer, s.prompts, gen)
-    ctx.results["samples"] = [{"prompt": p, "completion": r.text} for p, r in zip(s.prompts, results)]
-    lines = []
-    for p, r in zip(s.prompts, results):
-        lines += ["```text", (p + r.text).strip(), "```", ""]
+        if family == "t5":
+            from lmforge.eval.generate_seq2seq import generate_seq2seq_text
+
+            gen.max_new_tokens = min(gen.max_new_tokens, 24)
+            results = generate_seq2seq_text(model, tok, prompts, gen)
+            texts = [f"{p}\n→ {tok.decode(r.tokens)}" for p, r in zip(prompts, results)]
+        else:
+            results = generate_text(model, tok, prompts, gen)
+            texts = [(p + r.text).strip() for p, r in zip(prompts, results)]
+    ctx.results["samples"] = [{"prompt": p, "completion": r.text} for p, r in zip(prompts, results)]
+    for t in texts:
+        lines += ["```text", t, "```", ""]
     ctx.report.add("Samples (greedy)", "\n".join(lines))
 
 
@@ -149,7 +240,9 @@ def load_pipeline_config(config_path: str | None, overrides: list[str]) -> Pipel
     if config_path is not None and "=" in config_path and not os.path.exists(config_path):
         overrides = [config_path, *overrides]
         config_path = None
-    return load_config(PipelineConfig, config_path, overrides, base=_pipeline_defaults())
+    # The built-in defaults stand in for a config file; a given file is complete on its own (it may be another
+    # model family, whose keys the decoder defaults would not fit).
+    return load_config(PipelineConfig, config_path, overrides, base=None if config_path else _pipeline_defaults())
 
 
 def run_pipeline(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
@@ -170,7 +263,7 @@ def run_pipeline(config_path: str | None, overrides: list[str]) -> dict[str, Any
         [{"stage": "total", "wall time (s)": round(total, 1)}]) + f"\n\nMachine: {machine}."))
     report.add("Resolved config", "```yaml\n" + dump_yaml(cfg) + "```")
     report.write(run_dir / "report.md")
-    summary = {"run_dir": str(run_dir), "wall_s": total, **ctx.results.get("eval", {}),
+    summary = {"run_dir": str(run_dir), "family": cfg.model.family, "wall_s": total, **ctx.results.get("eval", {}),
                "final_loss": ctx.results.get("pretrain", {}).get("loss")}
     atomic_write_json(run_dir / "pipeline_summary.json", {**summary, "timings": ctx.timings,
                                                           "samples": ctx.results.get("samples")})

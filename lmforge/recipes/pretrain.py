@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from lmforge.core.config import load_config, to_dict
-from lmforge.core.errors import ConfigError, ModelError
+from lmforge.core.errors import ConfigError, DataError, ModelError
 from lmforge.core.seed import seed_everything
 from lmforge.core.tokenizer import Tokenizer
 from lmforge.data.loader import PackedWindows
@@ -154,29 +154,42 @@ def lm_evaluator(val: PackedWindows | None, batch_size: int, max_batches: int):
     return evaluate
 
 
-def paradigm_parts(cfg: PretrainConfig, shards: ShardSet, tokenizer: Tokenizer) -> tuple[Any, Any, Any]:
-    """(objective, train batch source, evaluator) for the model family's pretraining objective."""
-    seq = cfg.data.seq_len
+def paradigm_parts(cfg: PretrainConfig, shards: ShardSet, tokenizer: Tokenizer, split: str = "train"
+                   ) -> tuple[Any, Any, Any]:
+    """(objective, batch source over ``split``, evaluator) for the model family's pretraining objective.
+
+    The source shuffles for the train split; the evaluator reads the val split in a fixed order (fixed masks
+    and corruptions), or is None when the val split is too small for one window."""
+    seq, family = cfg.data.seq_len, cfg.model.family
     eval_bs = cfg.train.micro_batch_size or cfg.train.global_batch_size
-    has_val = shards.num_tokens("val") > seq
-    if cfg.model.family == "t5":
-        train_src = SpanCorruptionSource.from_shards(shards, "train", tokenizer, cfg.span, seed=cfg.seed)
-        val_src = (SpanCorruptionSource.from_shards(shards, "val", tokenizer, cfg.span, seed=cfg.seed, shuffle=False)
-                   if shards.num_tokens("val") > train_src.plan.tokens_length else None)
-        evaluator = (None if val_src is None else
-                     lambda model: evaluate_span(model, val_src.val_batches(eval_bs, cfg.train.eval_max_batches or None)))
-        return Seq2SeqObjective(pad_id=tokenizer.pad_id or 0), train_src, evaluator
-    if cfg.model.family == "bert":
-        train_src = MLMBatchSource.from_shards(shards, "train", tokenizer, seq, cfg.mlm, seed=cfg.seed)
-        val_src = (MLMBatchSource.from_shards(shards, "val", tokenizer, seq, cfg.mlm, seed=cfg.seed, shuffle=False)
-                   if has_val else None)
-        evaluator = (None if val_src is None else
-                     lambda model: evaluate_mlm(model, val_src.val_batches(eval_bs, cfg.train.eval_max_batches or None)))
-        return MLMObjective(MLMVocab.from_tokenizer(tokenizer), cfg.mlm, seed=cfg.seed), train_src, evaluator
-    train_src = PackedWindows(shards.tokens("train"), seq, seed=cfg.seed)
-    val_src = PackedWindows(shards.tokens("val"), seq, seed=cfg.seed, shuffle=False) if has_val else None
-    return CausalLMObjective(pad_id=tokenizer.pad_id or 0), train_src, lm_evaluator(val_src, eval_bs,
-                                                                                     cfg.train.eval_max_batches)
+    max_batches = cfg.train.eval_max_batches or None
+    shuffle = split == "train"
+
+    def source(split: str, shuffle: bool):
+        if family == "t5":
+            return SpanCorruptionSource.from_shards(shards, split, tokenizer, cfg.span, seed=cfg.seed, shuffle=shuffle)
+        if family == "bert":
+            return MLMBatchSource.from_shards(shards, split, tokenizer, seq, cfg.mlm, seed=cfg.seed, shuffle=shuffle)
+        return PackedWindows(shards.tokens(split), seq, seed=cfg.seed, shuffle=shuffle)
+
+    src = source(split, shuffle)
+    try:
+        val = source("val", False)
+    except (DataError, ConfigError):  # too little validation text for one window: train without validation
+        val = None
+    if family == "t5":
+        objective, evaluate = Seq2SeqObjective(pad_id=tokenizer.pad_id or 0), evaluate_span
+    elif family == "bert":
+        objective, evaluate = MLMObjective(MLMVocab.from_tokenizer(tokenizer), cfg.mlm, seed=cfg.seed), evaluate_mlm
+    else:
+        objective, evaluate = CausalLMObjective(pad_id=tokenizer.pad_id or 0), None
+    if val is None:
+        evaluator = None
+    elif evaluate is None:
+        evaluator = lm_evaluator(val, eval_bs, cfg.train.eval_max_batches)
+    else:
+        evaluator = lambda model: evaluate(model, val.val_batches(eval_bs, max_batches))  # noqa: E731
+    return objective, src, evaluator
 
 
 @dataclass
