@@ -484,13 +484,14 @@ def _last_logits_fn(model: nn.Module, device: torch.device) -> Callable[[torch.T
     matrix of a small model).  Anything else goes through ``model.logits``.
     """
     from lmforge.models.decoder import DecoderLM
+    from lmforge.models.layers import Linear
 
     head = getattr(model, "lm_head", None)
     if (
         device.type == "cpu"
         and getattr(type(model), "logits", None) is DecoderLM.logits
         and isinstance(head, nn.Linear)
-        and type(head).forward is nn.Linear.forward
+        and type(head).forward in (nn.Linear.forward, Linear.forward)
         and head.weight.dtype == torch.float32
         and not (head._forward_hooks or head._forward_pre_hooks)
     ):
