@@ -16,6 +16,7 @@ shared machine hits both alike, after a warm-up run; the median wall time gives 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -161,14 +162,19 @@ def main(argv: list[str] | None = None) -> int:
         tps_hf = batch * n / statistics.median(t_hf)
         ratios[batch] = tps_ours / tps_hf
         print(f"{batch:>5} {tps_ours:>14.1f} {tps_hf:>19.1f} {ratios[batch]:>5.2f}x", flush=True)
+    status = 0
     if args.check:
         low = {b: r for b, r in ratios.items() if r < args.target}
         if low:
             print(f"FAIL: ratio below {args.target}x at batch " + ", ".join(f"{b} ({r:.2f}x)" for b, r in low.items()))
-            return 1
-        print(f"OK: every ratio >= {args.target}x")
-    return 0
+            status = 1
+        else:
+            print(f"OK: every ratio >= {args.target}x")
+    # Last line: one JSON object for scripts (ratio = the smallest over the batch sizes).
+    print(json.dumps({"benchmark": "generate", "new_tokens": args.new_tokens, "target": args.target,
+                      "ratios": {str(b): r for b, r in ratios.items()}, "ratio": min(ratios.values())}))
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
