@@ -407,6 +407,27 @@ def load_config(path: str | Path) -> DecoderConfig:
     return DecoderConfig.from_hf(_require_model_dir(d), source=str(d))
 
 
+def load_tokenizer_for(d: Path, vocab_size: int) -> Any:
+    """The tokenizer saved in model dir ``d`` (None without tokenizer.json); one with more ids than the model
+    has embedding rows is refused.  Shared by every family's loader."""
+    if not (d / "tokenizer.json").is_file():
+        return None
+    from lmforge.core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(d)
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
+                         f"{vocab_size} embedding rows (vocab_size); use the tokenizer the model was trained with")
+    return tokenizer
+
+
+def cast_state(state: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype | None
+               ) -> dict[str, torch.Tensor]:
+    """Move a state dict to ``device``; floating tensors to ``dtype`` unless it is None (keep stored dtype)."""
+    return {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+            for k, v in state.items()}
+
+
 def _require_model_dir(d: Path) -> dict[str, Any]:
     if not (d / "config.json").is_file():
         why = ": the path does not exist" if not d.exists() else (": it is a file" if d.is_file() else " in it")
@@ -443,18 +464,9 @@ def load_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: to
     """
     d = Path(path)
     config = load_config(d)
-    tokenizer = None
-    if (d / "tokenizer.json").is_file():
-        from lmforge.core.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(d)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
-                             f"{config.vocab_size} embedding rows (vocab_size); use the tokenizer the model "
-                             f"was trained with")
+    tokenizer = load_tokenizer_for(d, config.vocab_size)
     state = state_dict_from_hf(_read_weights(d), config, source=str(d))
-    state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
-             for k, v in state.items()}
+    state = cast_state(state, device, dtype)
     with torch.device("meta"):
         model = DecoderLM(config)
     model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)

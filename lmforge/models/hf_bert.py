@@ -260,22 +260,13 @@ def load_bert(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     ``dtype=None`` keeps the stored dtype.  Head weights the directory lacks are initialised as
     transformers would (a warning names them).  The tokenizer loads when ``tokenizer.json`` exists.
     """
-    from lmforge.models.hf import _read_weights
+    from lmforge.models.hf import _read_weights, cast_state, load_tokenizer_for
 
     d = Path(path)
     config = load_bert_config(d)
-    tokenizer = None
-    if (d / "tokenizer.json").is_file():
-        from lmforge.core.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(d)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
-                             f"{config.vocab_size} embedding rows (vocab_size); use the tokenizer the model "
-                             f"was trained with")
+    tokenizer = load_tokenizer_for(d, config.vocab_size)
     state, missing = state_dict_from_hf(_read_weights(d), config, source=str(d))
-    state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
-             for k, v in state.items()}
+    state = cast_state(state, device, dtype)
     if missing:
         warnings.warn(f"'{d}' has no weights for {len(missing)} head parameter(s) "
                       f"({', '.join(missing[:4])}); they are newly initialised", stacklevel=2)

@@ -239,27 +239,18 @@ def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.d
             ) -> tuple[EncoderDecoderLM, Any]:
     """Load a HF/lmforge T5 directory -> ``(model in eval mode, Tokenizer or None)``; ``dtype=None`` keeps
     the stored dtype.  A tokenizer with more ids than the model has embedding rows is refused."""
-    from lmforge.models.hf import _read_json, _read_weights  # lazy: hf.py dispatches to this module
+    from lmforge.models.hf import _read_json, _read_weights, cast_state, load_tokenizer_for  # lazy: hf.py imports us
 
     d = Path(path)
     if not (d / "config.json").is_file():
         raise ModelError(f"'{d}' is not a model directory: no config.json (pass a directory written by lmforge "
                          f"or a Hugging Face checkpoint)")
     config = config_from_hf(_read_json(d / "config.json"), source=str(d))
-    tokenizer = None
-    if (d / "tokenizer.json").is_file():
-        from lmforge.core.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(d)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
-                             f"{config.vocab_size} embedding rows (vocab_size); use the tokenizer the model was "
-                             f"trained with")
+    tokenizer = load_tokenizer_for(d, config.vocab_size)
     hf_state = _read_weights(d)
     config = resolve_tie(config, hf_state)
     state = state_dict_from_hf(hf_state, config, source=str(d))
-    state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
-             for k, v in state.items()}
+    state = cast_state(state, device, dtype)
     with torch.device("meta"):
         model = EncoderDecoderLM(config)
     model.load_state_dict(state, strict=not config.tied, assign=True)
