@@ -443,14 +443,16 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
         )
         step_pos += 1
 
-    # --- results -----------------------------------------------------------------------------------
-    toks = out_tok.tolist()
-    lps = out_lp.tolist()
-    raws = out_raw.tolist()
-    keep = n_new.tolist()
-    eos_rows = eos_hit.tolist()
+    return collect_results(out_tok, out_lp, out_raw, n_new, eos_hit, stopped, lens, tokenizer, stop)
+
+
+def collect_results(out_tok, out_lp, out_raw, n_new, eos_hit, stopped, lens, tokenizer, stop
+                    ) -> list[GenerationResult]:
+    """Per-row :class:`GenerationResult` from the engine's output buffers (shared with the seq2seq path)."""
+    toks, lps, raws, keep, eos_rows = (out_tok.tolist(), out_lp.tolist(), out_raw.tolist(), n_new.tolist(),
+                                       eos_hit.tolist())
     results = []
-    for i in range(B):
+    for i in range(len(lens)):
         k = keep[i]
         reason = "stop" if i in stopped else ("eos" if eos_rows[i] else "length")
         text = None

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError
-from lmforge.eval.generate import GenerationConfig, GenerationResult, _decoder, _StopChecker, process_logits
+from lmforge.eval.generate import (GenerationConfig, GenerationResult, _decoder, _StopChecker, collect_results,
+                                    process_logits)
 
 __all__ = ["generate_seq2seq", "generate_seq2seq_text"]
 
@@ -127,7 +128,7 @@ def _run(model, inputs, lens, cfg, eos_ids, pad_id, stream, tokenizer) -> list[G
                     n_new[i] = t + 1
         if (eos_t is not None or stop is not None) and bool(finished.all()):
             break
-    return _results(out_tok, out_lp, out_raw, n_new, eos_hit, stopped, lens, tokenizer, stop)
+    return collect_results(out_tok, out_lp, out_raw, n_new, eos_hit, stopped, lens, tokenizer, stop)
 
 
 def _choose(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None, eos_t: torch.Tensor | None,
@@ -146,22 +147,6 @@ def _choose(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | No
     lp = proc.gather(1, tok) - torch.logsumexp(proc, dim=-1, keepdim=True)
     raw = logits.gather(1, tok) - torch.logsumexp(logits, dim=-1, keepdim=True)
     return tok[:, 0], lp[:, 0], raw[:, 0]
-
-
-def _results(out_tok, out_lp, out_raw, n_new, eos_hit, stopped, lens, tokenizer, stop) -> list[GenerationResult]:
-    toks, lps, raws, keep, eos_rows = (out_tok.tolist(), out_lp.tolist(), out_raw.tolist(), n_new.tolist(),
-                                       eos_hit.tolist())
-    results = []
-    for i in range(len(lens)):
-        k = keep[i]
-        reason = "stop" if i in stopped else ("eos" if eos_rows[i] else "length")
-        text = None
-        if tokenizer is not None:
-            text = _decoder(tokenizer)(toks[i][:k])
-            if stop is not None:
-                text = stop.truncate(text)
-        results.append(GenerationResult(toks[i][:k], lps[i][:k], raws[i][:k], reason, text, lens[i]))
-    return results
 
 
 def generate_seq2seq_text(model: nn.Module, tokenizer: Any, texts: Sequence[str] | str,
