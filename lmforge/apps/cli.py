@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_command(sub, "pipeline", "tokenizer → pretrain → eval → samples on the built-in world, with a "
                           "report (RUN_DIR/report.md)", config_optional=True)
 
+    ft = _add_training_command(
+        sub, "finetune", "fine-tune a pretrained model (lmforge run or HF dir) on a task: classification, token "
+        "classification, text-to-text / prompt→completion — a world task by default", config_optional=True)
+    ft.add_argument("--compare", action="store_true",
+                    help="run pretrained and random-init fine-tuning over compare.seeds and report them side by side "
+                    "with the majority and bag-of-words baselines")
+
     # eval
     ev = sub.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
@@ -137,6 +144,18 @@ def _cmd_pipeline(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from lmforge.apps.report import write_finetune_report
+    from lmforge.recipes.finetune import run_compare, run_finetune
+
+    result = (run_compare if args.compare else run_finetune)(args.config, args.overrides)
+    path = write_finetune_report(result)
+    brief = {k: result.get(k) for k in ("run_dir", "task", "family", "test", "summary", "pretrained_minus_random")
+             if k in result}
+    print(json.dumps({**brief, "report": str(path)}))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     if args.eval_command != "perplexity":
         raise LmforgeError("usage: lmforge eval perplexity --model DIR --data PATH [--max-length L --stride S] [--json]")
@@ -177,6 +196,7 @@ COMMANDS: dict[str, Callable] = {
     "tokenizer": _cmd_tokenizer,
     "pretrain": _cmd_pretrain,
     "pipeline": _cmd_pipeline,
+    "finetune": _cmd_finetune,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "fill-mask": _cmd_fill_mask,
@@ -186,7 +206,12 @@ COMMANDS: dict[str, Callable] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `lmforge finetune CONFIG --compare a=1 b=2`: overrides after a flag are still overrides.
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # the usual "unrecognized arguments" error and exit
     if not args.command:
         parser.print_help()
         return 0

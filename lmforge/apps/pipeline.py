@@ -5,30 +5,33 @@ Stages run in order and each contributes a section to ``RUN_DIR/report.md`` and 
 1. data + tokenizer — the world corpus, a byte-level BPE trained on it, token shards;
 2. pretrain — the decoder trained by the one Trainer (curves from metrics.jsonl);
 3. eval — validation perplexity and bits-per-byte beside the unigram baseline of the same text;
-4. samples — greedy continuations of a few prompts.
+4. samples — greedy continuations of a few prompts;
+5. finetune — the pretrained model fine-tuned on a world task (sentiment; T5: reading-comprehension QA)
+   beside the task's majority and bag-of-words baselines.
 
 Any model family pretrains (``model.family``: gpt2, llama, bert, t5); the eval and samples stages follow the
 family: perplexity vs a unigram model for decoders, masked-token / next-sentence accuracy for bert and
 target-token accuracy for t5 beside majority-class baselines, and greedy continuations, fill-mask
 predictions or span infilling as samples.
 
-Later issues append stages (fine-tuning, delta tuning, SFT, alignment) to :data:`STAGES`.
+Later issues append stages (delta tuning, SFT, alignment) to :data:`STAGES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from lmforge.apps.report import Report, markdown_table, plot_curves, read_metrics
-from lmforge.core.config import dump_yaml, load_config
+from lmforge.core.config import dump_yaml, load_config, split_config_arg
 from lmforge.core.io import atomic_write_json
 from lmforge.recipes import pretrain as pretrain_recipe
 from lmforge.recipes.pretrain import PretrainConfig
@@ -70,8 +73,28 @@ def _pipeline_defaults() -> dict[str, Any]:
 
 
 @dataclass
+class PipelineFinetuneConfig:
+    """The pipeline's fine-tuning stage: the pretrained model on a world task (``lmforge finetune`` does more)."""
+
+    enabled: bool = True
+    task: str = "auto"
+    """A world task; auto: world-sentiment (gpt2, llama, bert) or world-qa-context (t5)."""
+    max_steps: Optional[int] = None
+    lr: Optional[float] = None
+    """None: the family's calibrated setting (:data:`FINETUNE_DEFAULTS`, as in configs/finetune-*.yaml)."""
+    global_batch_size: int = 32
+    n_train: int = 8000
+
+
+# family -> (steps, peak lr) of the pipeline's fine-tuning stage; post-LN BERT diverges at 1e-3.
+FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"gpt2": (200, 1e-3), "llama": (200, 1e-3), "bert": (800, 2e-4),
+                                                   "t5": (400, 1e-3)}
+
+
+@dataclass
 class PipelineConfig(PretrainConfig):
     samples: SampleConfig = field(default_factory=SampleConfig)
+    finetune: PipelineFinetuneConfig = field(default_factory=PipelineFinetuneConfig)
 
 
 @dataclass
@@ -228,18 +251,47 @@ def stage_samples(ctx: Context) -> None:
     ctx.report.add("Samples (greedy)", "\n".join(lines))
 
 
+def stage_finetune(ctx: Context) -> None:
+    from lmforge.apps.report import finetune_section
+    from lmforge.data.tasks import TaskConfig
+    from lmforge.recipes.finetune import FinetuneConfig, _finetune_train_defaults, finetune
+
+    f = ctx.cfg.finetune
+    if not f.enabled:
+        return
+    family = ctx.cfg.model.family
+    task = f.task if f.task != "auto" else ("world-qa-context" if family == "t5" else "world-sentiment")
+    steps, lr = FINETUNE_DEFAULTS[family]
+    steps, lr = f.max_steps or steps, f.lr or lr
+    every = max(1, steps // 4)
+    train = dataclasses.replace(_finetune_train_defaults(), lr=lr, global_batch_size=f.global_batch_size,
+                                warmup_steps=min(40, steps // 10), eval_every=every, ckpt_every=every,
+                                device=ctx.cfg.train.device, tensorboard=ctx.cfg.train.tensorboard)
+    cfg = FinetuneConfig(run_dir=str(ctx.run_dir / "finetune"), seed=ctx.cfg.seed, max_steps=steps,
+                         resume="auto", model=str(ctx.run_dir / "model"),
+                         task=TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source)),
+                         train=train)
+    result = finetune(cfg)
+    ctx.results["finetune"] = {"task": task, "test": result.get("test"), "baselines": result.get("baselines")}
+    ctx.report.add("Fine-tuning", finetune_section(result) + "\n\nRun dir: `finetune/` (its own report.md and "
+                   "metrics.jsonl).")
+
+
+def _world_seed(source: str) -> int:
+    return int(source.split(":", 1)[1]) if source.startswith("world:") else 0
+
+
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("pretrain", stage_pretrain),
     ("eval", stage_eval),
     ("samples", stage_samples),
+    ("finetune", stage_finetune),
 ]
 
 
 def load_pipeline_config(config_path: str | None, overrides: list[str]) -> PipelineConfig:
     # `lmforge pipeline max_steps=10` — the first positional is an override, not a file.
-    if config_path is not None and "=" in config_path and not os.path.exists(config_path):
-        overrides = [config_path, *overrides]
-        config_path = None
+    config_path, overrides = split_config_arg(config_path, overrides)
     # The built-in defaults stand in for a config file; a given file is complete on its own (it may be another
     # model family, whose keys the decoder defaults would not fit).
     return load_config(PipelineConfig, config_path, overrides, base=None if config_path else _pipeline_defaults())
@@ -264,7 +316,7 @@ def run_pipeline(config_path: str | None, overrides: list[str]) -> dict[str, Any
     report.add("Resolved config", "```yaml\n" + dump_yaml(cfg) + "```")
     report.write(run_dir / "report.md")
     summary = {"run_dir": str(run_dir), "family": cfg.model.family, "wall_s": total, **ctx.results.get("eval", {}),
-               "final_loss": ctx.results.get("pretrain", {}).get("loss")}
+               "final_loss": ctx.results.get("pretrain", {}).get("loss"), "finetune": ctx.results.get("finetune")}
     atomic_write_json(run_dir / "pipeline_summary.json", {**summary, "timings": ctx.timings,
                                                           "samples": ctx.results.get("samples")})
     return summary

@@ -99,3 +99,56 @@ class Report:
         path = Path(path)
         atomic_write_text(path, self.render())
         return path
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------
+def _baseline_rows(baselines: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"model": f"baseline: {name.replace('_', ' ')}", **{k: v for k, v in vals.items() if isinstance(v, float)}}
+            for name, vals in baselines.items()]
+
+
+def finetune_section(result: dict[str, Any]) -> str:
+    """Markdown for one fine-tuning run (``finetune``'s result) or a comparison (``compare``'s)."""
+    if "summary" in result:  # a comparison: pretrained vs random vs baselines
+        metric = result["metric"]
+        rows = [{"model": f"{s['init']} ({s['runs']} seeds)", f"test {metric} (mean)": s["mean"], "std": s["std"],
+                 "per seed": ", ".join(f"{v:.3f}" for v in s["values"])} for s in result["summary"]]
+        rows += [{"model": r["model"], f"test {metric} (mean)": r.get(metric, r.get("accuracy", r.get("exact_match")))}
+                 for r in _baseline_rows(result["baselines"])]
+        first = result["runs"][0]
+        body = [f"Task **{result['task']}** ({first['type']}; {first['description']}) on a **{result['family']}** model.",
+                "", markdown_table(rows)]
+        if "pretrained_minus_random" in result:
+            body += ["", f"Pretrained − random: **{result['pretrained_minus_random'] * 100:+.1f} points** of test "
+                     f"{metric} (same steps, same data, mean over seeds)."]
+        body += ["", "Per-run results: `runs/<init>-seed<k>/results.json`; reports there."]
+        return "\n".join(body)
+    r = result
+    metrics = sorted({*r.get("validation", {}), *r.get("test", {})})
+    rows = [{"split": split, **{k: r[split].get(k) for k in metrics}} for split in ("validation", "test") if split in r]
+    sizes = ", ".join(f"{k} {v}" for k, v in r["sizes"].items())
+    trunc = ", ".join(f"{k} {v}" for k, v in r["truncated"].items())
+    body = [f"Task **{r['task']}** ({r['type']}, {r['description']}) on a **{r['family']}** model "
+            f"({r['init']} weights, seed {r['seed']}, as {r['mode']}).",
+            "", f"Examples: {sizes}. Truncated to the model's maximum length: {trunc}."]
+    if r.get("closed_book") is not None:
+        body += ["", f"{'Closed-book' if r['closed_book'] else 'Open-book'}: {r.get('held_out', '')}"]
+    body += ["", f"Best checkpoint by {r['select_metric']}: {r['selected']}; trained {r['train_s']:.1f} s, "
+             f"{r['trainable_params']:,} trainable parameters.", "", markdown_table(rows)]
+    if r.get("baselines"):
+        body += ["", f"Baselines on the {r.get('baselines_split', 'test')} split:", "", markdown_table(_baseline_rows(r["baselines"]))]
+    if r.get("test_examples"):
+        body += ["", "Test examples:", "", markdown_table(r["test_examples"])]
+    return "\n".join(body)
+
+
+def write_finetune_report(result: dict[str, Any]) -> Path:
+    """``RUN_DIR/report.md`` (and ``curves.png`` for a single run) for ``lmforge finetune``."""
+    run_dir = Path(result["run_dir"])
+    report = Report(title=f"lmforge finetune — {run_dir.name}")
+    if "summary" not in result:
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        if plot_curves(metrics, run_dir / "curves.png", title="fine-tuning"):
+            report.add("Curves", "![training and validation loss](curves.png)")
+    report.sections.insert(0, ("Fine-tuning", finetune_section(result)))
+    return report.write(run_dir / "report.md")

@@ -144,6 +144,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
                 f"unknown config key '{prefix}{key}'{_closest(key, valid)}; valid keys under "
                 f"'{prefix.rstrip('.') or '<top level>'}': {', '.join(valid)}"
             )
+        f = fields[key]
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and f.default_factory is not dataclasses.MISSING:
+            # A partial section starts from the parent's default for it (e.g. fine-tuning's own train defaults),
+            # not from the section class's bare defaults.
+            value = deep_merge(to_dict(f.default_factory()), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
@@ -224,6 +229,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if overrides:
         data = deep_merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
+
+
+def split_config_arg(config_path: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``lmforge CMD max_steps=10``: a first positional with ``=`` that is not a file is an override."""
+    import os
+
+    if config_path is not None and "=" in config_path and not os.path.exists(config_path):
+        return None, [config_path, *overrides]
+    return config_path, list(overrides)
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -440,9 +440,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                ) -> tuple[torch.nn.Module, Any]:
     """Any supported model directory -> ``(model in eval mode, Tokenizer or None)``, by ``model_type``:
     decoders (gpt2, llama, qwen2, mistral) here, bert in :mod:`lmforge.models.hf_bert`, t5 in
-    :mod:`lmforge.models.hf_t5` (imported lazily: they import helpers from this module)."""
+    :mod:`lmforge.models.hf_t5`, and ``*ForSequenceClassification`` / ``*ForTokenClassification`` dirs
+    in :mod:`lmforge.models.hf_task` (imported lazily: they import helpers from this module)."""
     d = Path(path)
-    model_type = _require_model_dir(d).get("model_type")
+    hf_config = _require_model_dir(d)
+    model_type = hf_config.get("model_type")
+    if any(isinstance(a, str) and a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+           for a in hf_config.get("architectures") or []):
+        from lmforge.models.hf_task import load_task_model
+
+        return load_task_model(d, device=device, dtype=dtype)
     if model_type == "bert":
         from lmforge.models.hf_bert import load_bert
 
@@ -476,7 +483,14 @@ def load_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: to
 
 def save_model(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
                generation_config: dict[str, Any] | None = None) -> Path:
-    """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family."""
+    """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family;
+    classifiers (:mod:`lmforge.models.task`) as transformers' task models."""
+    from lmforge.models.task import SequenceClassifier, TokenClassifier
+
+    if isinstance(unwrap_model(model), (SequenceClassifier, TokenClassifier)):
+        from lmforge.models.hf_task import save_task_model
+
+        return save_task_model(model, path, tokenizer=tokenizer)
     family = getattr(getattr(unwrap_model(model), "config", None), "family", None)
     if family == "bert":
         from lmforge.models.hf_bert import save_bert

@@ -69,7 +69,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def read_best(run_dir: str | Path) -> dict[str, Any] | None:
-    """``{"step", "val_loss", "path"}`` of the best-by-validation checkpoint, or None."""
+    """``{"step", <metric>, "path"}`` of the best-by-validation checkpoint, or None."""
     path = Path(run_dir) / CHECKPOINTS / BEST
     if not path.is_file():
         return None
@@ -79,9 +79,10 @@ def read_best(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def write_best(run_dir: str | Path, step: int, val_loss: float) -> None:
+def write_best(run_dir: str | Path, step: int, value: float, metric: str = "val_loss") -> None:
+    """Name the best checkpoint so far: ``{"step", metric: value, "path"}`` (metric default ``val_loss``)."""
     atomic_write_json(Path(run_dir) / CHECKPOINTS / BEST,
-                      {"step": step, "val_loss": val_loss, "path": checkpoint_dir(run_dir, step).name})
+                      {"step": step, metric: value, "path": checkpoint_dir(run_dir, step).name})
 
 
 # ---- plain-value conversion (so .pt files load with weights_only=True) ----------------------------

@@ -210,6 +210,8 @@ class Trainer:
             (default: the top-level keys and ``train``).
         mutable_keys: config keys allowed to change on resume (see lmforge/train/rundir.py).
         progress: None = progress bar on a terminal / plain lines otherwise; False = silent.
+        select_metric, select_mode: the evaluator's metric that picks the best checkpoint (``val_loss``, lower
+            is better, by default; fine-tuning selects e.g. ``val_accuracy`` with ``max``).
 
     ``fit()`` seeds python/numpy/torch with ``seed`` before the first step of a fresh run (so dropout does
     not depend on how much RNG the model's construction used); a resumed run restores the saved RNG states.
@@ -219,7 +221,8 @@ class Trainer:
                  run_dir: str | Path, max_steps: int, seed: int = 0, resume: Any = "auto",
                  evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
                  config_dict: dict[str, Any] | None = None,
-                 mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS, progress: bool | None = None) -> None:
+                 mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS, progress: bool | None = None,
+                 select_metric: str = "val_loss", select_mode: Literal["min", "max"] = "min") -> None:
         if not isinstance(max_steps, int) or max_steps < 0:
             raise ConfigError(f"max_steps must be a non-negative integer, got {max_steps!r}")
         self.cfg = cfg
@@ -231,6 +234,9 @@ class Trainer:
         self.seed = seed
         self.resume = normalize_resume(resume)
         self.progress_enabled = progress
+        if select_mode not in ("min", "max"):
+            raise ValueError(f"select_mode must be 'min' or 'max', got {select_mode!r}")
+        self.select_metric, self.select_mode = select_metric, select_mode
         if config_dict is None:
             config_dict = {"run_dir": str(run_dir), "seed": seed, "max_steps": max_steps, "resume": self.resume,
                            "train": to_dict(cfg)}
@@ -256,7 +262,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed_before = 0.0
-        self.best_val_loss = math.inf
+        self.best_value = math.inf if select_mode == "min" else -math.inf
         self.best_step: int | None = None
         self.last_metrics: dict[str, Any] = {}
         self._fit_start = time.perf_counter()
@@ -376,14 +382,15 @@ class Trainer:
         trainer_state = {
             "tokens": self.tokens,
             "elapsed_s": self._elapsed(),
-            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+            "best_value": self.best_value if math.isfinite(self.best_value) else None,
+            "best_metric": self.select_metric,
             "best_step": self.best_step,
             "last_metrics": self.last_metrics,
         }
         path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer, state=state,
                                trainer_state=trainer_state)
         if new_best:
-            write_best(self.run_dir, self.step, self.best_val_loss)
+            write_best(self.run_dir, self.step, self.best_value, self.select_metric)
         prune_checkpoints(self.run_dir, self.cfg.keep_last)
         return path
 
@@ -399,8 +406,9 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens = int(state.get("tokens", 0))
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
-        best = state.get("best_val_loss")
-        self.best_val_loss = float(best) if best is not None else math.inf
+        best = state.get("best_value", state.get("best_val_loss"))
+        if best is not None:
+            self.best_value = float(best)
         self.best_step = state.get("best_step")
         self.last_metrics = dict(state.get("last_metrics") or {})
         cut_metrics(self.run_dir / METRICS_FILE, self.step)
@@ -452,9 +460,10 @@ class Trainer:
                     if want_eval:
                         val = self.evaluate()
                         record.update(val)
-                        vl = val.get("val_loss")
-                        if vl is not None and math.isfinite(vl) and vl < self.best_val_loss:
-                            self.best_val_loss, self.best_step, new_best = vl, step, True
+                        v = val.get(self.select_metric)
+                        if v is not None and math.isfinite(v) and (
+                                v < self.best_value if self.select_mode == "min" else v > self.best_value):
+                            self.best_value, self.best_step, new_best = v, step, True
                         window_start = time.perf_counter()  # evaluation time is not training throughput
                     self.last_metrics = record
                     logger.log(record)

@@ -6,16 +6,11 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
 
 
-@pytest.mark.parametrize("family,steps", [("bert", 600), ("t5", 300)])
-def test_family_pretrains_and_learns(tmp_path, family, steps):
-    run_dir = tmp_path / family
-    proc = run_cli("pipeline", str(ROOT / f"configs/tiny-{family}.yaml"), f"run_dir={run_dir}", f"max_steps={steps}",
-                   timeout=2400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s = json.loads(proc.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_family_pretrains_and_learns(pipeline_run, family):
+    run_dir, s = pipeline_run(family)
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     print(f"\n{family}: {s}")

@@ -3,16 +3,10 @@
 Acceptance bar: validation perplexity <= 0.1 x the unigram perplexity of the same validation text, and a
 report.md with curves and samples.  The wall time is printed (and recorded in the report), not asserted."""
 
-import json
-
-from tests.conftest import run_cli
 
 
-def test_pipeline_end_to_end(tmp_path):
-    run_dir = tmp_path / "pipeline"
-    proc = run_cli("pipeline", f"run_dir={run_dir}", timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_pipeline_end_to_end(pipeline_run):
+    run_dir, summary = pipeline_run("gpt2")
     print(f"\npipeline wall time {summary['wall_s']:.0f} s; val ppl {summary['val_perplexity']:.3f}, "
           f"unigram {summary['unigram_perplexity']:.1f}, ratio {summary['ratio_to_unigram']:.4f}")
     assert summary["ratio_to_unigram"] <= 0.1
@@ -22,3 +16,10 @@ def test_pipeline_end_to_end(tmp_path):
     assert "## Samples" in report and "```text" in report
     assert "unigram" in report and "wall time" in report
     assert (run_dir / "model" / "model.safetensors").exists()
+    # the fine-tuning stage: the pretrained decoder on world sentiment, beside its baselines
+    ft = summary["finetune"]
+    print(f"fine-tuned world-sentiment test accuracy {ft['test']['accuracy']:.3f} "
+          f"(bag of words {ft['baselines']['bag_of_words']['accuracy']:.3f})")
+    assert ft["task"] == "world-sentiment" and ft["test"]["accuracy"] >= 0.95
+    assert "## Fine-tuning" in report and "bag of words" in report
+    assert (run_dir / "finetune" / "model" / "config.json").is_file()

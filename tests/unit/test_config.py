@@ -75,13 +75,26 @@ def test_shipped_configs_parse():
     from pathlib import Path
 
     from lmforge.apps.pipeline import PipelineConfig, load_pipeline_config
+    from lmforge.recipes.finetune import FinetuneConfig
     from lmforge.recipes.pretrain import PretrainConfig
 
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("*.yaml")):
-        cfg = load_pipeline_config(str(path), []) if path.name == "pipeline.yaml" else load_config(PretrainConfig, path)
+        if path.name == "pipeline.yaml":
+            cfg = load_pipeline_config(str(path), [])
+        else:
+            cfg = load_config(FinetuneConfig if path.name.startswith("finetune-") else PretrainConfig, path)
         assert cfg.max_steps > 0, path
     assert load_pipeline_config(None, []) == load_pipeline_config(str(root / "pipeline.yaml"), [])
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    """`train.lr=...` on a fine-tuning config changes lr only; the fine-tuning train defaults stay."""
+    from lmforge.recipes.finetune import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, None, ["train.lr=5e-4"])
+    assert cfg.train.lr == 5e-4 and cfg.train.schedule == FinetuneConfig().train.schedule == "linear"
+    assert cfg.train.eval_every == FinetuneConfig().train.eval_every > 0
 
 
 @dataclass

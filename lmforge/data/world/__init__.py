@@ -25,10 +25,11 @@ from .corpus import (
 from .facts import KINDS, Entity, Fact, World
 from .questions import QA, ask, askable
 from .reviews import LABELS, Review, make_review
+from .tasks import WORLD_TASKS, WorldTask, build_world_task, world_task
 from .vocab import CURRENT_YEAR
 
 __all__ = [
     "CURRENT_YEAR", "GENERATOR_VERSION", "GENRES", "KINDS", "LABELS", "QA", "Entity", "Fact", "Review",
-    "World", "ask", "askable", "generate_documents", "generate_records", "make_review",
-    "world_corpus_path", "write_corpus",
+    "WORLD_TASKS", "World", "WorldTask", "ask", "askable", "build_world_task", "generate_documents",
+    "generate_records", "make_review", "world_corpus_path", "world_task", "write_corpus",
 ]

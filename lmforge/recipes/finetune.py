@@ -1,0 +1,357 @@
+"""`lmforge finetune`: adapt a pretrained model (lmforge run or HF checkpoint dir) of any family to a task.
+
+What each family does with each task type (``task.type``):
+
+=================  ============================  ==========================  =========================
+family             classification                token_classification        text2text
+=================  ============================  ==========================  =========================
+bert               pooled [CLS] -> linear        per-token linear            refused (no decoder)
+gpt2, llama        last real token -> linear     refused (causal: no right   prompt -> completion,
+                   (+ optional GPT-1 aux LM)     context)                    loss on the completion
+t5                 text-to-text: label as text   refused                     text-to-text
+=================  ============================  ==========================  =========================
+
+Validation runs every ``train.eval_every`` steps and at the end; the best checkpoint by the task's
+selection metric (accuracy, exact match, F1) is kept and restored, the test split is scored once with
+it, and the model is saved to ``RUN_DIR/model`` (a classifier as transformers' ``…ForSequenceClassification``
+/ ``…ForTokenClassification``).  ``init: random`` trains the same architecture from fresh weights — the
+control that shows what pretraining bought; :func:`compare` runs pretrained and random over several seeds
+next to the task's majority and bag-of-words baselines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from lmforge.core.config import load_config, split_config_arg, to_dict
+from lmforge.core.errors import ConfigError, ModelError
+from lmforge.core.io import atomic_write_json
+from lmforge.core.seed import seed_everything
+from lmforge.data.task_objectives import (ClassificationObjective, CompletionObjective, ExampleSource,
+                                          TextToTextObjective, TokenClassificationObjective)
+from lmforge.data.tasks import TaskConfig, TaskData, load_task
+from lmforge.train.checkpoint import CHECKPOINTS, load_model_weights, read_best
+from lmforge.train.rundir import check_run_dir
+from lmforge.train.trainer import Trainer, TrainerConfig
+
+
+@dataclass
+class HeadConfig:
+    dropout: Optional[float] = None
+    """Classifier dropout (None: the backbone config's, as transformers does)."""
+    aux_lm_weight: float = 0.0
+    """Decoders, classification: weight λ of the auxiliary LM loss on the input (GPT-1 used 0.5)."""
+
+
+@dataclass
+class CompareConfig:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of the comparison runs (each seed: one pretrained and one random-init run)."""
+    random_init: bool = True
+    """Also fine-tune the same architecture from random initialisation."""
+
+
+def _finetune_train_defaults() -> TrainerConfig:
+    return TrainerConfig(global_batch_size=32, lr=1e-4, warmup_steps=20, weight_decay=0.01, schedule="linear",
+                         min_lr_ratio=0.0, eval_every=50, ckpt_every=50, keep_last=1, log_every=10)
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str = "runs/finetune"
+    seed: int = 0
+    max_steps: int = 300
+    resume: Literal["auto", "true", "false"] = "false"
+    model: str = "runs/pipeline"
+    """A model dir (HF checkpoint, lmforge or transformers) or an lmforge run dir (its ``model/`` is used)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """random: the same architecture with fresh weights (the control for 'what did pretraining buy')."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainerConfig = field(default_factory=_finetune_train_defaults)
+    eval_batch_size: int = 64
+    max_new_tokens: int = 24
+    """text2text: tokens generated per validation/test example."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """Used by ``lmforge finetune --compare``."""
+
+
+# ---- building the pieces ------------------------------------------------------------------------
+def resolve_model_dir(path: str) -> Path:
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    raise ModelError(f"model='{path}' is neither a model directory (config.json) nor a run directory with model/; "
+                     f"pretrain first (lmforge pretrain / pipeline) or point model= at a checkpoint dir")
+
+
+def _max_length(cfg: FinetuneConfig, model_cfg: Any) -> int:
+    limit = getattr(model_cfg, "max_seq_len", None)
+    if cfg.task.max_length is None:
+        return int(limit or 512)
+    if limit is not None and cfg.task.max_length > limit:
+        raise ConfigError(f"task.max_length={cfg.task.max_length} exceeds the model's max_seq_len={limit}; lower it")
+    return cfg.task.max_length
+
+
+def plan(family: str, task_type: str) -> str:
+    """How ``family`` does ``task_type``: 'head', 'token_head', 'seq2seq' or 'completion' (or a ConfigError)."""
+    table = {
+        ("bert", "classification"): "head", ("bert", "token_classification"): "token_head",
+        ("gpt2", "classification"): "head", ("llama", "classification"): "head",
+        ("gpt2", "text2text"): "completion", ("llama", "text2text"): "completion",
+        ("t5", "classification"): "seq2seq", ("t5", "text2text"): "seq2seq",
+    }
+    if (family, task_type) in table:
+        return table[(family, task_type)]
+    why = {
+        "text2text": "BERT has no decoder to generate text; use a gpt2/llama or t5 model, or a classification task",
+        "token_classification": "token classification needs a bidirectional encoder (bert)",
+    }.get(task_type, "")
+    raise ConfigError(f"task type '{task_type}' is not available for model family '{family}': {why}")
+
+
+def as_text2text(task: TaskData) -> TaskData:
+    """T5 does classification as text-to-text: the label name is the target."""
+    if task.type != "classification":
+        return task
+
+    def conv(r: dict[str, Any]) -> dict[str, Any]:
+        text = r["text"] if "text_pair" not in r else f"{r['text']}\n{r['text_pair']}"
+        return {"input": text, "target": r["label"], "where": r.get("where", "")}
+
+    return dataclasses.replace(task, splits={k: [conv(r) for r in v] for k, v in task.splits.items()})
+
+
+@dataclass
+class FinetuneParts:
+    cfg: FinetuneConfig
+    task: TaskData
+    mode: str
+    model: torch.nn.Module
+    tokenizer: Any
+    objective: Any
+    examples: dict[str, list[Any]]
+    gen_inputs: dict[str, list[list[int]]]
+    truncated: dict[str, int]
+    trainer: Trainer
+    select: tuple[str, str]
+    source_task: TaskData  # the task as loaded (T5 sees classification as text2text in ``task``)
+
+
+def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.Module, tokenizer: Any):
+    from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
+
+    if mode in ("head", "token_head"):
+        cls = SequenceClassifier if mode == "head" else TokenClassifier
+        if isinstance(base, cls):  # continuing from a fine-tuned classifier: its labels must be the task's
+            if list(base.id2label[i] for i in range(base.num_labels)) != list(task.labels):
+                raise ConfigError(f"the model's labels {list(base.id2label.values())} differ from the task's "
+                                  f"{task.labels}; start from the pretrained base model instead")
+            model = base
+        else:
+            backbone = getattr(base, "backbone", base)
+            model = cls(backbone, list(task.labels), dropout=cfg.head.dropout)
+        if model.family in ("gpt2", "llama"):
+            ensure_pad_token(model, tokenizer)
+        return model
+    if isinstance(base, (SequenceClassifier, TokenClassifier)):
+        raise ConfigError(f"'{cfg.model}' is a classifier; text-to-text fine-tuning needs the language model it was "
+                          f"made from")
+    if mode == "completion" and (tokenizer.pad_id is None or tokenizer.pad_id == tokenizer.eos_id):
+        ensure_pad_token(base, tokenizer)
+    return base
+
+
+def _objective(cfg: FinetuneConfig, task: TaskData, mode: str, tokenizer: Any, family: str, max_len: int):
+    if mode == "head":
+        return ClassificationObjective(tokenizer, family, {l: i for i, l in enumerate(task.labels)}, max_len,
+                                       aux_lm_weight=cfg.head.aux_lm_weight)
+    if mode == "token_head":
+        return TokenClassificationObjective(tokenizer, {l: i for i, l in enumerate(task.labels)}, max_len)
+    if mode == "seq2seq":
+        return TextToTextObjective(tokenizer, max_len, cfg.task.max_target_length)
+    return CompletionObjective(tokenizer, max_len, cfg.task.max_target_length, cfg.task.prompt_template)
+
+
+def select_metric(task_type: str, mode: str) -> str:
+    if mode == "token_head":
+        return "f1"
+    return "accuracy" if task_type == "classification" else "exact_match"
+
+
+def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
+    from lmforge.models.hf import load_model
+
+    check_run_dir(cfg.run_dir, cfg.resume)
+    task = load_task(cfg.task)
+    base, tokenizer = load_model(resolve_model_dir(cfg.model))
+    if tokenizer is None:
+        raise ModelError(f"'{cfg.model}' has no tokenizer.json; fine-tuning needs the model's tokenizer saved with it")
+    family = base.config.family
+    mode = plan(family, task.type)
+    if mode == "seq2seq":
+        task_t2t = as_text2text(task)
+    else:
+        task_t2t = task
+    seed_everything(cfg.seed)
+    model = _build_model(cfg, task, mode, base, tokenizer)
+    if cfg.init == "random":  # same architecture, fresh weights: every module re-initialises itself
+        seed_everything(cfg.seed)
+        if hasattr(model, "backbone"):
+            model.backbone.reset_parameters()
+        model.reset_parameters()
+    model.train()
+    max_len = _max_length(cfg, model.config)
+    objective = _objective(cfg, task, mode, tokenizer, family, max_len)
+    examples, truncated, gen_inputs = {}, {}, {}
+    for split, records in task_t2t.splits.items():
+        before = objective.truncated
+        examples[split] = [objective.encode(r) for r in records]
+        truncated[split] = objective.truncated - before
+        if mode == "completion":  # generation prompts leave room for the answer
+            gen_inputs[split] = [objective.prompt_ids(r["input"], max_len - cfg.max_new_tokens) for r in records]
+        elif mode == "seq2seq":
+            gen_inputs[split] = [x for x, _ in examples[split]]
+    source = ExampleSource(examples["train"], objective.collate, seed=cfg.seed)
+    metric = select_metric(task.type, mode)
+    parts_ref: dict[str, Any] = {}
+
+    def evaluator(m: torch.nn.Module) -> dict[str, float]:
+        metrics, _ = evaluate_split(parts_ref["parts"], "validation", m)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    trainer = Trainer(model, objective, source, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
+                      resume=cfg.resume, evaluator=evaluator if task.splits["validation"] else None,
+                      config_dict=to_dict(cfg), progress=progress, select_metric=f"val_{metric}", select_mode="max")
+    parts = FinetuneParts(cfg, task_t2t, mode, model, tokenizer, objective, examples, gen_inputs, truncated, trainer,
+                          (f"val_{metric}", "max"), task)
+    parts_ref["parts"] = parts
+    return parts
+
+
+def evaluate_split(parts: FinetuneParts, split: str, model: torch.nn.Module | None = None
+                   ) -> tuple[dict[str, float], list[Any]]:
+    from lmforge.eval.task_eval import (evaluate_classification, evaluate_text2text,
+                                        evaluate_token_classification)
+
+    model = model if model is not None else parts.model
+    examples, records = parts.examples[split], parts.task.splits[split]
+    labels = parts.source_task.labels
+    bs = parts.cfg.eval_batch_size
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if parts.mode == "head":
+                return evaluate_classification(model, parts.objective, examples, labels, bs)
+            if parts.mode == "token_head":
+                return evaluate_token_classification(model, parts.objective, examples, records, labels, bs)
+            return evaluate_text2text(model, parts.objective, examples, records, parts.tokenizer,
+                                      model.config.family, parts.cfg.max_new_tokens, bs,
+                                      gen_inputs=parts.gen_inputs[split], labels=labels)
+    finally:
+        model.train(was_training)
+
+
+def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Train, restore the best checkpoint, score the test split once, save; return the results (also
+    written to ``RUN_DIR/results.json``)."""
+    from lmforge.eval.baselines import task_baselines
+    from lmforge.models.hf import save_model
+
+    t0 = time.perf_counter()
+    parts = build(cfg, progress)
+    last = parts.trainer.fit()
+    train_s = time.perf_counter() - t0
+    best = read_best(cfg.run_dir)
+    selected = "final"
+    if best is not None:
+        load_model_weights(parts.model, Path(cfg.run_dir) / CHECKPOINTS / best["path"], device=parts.trainer.device)
+        selected = f"step {best['step']}"
+    model = parts.model
+    results: dict[str, Any] = {"run_dir": str(cfg.run_dir), "task": parts.task.name, "type": parts.task.type,
+                               "family": model.config.family, "mode": parts.mode, "init": cfg.init,
+                               "seed": cfg.seed, "selected": selected, "select_metric": parts.select[0],
+                               "sizes": parts.task.sizes(), "truncated": parts.truncated, "train_s": train_s,
+                               "last": last, "description": parts.task.description,
+                               "closed_book": parts.task.closed_book, "held_out": parts.task.held_out}
+    val, _ = evaluate_split(parts, "validation") if parts.task.splits["validation"] else ({}, [])
+    results["validation"] = val
+    if parts.task.splits["test"]:
+        test, preds = evaluate_split(parts, "test")
+        results["test"] = test
+        results["test_examples"] = [_example_row(r, p) for r, p in zip(parts.task.splits["test"][:8], preds[:8])]
+    splits = parts.source_task.splits
+    scored = "test" if splits["test"] else "validation"
+    results["baselines"] = task_baselines(parts.source_task.type, {**splits, "test": splits[scored]})
+    results["baselines_split"] = scored
+    results["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    final = {"step": parts.trainer.step, **{f"test_{k}": v for k, v in results.get("test", {}).items()},
+             "selected": selected}
+    with open(Path(cfg.run_dir) / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(final) + "\n")
+    save_model(model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+    atomic_write_json(Path(cfg.run_dir) / "results.json", results)
+    return results
+
+
+def _example_row(rec: dict[str, Any], pred: Any) -> dict[str, Any]:
+    gold = rec.get("label", rec.get("target", rec.get("tags")))
+    text = rec.get("text", rec.get("input", " ".join(rec.get("tokens", []))))
+    return {"input": text[:160], "gold": gold if not isinstance(gold, list) else " ".join(gold),
+            "prediction": pred if not isinstance(pred, list) else " ".join(pred)}
+
+
+def load_finetune_config(config_path: str | None, overrides: list[str]) -> FinetuneConfig:
+    return load_config(FinetuneConfig, *split_config_arg(config_path, overrides))
+
+
+def run_finetune(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+    return finetune(load_finetune_config(config_path, overrides))
+
+
+# ---- pretrained vs random, over seeds -------------------------------------------------------------
+def compare(cfg: FinetuneConfig, progress: bool | None = False) -> dict[str, Any]:
+    """Fine-tune from the pretrained weights and (``compare.random_init``) from random init, once per seed in
+    ``compare.seeds``, each in ``RUN_DIR/runs/<init>-seed<k>``; return per-run results and mean/std rows."""
+    inits = ["pretrained"] + (["random"] if cfg.compare.random_init else [])
+    runs: list[dict[str, Any]] = []
+    for init in inits:
+        for seed in cfg.compare.seeds:
+            sub = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir) / "runs" / f"{init}-seed{seed}"), seed=seed,
+                                      init=init)
+            res = finetune(sub, progress=progress)
+            runs.append(res)
+    summary = []
+    metric = runs[0]["select_metric"].removeprefix("val_")
+    for init in inits:
+        vals = [r["test"][metric] for r in runs if r["init"] == init and "test" in r]
+        if vals:
+            summary.append({"init": init, "metric": f"test {metric}", "mean": statistics.fmean(vals),
+                            "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0, "runs": len(vals),
+                            "values": vals})
+    out = {"run_dir": cfg.run_dir, "task": runs[0]["task"], "family": runs[0]["family"], "metric": metric,
+           "summary": summary, "baselines": runs[0]["baselines"], "runs": runs}
+    if len(summary) == 2:
+        out["pretrained_minus_random"] = summary[0]["mean"] - summary[1]["mean"]
+    atomic_write_json(Path(cfg.run_dir) / "compare.json", out)
+    return out
+
+
+def run_compare(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+    cfg = load_finetune_config(config_path, overrides)
+    check_run_dir(cfg.run_dir, cfg.resume)
+    return compare(cfg)
+
+

@@ -1,0 +1,31 @@
+"""Each family's pipeline (pretrain → eval → samples → fine-tune) runs once per session and is shared by the
+acceptance tests that check its pretraining, its fine-tuning stage and the pretrained-vs-random comparison."""
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+# family -> pipeline arguments; gpt2 is the README's default pipeline.
+PIPELINES = {
+    "gpt2": [],
+    # the comparison in test_finetune_learns.py fine-tunes the bert model itself; t5's stage is smoke-tested
+    "bert": [str(ROOT / "configs/tiny-bert.yaml"), "max_steps=600", "finetune.enabled=false"],
+    "t5": [str(ROOT / "configs/tiny-t5.yaml"), "max_steps=300", "finetune.enabled=false"],
+}
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+    done: dict[str, tuple] = {}
+
+    def run(family: str):
+        if family not in done:
+            run_dir = tmp_path_factory.mktemp("pipelines") / family
+            proc = run_cli("pipeline", *PIPELINES[family], f"run_dir={run_dir}", timeout=2400)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[family] = (run_dir, json.loads(proc.stdout.strip().splitlines()[-1]))
+        return done[family]
+
+    return run
