@@ -16,6 +16,18 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost seconds;
+    modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.  Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m lmforge ARGS`` in a subprocess and capture its output."""
     env = dict(os.environ)

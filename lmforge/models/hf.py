@@ -481,6 +481,32 @@ def load_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: to
     return model.eval(), tokenizer
 
 
+def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config: dict[str, Any], dtype: torch.dtype,
+                    tokenizer: Any = None, vocab_size: int | None = None, model_max_length: int | None = None,
+                    generation_config: dict[str, Any] | None = None) -> Path:
+    """Write a HF checkpoint dir atomically (tmp dir, then rename): ``config.json`` (+ ``dtype``),
+    ``model.safetensors`` (CPU, contiguous), ``generation_config.json`` when given and the tokenizer's files.
+    Every family's saver ends here, so the layout and the tokenizer check live in one place."""
+    from safetensors.torch import save_file
+
+    if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
+                         f"embedding rows; build the model with vocab_size >= the tokenizer's")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    name = str(dtype).removeprefix("torch.")
+    hf_config = {**hf_config, "dtype": name, "torch_dtype": name}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n",
+                                                        encoding="utf-8")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp, model_max_length=model_max_length)
+    return path
+
+
 def save_model(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
                generation_config: dict[str, Any] | None = None) -> Path:
     """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family;
@@ -511,24 +537,10 @@ def save_decoder(model: torch.nn.Module, path: str | Path, tokenizer: Any = None
     (HF key names/layouts, tied head stored once as HF does), ``generation_config.json`` (token ids plus
     ``generation_config``), and the tokenizer's files when ``tokenizer`` is given.
     """
-    from safetensors.torch import save_file
-
     model = _unwrap(model)
     config = model.config
-    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
-                         f"embedding rows; build the model with vocab_size >= the tokenizer's")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict_to_hf(model).items()}
-    dtype = str(model.dtype).removeprefix("torch.")
-    hf_config = {**config.to_hf(), "dtype": dtype, "torch_dtype": dtype}
     gen = {k: v for k, v in dict(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                  pad_token_id=config.pad_token_id).items() if v is not None}
     gen.update(generation_config or {})
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return path
+    return write_model_dir(path, state_dict_to_hf(model), config.to_hf(), model.dtype, tokenizer=tokenizer,
+                           vocab_size=config.vocab_size, generation_config=gen)

@@ -26,7 +26,6 @@ of task heads lmforge does not model (``classifier``, ``qa_outputs``) are ignore
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -35,7 +34,6 @@ from typing import Any
 import torch
 
 from lmforge.core.errors import ModelError
-from lmforge.core.io import atomic_dir
 from lmforge.models.encoder import EncoderConfig, EncoderLM
 
 # (lmforge module prefix, HF module prefix in BertForPreTraining); a path keeps everything below it.
@@ -285,20 +283,10 @@ def load_bert(path: str | Path, device: torch.device | str = "cpu", dtype: torch
 def save_bert(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` as a HF BERT directory (atomically: tmp dir, then rename): ``config.json``
     (``BertForPreTraining``), ``model.safetensors`` and, when given, the tokenizer's files."""
-    from safetensors.torch import save_file
+    from lmforge.models.hf import write_model_dir
 
     model = _unwrap(model)
     config = model.config
-    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
-                         f"embedding rows; build the model with vocab_size >= the tokenizer's")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict_to_hf(model).items()}
-    dtype = str(model.dtype).removeprefix("torch.")
-    hf_config = {**config.to_hf(), "dtype": dtype, "torch_dtype": dtype}
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp, model_max_length=tokenizer.model_max_length or config.max_seq_len)
-    return path
+    return write_model_dir(path, state_dict_to_hf(model), config.to_hf(), model.dtype, tokenizer=tokenizer,
+                           vocab_size=config.vocab_size,
+                           model_max_length=(tokenizer.model_max_length or config.max_seq_len) if tokenizer else None)

@@ -15,7 +15,6 @@ are tied to it) plus ``lm_head.weight`` when untied, as ``save_pretrained`` does
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 import torch
 
 from lmforge.core.errors import ModelError
-from lmforge.core.io import atomic_dir
 from lmforge.models.encdec import EncoderDecoderLM, T5Config
 
 __all__ = ["load_t5", "save_t5"]
@@ -272,22 +270,11 @@ def save_t5(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
     """Write ``model`` as a HF T5 checkpoint directory, atomically: ``config.json`` (architectures
     ``T5ForConditionalGeneration``), ``model.safetensors``, ``generation_config.json`` (decoder start, EOS,
     pad ids plus ``generation_config``) and the tokenizer's files when given."""
-    from safetensors.torch import save_file
+    from lmforge.models.hf import write_model_dir
 
     model = _unwrap(model)
     c = model.config
-    if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
-        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {c.vocab_size} embedding "
-                         f"rows; build the model with vocab_size >= the tokenizer's")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict_to_hf(model).items()}
-    dtype = str(model.dtype).removeprefix("torch.")
-    hf_config = {**config_to_hf(c), "dtype": dtype, "torch_dtype": dtype}
     gen = dict(decoder_start_token_id=c.start_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
     gen.update(generation_config or {})
-    with atomic_dir(Path(path)) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(path)
+    return write_model_dir(path, state_dict_to_hf(model), config_to_hf(c), model.dtype, tokenizer=tokenizer,
+                           vocab_size=c.vocab_size, generation_config=gen)

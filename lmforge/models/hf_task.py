@@ -17,7 +17,6 @@ sequence classification, pooler) is a ``ModelError``.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError, ModelError
-from lmforge.core.io import atomic_dir
 from lmforge.models import hf as hf_decoder
 from lmforge.models import hf_bert
 from lmforge.models.decoder import DecoderLM
@@ -83,31 +81,19 @@ def save_task_model(model: nn.Module, path: str | Path, tokenizer: Any = None) -
     """Write a :class:`SequenceClassifier` / :class:`TokenClassifier` as a HF checkpoint directory
     (atomically) that transformers' ``AutoModelFor{Sequence,Token}Classification`` loads with no missing
     or unexpected key; the tokenizer's files too when given."""
-    from safetensors.torch import save_file
-
     model = hf_decoder.unwrap_model(model)
     if not isinstance(model, (SequenceClassifier, TokenClassifier)):
         raise ModelError(f"save_task_model expects a SequenceClassifier or TokenClassifier, got "
                          f"{type(model).__name__}")
     config = model.config
-    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
-                         f"embedding rows; grow the model with resize_token_embeddings first")
     if model.family != "bert" and config.pad_token_id is None:
         warnings.warn("saving a decoder classifier without pad_token_id: transformers' "
                       "*ForSequenceClassification then refuses batches of more than one row; call "
                       "ensure_pad_token(model, tokenizer) before saving", stacklevel=2)
     state, hf_config = _task_state_and_config(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    dtype = str(model.dtype).removeprefix("torch.")
-    hf_config.update(dtype=dtype, torch_dtype=dtype)
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp, model_max_length=tokenizer.model_max_length or config.max_seq_len)
-    return path
+    max_len = (tokenizer.model_max_length or config.max_seq_len) if tokenizer is not None else None
+    return hf_decoder.write_model_dir(path, state, hf_config, model.dtype, tokenizer=tokenizer,
+                                      vocab_size=config.vocab_size, model_max_length=max_len)
 
 
 # ---- loading -------------------------------------------------------------------------------------

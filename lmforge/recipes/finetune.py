@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,13 +323,15 @@ def run_finetune(config_path: str | None, overrides: list[str]) -> dict[str, Any
 
 
 # ---- pretrained vs random, over seeds -------------------------------------------------------------
-def compare(cfg: FinetuneConfig, progress: bool | None = False) -> dict[str, Any]:
+def compare(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any]:
     """Fine-tune from the pretrained weights and (``compare.random_init``) from random init, once per seed in
     ``compare.seeds``, each in ``RUN_DIR/runs/<init>-seed<k>``; return per-run results and mean/std rows."""
     inits = ["pretrained"] + (["random"] if cfg.compare.random_init else [])
     runs: list[dict[str, Any]] = []
+    total = len(inits) * len(cfg.compare.seeds)
     for init in inits:
         for seed in cfg.compare.seeds:
+            print(f"[{len(runs) + 1}/{total}] fine-tuning from {init} weights, seed {seed}", file=sys.stderr, flush=True)
             sub = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir) / "runs" / f"{init}-seed{seed}"), seed=seed,
                                       init=init)
             res = finetune(sub, progress=progress)

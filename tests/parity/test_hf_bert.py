@@ -31,12 +31,7 @@ HEADS_OF = {  # weights each HF class lacks from a BertForPreTraining checkpoint
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_config(**kw):

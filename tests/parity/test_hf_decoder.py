@@ -16,14 +16,7 @@ from lmforge.models.hf import load_config, load_model, save_model  # noqa: E402
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost
-    seconds; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 256
 MAX_ABS_DIFF: dict[str, float] = {}
 

@@ -24,12 +24,7 @@ VARIANTS = {"v1.0": ("relu", True), "v1.1": ("gated-gelu", False)}
 MAX_ABS_DIFF: dict[str, float] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_config(variant: str, **kw):

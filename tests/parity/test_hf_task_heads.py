@@ -28,12 +28,7 @@ ARCH = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClass
         "bert_tok": "BertForTokenClassification"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model: torch.nn.Module, seed: int = 1) -> None:

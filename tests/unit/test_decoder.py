@@ -16,14 +16,7 @@ from lmforge.models.layers import Embedding, Linear
 V = 160
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine their spin-waits cost
-    seconds; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(family: str = "gpt2", **kw) -> DecoderConfig:

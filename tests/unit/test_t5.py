@@ -15,12 +15,7 @@ from lmforge.models.encdec import EncoderDecoderLM, T5Config, relative_position_
 V = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(ff: str = "relu", **kw) -> T5Config:

@@ -23,12 +23,7 @@ LABELS = ["a", "b", "c"]
 CORPUS = ["the cat sat on the mat", "a dog and a cat", "the mat was red and the dog was not"] * 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dec_cfg(family: str = "gpt2", **kw) -> DecoderConfig:
