@@ -107,6 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--device", default="auto")
     fm.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
+    # bench
+    be = sub.add_parser("bench", help="side-by-side benchmarks (bench peft: full fine-tuning vs every delta method)",
+                        description="Benchmarks that run lmforge recipes side by side.")
+    be_sub = be.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+    bp = be_sub.add_parser("peft", help="full fine-tuning and each delta method on one model and task, over seeds",
+                           description="Fine-tune one pretrained model on one task with full fine-tuning and each "
+                           "delta method (each run in its own process); write RUN_DIR/report.md, bench.json and "
+                           "bench.png: trainable parameters, accuracy, training memory, time, saved size.",
+                           epilog="Keys: run_dir, finetune (the base fine-tuning config), methods "
+                           "(full, lora, dora, houlsby, pfeiffer, bitfit), seeds, lr (per method), delta_lr, "
+                           "overrides (key=value list passed to every run), timeout_s.")
+    bp.add_argument("config", nargs="?", help="YAML config file")
+    bp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    # merge
+    me = sub.add_parser("merge", help="bake a LoRA/DoRA/BitFit delta into its base model (a plain HF model dir)",
+                        description="Load BASE, apply the delta in ADAPTER (PEFT's LoRA/DoRA format or lmforge's own), "
+                        "merge it into the weights and save a plain Hugging Face model directory to OUT.")
+    me.add_argument("--base", required=True, help="the base model dir (or run dir) the delta was trained on")
+    me.add_argument("--adapter", required=True, help="the delta dir (e.g. RUN_DIR/adapter of a fine-tuning run)")
+    me.add_argument("--out", required=True, help="output model dir")
+    me.add_argument("--no-check-base", action="store_true",
+                    help="skip the check that BASE is the model the delta was trained on")
+
     # world
     wo = sub.add_parser("world", help="write the built-in synthetic world corpus to a JSONL file",
                         description="Write documents of the built-in world (encyclopedia entries, stories, "
@@ -184,6 +208,27 @@ def _cmd_fill_mask(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    if args.bench_command != "peft":
+        raise LmforgeError("usage: lmforge bench peft [CONFIG] [key=value ...]")
+    from lmforge.apps.report import write_bench_peft_report
+    from lmforge.recipes.bench_peft import run_bench_peft
+
+    out = run_bench_peft(args.config, args.overrides)
+    path = write_bench_peft_report(out)
+    print(json.dumps({"run_dir": out["run_dir"], "report": str(path),
+                      "test_accuracy": {r["method"]: r["test_accuracy"] for r in out["summary"]}}))
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from lmforge.recipes.merge import merge
+
+    out = merge(args.base, args.adapter, args.out, check_base=not args.no_check_base)
+    print(f"merged {args.adapter} into {args.base}: saved {out}")
+    return 0
+
+
 def _cmd_world(args) -> int:
     from lmforge.data.world import write_corpus
 
@@ -200,6 +245,8 @@ COMMANDS: dict[str, Callable] = {
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "fill-mask": _cmd_fill_mask,
+    "merge": _cmd_merge,
+    "bench": _cmd_bench,
     "world": _cmd_world,
 }
 

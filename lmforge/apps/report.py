@@ -135,6 +135,12 @@ def finetune_section(result: dict[str, Any]) -> str:
         body += ["", f"{'Closed-book' if r['closed_book'] else 'Open-book'}: {r.get('held_out', '')}"]
     body += ["", f"Best checkpoint by {r['select_metric']}: {r['selected']}; trained {r['train_s']:.1f} s, "
              f"{r['trainable_params']:,} trainable parameters.", "", markdown_table(rows)]
+    if r.get("delta"):
+        dl = r["delta"]
+        body += ["", f"Delta tuning **{dl['method']}**: {dl['trainable']:,} of {dl['total']:,} parameters trained "
+                 f"({dl['percent']:.3f}%); delta saved to `{dl['adapter_dir']}` ({dl['adapter_bytes'] / 1024:.1f} KiB)"
+                 + (", the merged model to `model/`." if dl.get("merged", True) else
+                    " (adapters do not merge: load the base model and apply the delta with lmforge's load_delta).")]
     if r.get("baselines"):
         body += ["", f"Baselines on the {r.get('baselines_split', 'test')} split:", "", markdown_table(_baseline_rows(r["baselines"]))]
     if r.get("test_examples"):
@@ -152,3 +158,71 @@ def write_finetune_report(result: dict[str, Any]) -> Path:
             report.add("Curves", "![training and validation loss](curves.png)")
     report.sections.insert(0, ("Fine-tuning", finetune_section(result)))
     return report.write(run_dir / "report.md")
+
+
+# ---- lmforge bench peft ------------------------------------------------------------------------------
+def _bench_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    mb = 1 / 2**20
+    out = []
+    for r in rows:
+        m = r["memory"]
+        out.append({"method": r["method"], "lr": f"{r['lr']:.0e}", "trainable": f"{r['trainable']:,}",
+                    "trainable %": f"{r['trainable_pct']:.3f}",
+                    "val acc": r["val_accuracy"], "test acc (mean ± std)":
+                    f"{r['test_accuracy']:.3f} ± {r['test_std']:.3f}" if r["test_accuracy"] is not None else "-",
+                    "memory MiB (params+grads+optim+activations)":
+                    f"{m['total'] * mb:.1f} ({m['parameters'] * mb:.1f}+{m['gradients'] * mb:.1f}+"
+                    f"{m['optimizer'] * mb:.1f}+{m['activations'] * mb:.1f})" if m.get("total") else "-",
+                    "s/step": r["s_per_step"], "tokens/s": r["tokens_per_s"],
+                    "saved KiB": f"{r['saved_bytes'] / 1024:.1f}", "steps to 95% of best": r["steps_to_95"]})
+    return out
+
+
+def _bench_plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [r["method"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    acc = [r["test_accuracy"] or 0.0 for r in rows]
+    a.bar(names, acc, yerr=[r["test_std"] for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        a.text(i, acc[i] + 0.01, f"{r['trainable_pct']:.2g}%", ha="center", fontsize=8)
+    a.set_ylim(0, 1.05)
+    a.set_title("test accuracy (mean over seeds; label: % trained)")
+    bottom = [0.0] * len(rows)
+    for part, colour in (("parameters", "tab:gray"), ("gradients", "tab:orange"), ("optimizer", "tab:red"),
+                         ("activations", "tab:green")):
+        vals = [(r["memory"].get(part) or 0) / 2**20 for r in rows]
+        b.bar(names, vals, bottom=bottom, label=part, color=colour)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    b.set_title("training memory (MiB)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_bench_peft_report(out: dict[str, Any]) -> Path:
+    run_dir = Path(out["run_dir"])
+    plotted = _bench_plot(out["summary"], run_dir / "bench.png")
+    full = next((r for r in out["summary"] if r["method"] == "full"), None)
+    lines = [f"# lmforge bench peft — {out['family']} on {out['task']}", "",
+             f"Each method fine-tuned in its own process over seeds {out['config']['seeds']}, from "
+             f"`{out['config']['finetune']}`.", "", markdown_table(_bench_table(out["summary"]))]
+    if full and full["test_accuracy"] is not None:
+        gaps = ", ".join(f"{r['method']} {100 * (r['test_accuracy'] - full['test_accuracy']):+.1f}"
+                         for r in out["summary"] if r["method"] != "full" and r["test_accuracy"] is not None)
+        lines += ["", f"Test accuracy vs full fine-tuning (points): {gaps}."]
+    if plotted:
+        lines += ["", "![accuracy and memory per method](bench.png)"]
+    lines += ["", "Memory is counted, not sampled: parameters + gradients + AdamW state + the bytes autograd saves "
+              "for backward on one micro-batch (saved-tensor hooks).", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

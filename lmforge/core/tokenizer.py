@@ -295,6 +295,17 @@ class Tokenizer:
         return self._adds_bos
 
     @property
+    def word_prefix(self) -> str:
+        """What to put before a text so it encodes as a word *inside* running text: ``" "`` for byte-level
+        BPE without ``add_prefix_space`` (``"38"`` and ``" 38"`` are different tokens, and pretraining saw
+        the second), ``""`` when the tokenizer marks the first word itself (SentencePiece ``▁``,
+        ``add_prefix_space``).  A fine-tuned model that must copy a word from its input into its output
+        then copies the very same token ids."""
+        bare = self._hf.encode("a", add_special_tokens=False).ids
+        spaced = self._hf.encode(" a", add_special_tokens=False).ids
+        return " " if len(spaced) == len(bare) and spaced != bare else ""
+
+    @property
     def fingerprint(self) -> str:
         """sha256 hex of the canonical tokenizer.json (sorted keys, compact): stable across save/load."""
         if self._fingerprint is None:

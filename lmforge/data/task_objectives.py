@@ -232,7 +232,8 @@ class TextToTextObjective(_Encoding, Seq2SeqObjective):
         self.max_target_length = int(max_target_length)
 
     def encode(self, rec: dict[str, Any]) -> tuple[list[int], list[int]]:
-        x, y = self.ids(rec["input"]), self.ids(rec["target"])
+        # the target as running text (" 38", not "38"), so copying an input word copies its token ids
+        x, y = self.ids(rec["input"]), self.ids(self.tokenizer.word_prefix + rec["target"])
         if len(x) > self.max_length - 1 or len(y) > self.max_target_length - 1:
             self.truncated += 1
         eos = self.tokenizer.eos_id
@@ -268,7 +269,7 @@ class CompletionObjective(_Encoding, CausalLMObjective):
         return head + body + tail
 
     def encode(self, rec: dict[str, Any]) -> tuple[list[int], list[int]]:
-        y = self.ids(" " + rec["target"])
+        y = self.ids(self.tokenizer.word_prefix + rec["target"])
         if len(y) > self.max_target_length - 1:
             self.truncated += 1
             y = y[:self.max_target_length - 1]

@@ -39,6 +39,7 @@ from lmforge.core.seed import seed_everything
 from lmforge.data.task_objectives import (ClassificationObjective, CompletionObjective, ExampleSource,
                                           TextToTextObjective, TokenClassificationObjective)
 from lmforge.data.tasks import TaskConfig, TaskData, load_task
+from lmforge.delta import DeltaConfig, DeltaSummary, apply_delta, merge_delta, mergeable, save_delta
 from lmforge.train.checkpoint import CHECKPOINTS, load_model_weights, read_best
 from lmforge.train.rundir import check_run_dir
 from lmforge.train.trainer import Trainer, TrainerConfig
@@ -83,6 +84,13 @@ class FinetuneConfig:
     """text2text: tokens generated per validation/test example."""
     compare: CompareConfig = field(default_factory=CompareConfig)
     """Used by ``lmforge finetune --compare``."""
+    measure_memory: bool = False
+    """Count training memory (parameters, gradients, optimizer state, saved activations of one micro-batch)
+    before training; written to results.json (``lmforge bench peft`` turns it on)."""
+    peft: DeltaConfig = field(default_factory=DeltaConfig)
+    """Delta tuning: ``peft.method=lora`` (dora, bitfit, modules; '+' combines) trains only the delta and the
+    head; the delta is saved to ``RUN_DIR/adapter`` (PEFT's format for LoRA/DoRA), the merged model to
+    ``RUN_DIR/model``."""
 
 
 # ---- building the pieces ------------------------------------------------------------------------
@@ -148,6 +156,8 @@ class FinetuneParts:
     trainer: Trainer
     select: tuple[str, str]
     source_task: TaskData  # the task as loaded (T5 sees classification as text2text in ``task``)
+    delta: DeltaSummary | None = None
+    model_dir: str = ""
 
 
 def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.Module, tokenizer: Any):
@@ -196,7 +206,8 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
 
     check_run_dir(cfg.run_dir, cfg.resume)
     task = load_task(cfg.task)
-    base, tokenizer = load_model(resolve_model_dir(cfg.model))
+    model_dir = resolve_model_dir(cfg.model)
+    base, tokenizer = load_model(model_dir)
     if tokenizer is None:
         raise ModelError(f"'{cfg.model}' has no tokenizer.json; fine-tuning needs the model's tokenizer saved with it")
     family = base.config.family
@@ -212,6 +223,9 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
         if hasattr(model, "backbone"):
             model.backbone.reset_parameters()
         model.reset_parameters()
+    delta = apply_delta(model, cfg.peft)  # after init: the delta starts from the weights it adapts
+    if delta is not None:
+        print(delta.line(), file=sys.stderr, flush=True)
     model.train()
     max_len = _max_length(cfg, model.config)
     objective = _objective(cfg, task, mode, tokenizer, family, max_len)
@@ -236,7 +250,7 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
                       resume=cfg.resume, evaluator=evaluator if task.splits["validation"] else None,
                       config_dict=to_dict(cfg), progress=progress, select_metric=f"val_{metric}", select_mode="max")
     parts = FinetuneParts(cfg, task_t2t, mode, model, tokenizer, objective, examples, gen_inputs, truncated, trainer,
-                          (f"val_{metric}", "max"), task)
+                          (f"val_{metric}", "max"), task, delta, str(model_dir))
     parts_ref["parts"] = parts
     return parts
 
@@ -273,6 +287,7 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
 
     t0 = time.perf_counter()
     parts = build(cfg, progress)
+    memory = _measure_memory(parts) if cfg.measure_memory else None
     last = parts.trainer.fit()
     train_s = time.perf_counter() - t0
     best = read_best(cfg.run_dir)
@@ -298,13 +313,41 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
     results["baselines"] = task_baselines(parts.source_task.type, {**splits, "test": splits[scored]})
     results["baselines_split"] = scored
     results["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    results["total_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if memory is not None:
+        results["memory"] = memory
     final = {"step": parts.trainer.step, **{f"test_{k}": v for k, v in results.get("test", {}).items()},
              "selected": selected}
     with open(Path(cfg.run_dir) / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(final) + "\n")
-    save_model(model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+    model = model.cpu()
+    if parts.delta is not None:
+        adapter = save_delta(model, Path(cfg.run_dir) / "adapter", cfg.peft, base_model=parts.model_dir)
+        results["delta"] = {"method": "+".join(parts.delta.methods), "trainable": parts.delta.trainable,
+                            "total": parts.delta.total, "percent": parts.delta.percent,
+                            "lora_layers": len(parts.delta.targets), "adapter_dir": str(adapter),
+                            "adapter_bytes": sum(f.stat().st_size for f in adapter.iterdir() if f.is_file())}
+        results["delta"]["merged"] = mergeable(model)
+        if mergeable(model):
+            merge_delta(model)  # RUN_DIR/model is a plain checkpoint of the adapted model
+    if parts.delta is None or results["delta"]["merged"]:
+        save_model(model, Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+    else:  # adapters stay separate: the base (model_dir) + RUN_DIR/adapter, loaded with load_delta
+        parts.tokenizer.save(Path(cfg.run_dir) / "adapter")
     atomic_write_json(Path(cfg.run_dir) / "results.json", results)
     return results
+
+
+def _measure_memory(parts: FinetuneParts) -> dict[str, int]:
+    """Training memory of one micro-batch of the first training examples (see :mod:`lmforge.train.memory`)."""
+    from lmforge.train.memory import measure_training_memory
+
+    t = parts.cfg.train
+    n = min(len(parts.examples["train"]), t.micro_batch_size or t.global_batch_size)
+    device = next(parts.model.parameters()).device
+    batch = {k: v.to(device) if hasattr(v, "to") else v
+             for k, v in parts.objective.collate(parts.examples["train"][:n]).items()}
+    return measure_training_memory(parts.model, parts.objective, batch)
 
 
 def _example_row(rec: dict[str, Any], pred: Any) -> dict[str, Any]:

@@ -161,6 +161,18 @@ def test_text2text_appends_eos(tok):
     assert x[-1] == tok.eos_id and y[-1] == tok.eos_id and len(x) <= 8 and obj.truncated == 1
 
 
+def test_text2text_target_copies_the_input_tokens(tok):
+    # the answer is encoded as the word it is inside the input (" Tovin", not "Tovin"), so a model that copies
+    # from its input copies the same ids; without this, held-out names could never be copied
+    obj = TextToTextObjective(tok, max_length=64, max_target_length=16)
+    x, y = obj.encode({"input": "Alva Dorn lives in Tovin", "target": "Tovin"})
+    body = y[:-1]
+    assert any(x[i:i + len(body)] == body for i in range(len(x))), (x, y)
+    comp = CompletionObjective(tok, max_length=64, max_target_length=16)
+    _p, c = comp.encode({"input": "where does Alva live? Alva Dorn lives in Tovin", "target": "Tovin"})
+    assert c[:-1] == body
+
+
 def test_example_source_resumes_exactly():
     collate = lambda xs: {"x": torch.tensor(xs)}  # noqa: E731
     a = ExampleSource(list(range(10)), collate, seed=3)

@@ -248,3 +248,15 @@ def test_train_tokenizer_from_source(tmp_path: Path):
     assert small.fingerprint != t.fingerprint
     with pytest.raises(ConfigError, match="max_bytes"):
         train_tokenizer(str(data), 320, tmp_path / "tok3", max_bytes=0)
+
+
+def test_word_prefix_follows_the_pre_tokenizer(tok: Tokenizer):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    assert tok.word_prefix == " "  # byte-level BPE without add_prefix_space: "a" and " a" differ
+    prefixed = HFTokenizer.from_str(tok.to_json_str())
+    prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert Tokenizer(prefixed).word_prefix == ""
+    sp = HFTokenizer(models.WordLevel({"▁a": 0, "▁": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace()
+    sp.decoder = decoders.Metaspace()
+    assert Tokenizer(sp).word_prefix == ""  # SentencePiece-style: the first word is already marked

@@ -1,0 +1,80 @@
+"""Bottleneck adapters (Houlsby et al. 2019, arXiv:1902.00751; Pfeiffer et al. 2021, arXiv:2005.00247).
+
+An adapter is a small residual MLP on a sublayer's output, before that sublayer's residual add::
+
+    h = sublayer(x)            h + up(act(down(h)))            down: [m, d], up: [d, m],  m = d / reduction
+
+Houlsby puts one after the attention and one after the feed-forward sublayer of every block (and trains the
+layer norms too, paper §2.1); Pfeiffer only after the feed-forward.  Every lmforge family ends both sublayers
+with a Linear (gpt2 ``c_proj``, llama ``o_proj``/``down_proj``, bert ``attention.output.dense``/``output.dense``,
+t5 ``o``/``wo``), so the adapter wraps that Linear: no model code changes, base keys unchanged, adapter keys
+``<linear>.adapter_down.weight`` etc.
+
+Near-identity start (paper §3.6): both projections ~ N(0, 1e-2²) truncated at two standard deviations, biases
+zero, so the adapted model starts within ~1e-4 of the base.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.layers import Linear
+
+# (attention-output Linear, feed-forward-output Linear) per family; lists follow PEFT's matching rule, a
+# string is a regex (bert's FFN output 'output.dense' must not also match 'attention.output.dense').
+ADAPTER_SITES = {
+    "gpt2": (["attn.c_proj"], ["mlp.c_proj"]),
+    "llama": (["o_proj"], ["down_proj"]),
+    "bert": (r"(.*\.)?blocks\.\d+\.attention\.output\.dense", r"(.*\.)?blocks\.\d+\.output\.dense"),
+    "t5": (["self_attn.o", "cross_attn.o"], ["ff.wo"]),
+}
+
+
+class AdapterLinear(Linear):
+    """A Linear whose output passes through a bottleneck adapter: ``y + up(relu(down(y)))``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bottleneck: int = 16,
+                 std: float = 0.02, device=None, dtype=None) -> None:
+        if bottleneck < 1:
+            raise ValueError(f"adapter bottleneck={bottleneck} must be >= 1")
+        super().__init__(in_features, out_features, bias, std=std, device=device, dtype=dtype)
+        self.bottleneck = int(bottleneck)
+        self.adapter_down = nn.Linear(out_features, self.bottleneck, device=device, dtype=dtype)
+        self.adapter_up = nn.Linear(self.bottleneck, out_features, device=device, dtype=dtype)
+        self.reset_delta()
+
+    @classmethod
+    def wrap(cls, base: nn.Linear, bottleneck: int) -> "AdapterLinear":
+        """An adapter layer that takes over ``base``'s weight and bias Parameters (shared, not copied)."""
+        with torch.device("meta"):
+            new = cls(base.in_features, base.out_features, base.bias is not None, bottleneck=bottleneck,
+                      std=getattr(base, "std", 0.02))
+        new.weight, new.bias = base.weight, base.bias
+        dev, dt = base.weight.device, base.weight.dtype
+        new.adapter_down.to_empty(device=dev).to(dt)
+        new.adapter_up.to_empty(device=dev).to(dt)
+        if dev.type != "meta":
+            new.reset_delta()
+        new.train(base.training)
+        return new
+
+    def reset_delta(self) -> None:
+        if self.adapter_down.weight.is_meta:
+            return
+        for lin in (self.adapter_down, self.adapter_up):
+            nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
+            nn.init.zeros_(lin.bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "adapter_down"):
+            self.reset_delta()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y + self.adapter_up(F.relu(self.adapter_down(y)))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, adapter bottleneck={self.bottleneck}"

@@ -1,0 +1,76 @@
+"""The ``peft:`` section of a fine-tuning config: which delta method(s), on which modules, with what sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from lmforge.core.errors import ConfigError
+
+# Methods available now; "+" combines them (``lora+bitfit``).  Ladder side tuning, prefix and prompt tuning
+# are not in this version: naming one fails with this list.
+METHODS = ("none", "lora", "dora", "adapter", "bitfit", "modules")
+
+# PEFT's default LoRA targets per model type (peft.utils.constants, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                   "mistral": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"]}
+
+
+@dataclass
+class DeltaConfig:
+    method: str = "none"
+    """none | lora | dora | adapter | bitfit | modules, or several joined by '+' (e.g. adapter+bitfit)."""
+    target_modules: Optional[Union[list[str], str]] = None
+    """LoRA/DoRA targets: module names matched as PEFT does (a list: the full path or its last parts equal an
+    entry, e.g. 'c_attn' or 'attn.c_attn'; a string: a regex the whole path matches, tried on lmforge's and
+    on transformers' path).  None: PEFT's default for the family (gpt2 c_attn; llama q_proj, v_proj; bert
+    query, value; t5 q, v)."""
+    layers: Optional[list[int]] = None
+    """Only these block indices (None: all)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r (rsLoRA: alpha / sqrt(r))."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+    adapter_type: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby: an adapter after attention and after the feed-forward of every block (norms train too, as in
+    the paper); pfeiffer: after the feed-forward only."""
+    reduction_factor: int = 16
+    """Adapter bottleneck = d_model / reduction_factor (rounded down, at least 1)."""
+    adapter_size: Optional[int] = None
+    """Adapter bottleneck size; overrides reduction_factor."""
+    bitfit_norms: bool = False
+    """BitFit also trains the norm layers' weights (LayerNorm/RMSNorm gains)."""
+    train_modules: list[str] = field(default_factory=list)
+    """'modules' method: module names/patterns (matched like target_modules) trained in full."""
+    train_head: bool = True
+    """Train the task head (classifier/score) with the delta; it is saved with it."""
+
+    @property
+    def methods(self) -> list[str]:
+        parts = [p.strip() for p in str(self.method).split("+") if p.strip()]
+        for p in parts:
+            if p not in METHODS:
+                raise ConfigError(f"peft.method: '{p}' is not a delta method; valid: {', '.join(METHODS)} "
+                                  f"(combine with '+', e.g. lora+bitfit)")
+        if "none" in parts and len(parts) > 1:
+            raise ConfigError(f"peft.method='{self.method}' combines 'none' with a method; drop 'none'")
+        if "lora" in parts and "dora" in parts:
+            raise ConfigError("peft.method: 'dora' already is LoRA with a learned magnitude; use one of them")
+        if "modules" in parts and not self.train_modules:
+            raise ConfigError("peft.method 'modules' needs peft.train_modules (names of the modules to train)")
+        if self.reduction_factor < 1 or (self.adapter_size is not None and self.adapter_size < 1):
+            raise ConfigError(f"peft.reduction_factor={self.reduction_factor} / peft.adapter_size="
+                              f"{self.adapter_size} must be >= 1")
+        if self.r < 1:
+            raise ConfigError(f"peft.r={self.r} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"peft.dropout={self.dropout} must be in [0, 1)")
+        return [p for p in parts if p != "none"]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.methods)

@@ -1,0 +1,224 @@
+"""Delta files: Hugging Face PEFT's adapter format for LoRA/DoRA, lmforge's own small format for the rest.
+
+PEFT directory (``PeftModel.from_pretrained(<matching transformers model>, dir)`` gives the same logits)::
+
+    adapter_config.json          peft_type LORA, task_type, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                                 target_modules (leaf names), fan_in_fan_out (true for GPT-2's Conv1D),
+                                 modules_to_save (the head, for classifiers)
+    adapter_model.safetensors    base_model.model.<transformers path>.lora_A.weight  [r, in]
+                                 base_model.model.<transformers path>.lora_B.weight  [out, r]
+                                 base_model.model.<transformers path>.lora_magnitude_vector  [out]  (DoRA)
+                                 base_model.model.score.weight / classifier.{weight,bias}   (classifiers)
+
+PEFT's A/B are in ``nn.Linear`` layout even for GPT-2's Conv1D, as lmforge's are, so no transposes.
+
+lmforge format (BitFit, trained modules, or LoRA combined with them)::
+
+    delta_config.json            {"format": "lmforge-delta", "method", "peft": <DeltaConfig>, "base_fingerprint",
+                                  "family", "id2label"}
+    delta.safetensors            every trained tensor by lmforge parameter name (LoRA branches included)
+
+Both carry ``lmforge_delta.json`` / ``delta_config.json`` with the base model's fingerprint (sha256 of its
+frozen weights), so loading onto a different base fails by name instead of silently giving garbage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.core.errors import ConfigError, ModelError
+from lmforge.core.io import atomic_write_json
+from lmforge.delta.apply import apply_delta, lora_layers
+from lmforge.delta.config import DeltaConfig
+from lmforge.delta.names import hf_path, lmforge_path
+
+PEFT_PREFIX = "base_model.model."
+_TASK_TYPES = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS", "DecoderLM": "CAUSAL_LM",
+               "EncoderDecoderLM": "SEQ_2_SEQ_LM"}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, shapes and bytes of the *frozen* parameters (the base a delta was trained on;
+    biases trained by BitFit and the head are excluded, as they are part of the delta)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad or ".lora_" in name:
+            continue
+        t = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _is_peft_expressible(model: nn.Module, methods: list[str]) -> bool:
+    """LoRA/DoRA alone on an lmforge model: PEFT's format holds all of it."""
+    return set(methods) <= {"lora", "dora"} and type(model).__name__ in (*_TASK_TYPES, "EncoderLM")
+
+
+def _peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model).items():
+        base = PEFT_PREFIX + hf_path(model, path)
+        out[f"{base}.lora_A.weight"] = layer.lora_A.weight
+        out[f"{base}.lora_B.weight"] = layer.lora_B.weight
+        if layer.dora:
+            out[f"{base}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    head = getattr(model, "head_name", None)
+    if head is not None and getattr(model, head).weight.requires_grad:
+        for pname, p in getattr(model, head).named_parameters():
+            out[f"{PEFT_PREFIX}{head}.{pname}"] = p
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _leaf_targets(paths: list[str]) -> list[str]:
+    return sorted({p.rsplit(".", 1)[-1] for p in paths})
+
+
+def save_delta(model: nn.Module, path: str | Path, cfg: DeltaConfig, base_model: str | None = None) -> Path:
+    """Write the delta of ``model`` (after :func:`apply_delta` and training) to ``path``: PEFT's format when the
+    methods are LoRA/DoRA only, lmforge's otherwise.  Files are written atomically."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    methods = cfg.methods
+    family = getattr(getattr(model, "config", None), "family", None)
+    meta = {"method": "+".join(methods), "peft": dataclasses.asdict(cfg), "family": family,
+            "base_fingerprint": base_fingerprint(model), "base_model": base_model,
+            "id2label": {str(k): v for k, v in getattr(model, "id2label", {}).items()} or None}
+    layers = lora_layers(model)
+    if _is_peft_expressible(model, methods):
+        task_type = _TASK_TYPES.get(type(model).__name__)
+        first = next(iter(layers.values()))
+        config = {"peft_type": "LORA", "task_type": task_type, "r": first.r, "lora_alpha": first.alpha,
+                  "lora_dropout": cfg.dropout, "use_rslora": first.rslora, "use_dora": first.dora,
+                  "target_modules": _leaf_targets([hf_path(model, p) for p in layers]), "bias": "none",
+                  "fan_in_fan_out": family == "gpt2", "inference_mode": True, "init_lora_weights": True,
+                  "layers_to_transform": cfg.layers, "base_model_name_or_path": base_model,
+                  "modules_to_save": [model.head_name] if getattr(model, "head_name", None) else None}
+        _save_safetensors(_peft_state(model), d / "adapter_model.safetensors")
+        atomic_write_json(d / "adapter_config.json", config)
+        atomic_write_json(d / "lmforge_delta.json", {"format": "peft", **meta})
+    else:
+        state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        _save_safetensors(state, d / "delta.safetensors")
+        atomic_write_json(d / "delta_config.json", {"format": "lmforge-delta", **meta})
+    return d
+
+
+def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.clone() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+def is_delta_dir(path: str | Path) -> bool:
+    d = Path(path)
+    return (d / "adapter_config.json").is_file() or (d / "delta_config.json").is_file()
+
+
+def read_delta_meta(path: str | Path) -> dict[str, Any]:
+    d = Path(path)
+    for name in ("delta_config.json", "lmforge_delta.json"):
+        if (d / name).is_file():
+            return json.loads((d / name).read_text(encoding="utf-8"))
+    return {}
+
+
+def _config_from_peft(pc: dict[str, Any], where: str) -> DeltaConfig:
+    if pc.get("peft_type") != "LORA":
+        raise ModelError(f"{where}: peft_type {pc.get('peft_type')!r} is not supported (supported: LORA, with "
+                         f"use_dora for DoRA)")
+    for key, ok in (("bias", "none"), ("lora_bias", False), ("layer_replication", None)):
+        if pc.get(key, ok) not in (ok, None, {}, []):
+            raise ModelError(f"{where}: field '{key}' = {pc[key]!r} is not supported (only {ok!r})")
+    if pc.get("rank_pattern") or pc.get("alpha_pattern"):
+        raise ModelError(f"{where}: rank_pattern/alpha_pattern (per-layer ranks) are not supported")
+    targets = pc.get("target_modules")
+    if isinstance(targets, str) and not targets:
+        targets = None
+    return DeltaConfig(method="dora" if pc.get("use_dora") else "lora", target_modules=targets,
+                       layers=pc.get("layers_to_transform"), r=int(pc.get("r", 8)),
+                       alpha=float(pc.get("lora_alpha", 8)), dropout=float(pc.get("lora_dropout", 0.0)),
+                       rslora=bool(pc.get("use_rslora", False)))
+
+
+def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> DeltaConfig:
+    """Apply the delta stored in ``path`` (PEFT's LoRA/DoRA format, from lmforge or PEFT, or lmforge's own) to
+    ``model`` in place; returns its config.  A base whose fingerprint differs from the one recorded fails."""
+    d = Path(path)
+    meta = read_delta_meta(d)
+    peft_file = d / "adapter_config.json"
+    if (d / "delta_config.json").is_file():
+        cfg = _coerce_delta_config(meta.get("peft", {}), str(d / "delta_config.json"))
+        apply_delta(model, cfg)
+        _check_base(model, meta, d, check_base)
+        state = load_file(str(d / "delta.safetensors"))
+        own = dict(model.named_parameters())
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise ModelError(f"'{d}/delta.safetensors' has tensors {unknown[:3]} this model does not have; "
+                             f"load it onto the base it was trained from")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+        return cfg
+    if not peft_file.is_file():
+        raise ModelError(f"'{d}' holds no delta (adapter_config.json or delta_config.json); pass the adapter dir "
+                         f"a fine-tuning run wrote (RUN_DIR/adapter)")
+    pc = json.loads(peft_file.read_text(encoding="utf-8"))
+    cfg = _config_from_peft(pc, str(peft_file))
+    if meta.get("peft"):
+        cfg.train_head = bool(meta["peft"].get("train_head", True))
+    apply_delta(model, cfg)
+    _check_base(model, meta, d, check_base)
+    state = load_file(str(d / "adapter_model.safetensors"))
+    own = dict(model.named_parameters())
+    missing = set(n for n in own if ".lora_" in n)
+    head = getattr(model, "head_name", None)
+    with torch.no_grad():
+        for key, value in state.items():
+            if not key.startswith(PEFT_PREFIX):
+                raise ModelError(f"'{d}': key '{key}' does not start with '{PEFT_PREFIX}' as PEFT's LoRA keys do")
+            hf_key = key[len(PEFT_PREFIX):]
+            module, _, pname = hf_key.rpartition(".")
+            if pname == "lora_magnitude_vector":
+                module, pname = hf_key, ""
+            if head is not None and module.split(".")[0] == head:
+                name = f"{module}.{pname}"
+            else:
+                name = lmforge_path(model, module) + (f".{pname}" if pname else "")
+            name = name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+            if name not in own:
+                raise ModelError(f"'{d}': adapter tensor '{key}' has no place in this model (lmforge name '{name}'); "
+                                 f"load it onto the model family and size it was trained for")
+            if own[name].shape != value.shape:
+                raise ModelError(f"'{d}': '{key}' has shape {tuple(value.shape)}, the model expects "
+                                 f"{tuple(own[name].shape)}")
+            own[name].copy_(value)
+            missing.discard(name)
+    if missing:
+        raise ModelError(f"'{d}' lacks adapter weights for {sorted(missing)[:3]}; the adapter is incomplete")
+    return cfg
+
+
+def _check_base(model: nn.Module, meta: dict[str, Any], d: Path, check: bool) -> None:
+    want = meta.get("base_fingerprint")
+    if check and want and base_fingerprint(model) != want:
+        raise ModelError(f"'{d}' was trained on a different base model (fingerprint {want[:12]}… recorded, "
+                         f"{base_fingerprint(model)[:12]}… given); load it onto the base named in its "
+                         f"config ({meta.get('base_model')})")
+
+
+def _coerce_delta_config(raw: dict[str, Any], where: str) -> DeltaConfig:
+    names = {f.name for f in dataclasses.fields(DeltaConfig)}
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(f"{where}: unknown peft keys {unknown}")
+    return DeltaConfig(**raw)

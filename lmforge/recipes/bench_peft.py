@@ -1,0 +1,158 @@
+"""`lmforge bench peft`: full fine-tuning and every delta method on one model and task, side by side.
+
+Each (method, seed) is one ``lmforge finetune`` in its own subprocess (so memory and time are the method's
+own), from the same fine-tuning config with ``peft.*`` and ``train.lr`` set per method and
+``measure_memory=true``.  The table (``RUN_DIR/report.md``, ``bench.json``) has per method: trainable
+parameters (count, %), validation and test accuracy (mean ± std over seeds), training memory (parameters +
+gradients + optimizer state + saved activations, counted by :mod:`lmforge.train.memory`), seconds per step,
+tokens/s, saved file size, and steps to reach 95% of the method's best validation accuracy;
+``bench.png`` plots accuracy and memory per method (both written by :mod:`lmforge.apps.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lmforge.core.config import load_config, split_config_arg, to_dict
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.core.io import atomic_write_json
+
+# method name in the table -> the fine-tuning overrides that select it
+METHOD_ARGS: dict[str, list[str]] = {
+    "full": [],
+    "lora": ["peft.method=lora"],
+    "dora": ["peft.method=dora"],
+    "houlsby": ["peft.method=adapter", "peft.adapter_type=houlsby"],
+    "pfeiffer": ["peft.method=adapter", "peft.adapter_type=pfeiffer"],
+    "bitfit": ["peft.method=bitfit"],
+}
+
+
+@dataclass
+class BenchPeftConfig:
+    run_dir: str = "runs/bench-peft"
+    finetune: str = "configs/finetune-gpt2-sentiment.yaml"
+    """The fine-tuning config every run starts from (model, task, steps, full fine-tuning's lr)."""
+    methods: list[str] = field(default_factory=lambda: list(METHOD_ARGS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr: dict[str, float] = field(default_factory=dict)
+    """Learning rate per method; a method not named uses ``delta_lr`` (full: the fine-tuning config's)."""
+    delta_lr: Optional[float] = None
+    """Default learning rate of the delta methods (None: 5 x full fine-tuning's; deltas start at the base model
+    and need larger steps, as the LoRA and adapter papers use)."""
+    overrides: list[str] = field(default_factory=list)
+    """Extra ``key=value`` fine-tuning overrides for every run (e.g. ``max_steps=100``, ``model=runs/x``)."""
+    timeout_s: int = 3600
+    """Per-run time limit."""
+
+
+def _finetune_lr(cfg: BenchPeftConfig) -> float:
+    from lmforge.recipes.finetune import load_finetune_config
+
+    return load_finetune_config(cfg.finetune, list(cfg.overrides)).train.lr
+
+
+def _method_lr(cfg: BenchPeftConfig, method: str, full_lr: float) -> float:
+    if method in cfg.lr:
+        return float(cfg.lr[method])
+    if method == "full":
+        return full_lr
+    return float(cfg.delta_lr) if cfg.delta_lr is not None else 5.0 * full_lr
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _steps_to_95(rows: list[dict[str, Any]], key: str = "val_accuracy") -> int | None:
+    evals = [(r["step"], r[key]) for r in rows if key in r]
+    if not evals:
+        return None
+    best = max(v for _, v in evals)
+    return next(s for s, v in evals if v >= 0.95 * best)
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
+
+
+def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir) / "runs" / f"{method}-seed{seed}"
+    args = [sys.executable, "-m", "lmforge", "finetune", cfg.finetune, f"run_dir={run_dir}", f"seed={seed}",
+            "resume=false", "measure_memory=true", f"train.lr={lr}", *cfg.overrides, *METHOD_ARGS[method]]
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=cfg.timeout_s)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise LmforgeError(f"bench peft: the {method} run (seed {seed}) failed: {tail}; its command: "
+                           f"{' '.join(args[1:])}")
+    res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    steps = max((r["step"] for r in rows if "step" in r), default=0)
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    saved = res["delta"]["adapter_bytes"] if "delta" in res else _dir_bytes(run_dir / "model")
+    return {"method": method, "seed": seed, "lr": lr, "wall_s": time.perf_counter() - t0,
+            "val_accuracy": res.get("validation", {}).get("accuracy"), "test_accuracy": res.get("test", {}).get("accuracy"),
+            "trainable": res["trainable_params"], "total": res["total_params"], "memory": res.get("memory", {}),
+            "s_per_step": res["train_s"] / max(1, steps), "tokens_per_s": statistics.fmean(tps) if tps else None,
+            "saved_bytes": saved, "steps_to_95": _steps_to_95(rows), "family": res["family"], "task": res["task"]}
+
+
+def _mean(xs: list[Any]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        tests = [r["test_accuracy"] for r in rs if r["test_accuracy"] is not None]
+        mem = {k: _mean([r["memory"].get(k) for r in rs]) for k in ("parameters", "gradients", "optimizer",
+                                                                     "activations", "total")}
+        rows.append({"method": method, "lr": rs[0]["lr"], "seeds": len(rs), "trainable": rs[0]["trainable"],
+                     "trainable_pct": 100.0 * rs[0]["trainable"] / max(1, rs[0]["total"]),
+                     "val_accuracy": _mean([r["val_accuracy"] for r in rs]), "test_accuracy": _mean(tests),
+                     "test_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0, "memory": mem,
+                     "s_per_step": _mean([r["s_per_step"] for r in rs]),
+                     "tokens_per_s": _mean([r["tokens_per_s"] for r in rs]), "saved_bytes": rs[0]["saved_bytes"],
+                     "steps_to_95": _mean([r["steps_to_95"] for r in rs])})
+    return rows
+
+
+def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
+    unknown = [m for m in cfg.methods if m not in METHOD_ARGS]
+    if unknown:
+        raise ConfigError(f"methods: {unknown} are not benchmarkable methods; valid: {', '.join(METHOD_ARGS)}")
+    if not Path(cfg.finetune).is_file():
+        raise ConfigError(f"finetune='{cfg.finetune}' is not a file; point it at a fine-tuning config "
+                          f"(e.g. configs/finetune-gpt2-sentiment.yaml)")
+    full_lr = float(cfg.lr.get("full", _finetune_lr(cfg)))
+    runs = []
+    total = len(cfg.methods) * len(cfg.seeds)
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            lr = _method_lr(cfg, method, full_lr)
+            print(f"[{len(runs) + 1}/{total}] {method}, seed {seed}, lr {lr:g}", file=sys.stderr, flush=True)
+            runs.append(_one_run(cfg, method, seed, lr))
+            print(f"    test accuracy {runs[-1]['test_accuracy']}, {runs[-1]['wall_s']:.0f} s", file=sys.stderr,
+                  flush=True)
+    rows = summarise(runs)
+    out = {"run_dir": cfg.run_dir, "family": runs[0]["family"], "task": runs[0]["task"], "summary": rows,
+           "runs": runs, "config": to_dict(cfg)}
+    atomic_write_json(Path(cfg.run_dir) / "bench.json", out)
+    return out
+
+
+def run_bench_peft(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+    cfg = load_config(BenchPeftConfig, *split_config_arg(config_path, overrides))
+    return bench_peft(cfg)

@@ -1,0 +1,55 @@
+"""`lmforge merge`: a base model + a delta (LoRA/DoRA in PEFT's format, or lmforge's BitFit/modules format)
+-> one plain Hugging Face model directory with the delta baked in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.core.errors import ModelError
+from lmforge.delta import load_delta, merge_delta, read_delta_meta
+
+
+def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) -> Any:
+    """Wrap ``base`` in the classifier the delta was trained with (its head is part of the delta)."""
+    from safetensors import safe_open
+
+    from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
+
+    task_type = None
+    if (adapter / "adapter_config.json").is_file():
+        task_type = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+    labels = meta.get("id2label")
+    if task_type not in ("SEQ_CLS", "TOKEN_CLS") and not labels:
+        return base
+    if not labels:  # a PEFT classifier adapter without lmforge's metadata: transformers' LABEL_i names
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+            rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(("score.weight", "classifier.weight"))]
+        if not rows:
+            raise ModelError(f"'{adapter}' is a {task_type} adapter without its head weights; it cannot be merged "
+                             f"into a classifier")
+        labels = [f"LABEL_{i}" for i in range(rows[0])]
+    elif isinstance(labels, dict):
+        labels = [labels[str(i)] for i in range(len(labels))]
+    cls = TokenClassifier if task_type == "TOKEN_CLS" else SequenceClassifier
+    if isinstance(base, cls) and base.num_labels == len(labels):
+        return base  # a classifier checkpoint: its head is replaced by the delta's
+    model = cls(getattr(base, "backbone", base), labels)
+    if model.family in ("gpt2", "llama") and tokenizer is not None:
+        ensure_pad_token(model, tokenizer)  # as fine-tuning did, so the base matches the one the delta saw
+    return model
+
+
+def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_base: bool = True) -> Path:
+    from lmforge.models.hf import load_model, save_model
+    from lmforge.recipes.finetune import resolve_model_dir
+
+    base_dir, adapter = resolve_model_dir(str(base_dir)), Path(adapter_dir)
+    base, tokenizer = load_model(base_dir)
+    meta = read_delta_meta(adapter)
+    model = _task_model(base, tokenizer, adapter, meta)
+    load_delta(model, adapter, check_base=check_base)
+    merge_delta(model)
+    model.requires_grad_(False)
+    return save_model(model.eval(), out_dir, tokenizer=tokenizer)

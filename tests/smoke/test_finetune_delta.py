@@ -1,0 +1,116 @@
+"""`lmforge finetune peft.method=...` end to end on small random transformers checkpoints: the delta trains with
+the backbone frozen, the adapter dir is PEFT's format (LoRA/DoRA) and loads in PEFT on the transformers model
+with the fine-tuned model's logits, the merged model loads in plain transformers, `lmforge merge` rebuilds it
+from base + adapter, and a bad method or target is a one-line error."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.smoke.test_cli import assert_clean_error
+from tests.smoke.test_finetune import TEXTS, _finetune, hf_dirs  # noqa: F401  (fixture)
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def _batch(tok, family):
+    from lmforge.data.task_objectives import ClassificationObjective
+
+    obj = ClassificationObjective(tok, family, {"neg": 0, "pos": 1}, 64)
+    return obj.collate([obj.encode({"text": t, "label": "pos"}) for t in TEXTS[:3] + ["good"]])
+
+
+def test_lora_classifier_adapter_loads_in_peft(hf_dirs, tmp_path):  # noqa: F811
+    data = hf_dirs / "data"
+    run = tmp_path / "run"
+    res = _finetune(run, hf_dirs / "gpt2", "task.name=null", f"task.train={data / 'cls.jsonl'}",
+                    f"task.test={data / 'cls_test.jsonl'}", "peft.method=lora", "peft.r=4", "train.lr=5e-3")
+    d = res["delta"]
+    assert d["method"] == "lora" and 0 < d["percent"] < 50 and d["lora_layers"] == 2
+    assert res["trainable_params"] == d["trainable"]
+    pc = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert pc["task_type"] == "SEQ_CLS" and pc["target_modules"] == ["c_attn"]
+    assert "Delta tuning **lora**" in (run / "report.md").read_text()
+
+    from lmforge.models.hf import load_model
+
+    merged, tok = load_model(run / "model")  # the merged classifier: a plain checkpoint
+    batch = _batch(tok, "gpt2")
+    with torch.no_grad():
+        want = merged.eval()(batch["input_ids"], attention_mask=batch["attention_mask"])
+    # PEFT on the transformers base: the base as fine-tuning saw it (pad token added -> one more embedding row)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dirs / "gpt2", num_labels=2)
+    base.resize_token_embeddings(tok.vocab_size)
+    base.config.pad_token_id = tok.pad_id
+    got = peft.PeftModel.from_pretrained(base, run / "adapter").eval()
+    with torch.no_grad():
+        theirs = got(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(theirs, want, rtol=1e-5, atol=1e-5)
+
+    proc = run_cli("merge", "--base", str(hf_dirs / "gpt2"), "--adapter", str(run / "adapter"), "--out",
+                   str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   want, rtol=1e-5, atol=1e-5)
+
+
+def test_bitfit_on_bert_and_dora_on_t5(hf_dirs, tmp_path):  # noqa: F811
+    data = hf_dirs / "data"
+    res = _finetune(tmp_path / "b", hf_dirs / "bert", "task.name=null", f"task.train={data / 'cls.jsonl'}",
+                    "peft.method=bitfit")
+    assert res["delta"]["method"] == "bitfit" and res["delta"]["percent"] < 10
+    meta = json.loads((tmp_path / "b" / "adapter" / "delta_config.json").read_text())
+    assert meta["format"] == "lmforge-delta" and len(meta["base_fingerprint"]) == 64
+    qa = data / "qa.jsonl"
+    res = _finetune(tmp_path / "t", hf_dirs / "t5", "task.name=null", f"task.train={qa}", "max_new_tokens=4",
+                    "peft.method=dora", "peft.r=2")
+    assert res["delta"]["lora_layers"] == 12 and res["mode"] == "seq2seq"  # q, v of 2 enc + 2x2 dec attentions
+    assert json.loads((tmp_path / "t" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_bad_delta_settings_are_one_line_errors(hf_dirs, tmp_path):  # noqa: F811
+    data = hf_dirs / "data"
+    common = ["task.name=null", f"task.train={data / 'cls.jsonl'}"]
+    proc = run_cli("finetune", f"run_dir={tmp_path / 'a'}", f"model={hf_dirs / 'gpt2'}", *common, "peft.method=lorra")
+    assert_clean_error(proc, "peft.method: 'lorra' is not a delta method")
+    proc = run_cli("finetune", f"run_dir={tmp_path / 'b'}", f"model={hf_dirs / 'gpt2'}", *common, "peft.method=lora",
+                   "peft.target_modules=[q_proj]")
+    assert_clean_error(proc, "matches no Linear layer")
+
+
+def test_bench_peft_table_memory_and_sizes(hf_dirs, tmp_path):  # noqa: F811
+    data = hf_dirs / "data"
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(f"model: {hf_dirs / 'gpt2'}\ntask:\n  name: null\n  train: {data / 'cls.jsonl'}\n"
+                   f"  test: {data / 'cls_test.jsonl'}\n", encoding="utf-8")
+    fast = "[" + ",".join(x for x in ("max_steps=6", "train.global_batch_size=8", "train.eval_every=3",
+                                      "train.ckpt_every=3", "train.tensorboard=false", "eval_batch_size=16")) + "]"
+    proc = run_cli("bench", "peft", f"run_dir={tmp_path / 'bench'}", f"finetune={cfg}",
+                   "methods=[full,lora,houlsby,bitfit]", "seeds=[0]", f"overrides={fast}", "lr={full: 0.001}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    rows = {r["method"]: r for r in out["summary"]}
+    assert list(rows) == ["full", "lora", "houlsby", "bitfit"]
+    assert rows["full"]["lr"] == 0.001 and rows["lora"]["lr"] == pytest.approx(0.005)
+    # trainable counts: full trains everything; each delta far less
+    assert rows["full"]["trainable_pct"] == pytest.approx(100.0)
+    assert all(rows[m]["trainable"] < rows["full"]["trainable"] / 5 for m in ("lora", "houlsby", "bitfit"))
+    # counted memory: full fine-tuning needs the most (gradients + AdamW state for every weight)
+    mem = {m: r["memory"]["total"] for m, r in rows.items()}
+    assert max(mem, key=mem.get) == "full" and all(v > 0 for v in mem.values())
+    assert rows["lora"]["memory"]["optimizer"] == 8 * rows["lora"]["trainable"]
+    # each saved delta's size is its saved parameters (+ small json files)
+    from safetensors import safe_open
+
+    run = tmp_path / "bench" / "runs" / "bitfit-seed0" / "adapter"
+    with safe_open(str(run / "delta.safetensors"), "pt") as f:
+        n_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+    assert n_bytes <= (run / "delta.safetensors").stat().st_size <= n_bytes + 16384
+    report = (tmp_path / "bench" / "report.md").read_text()
+    assert "houlsby" in report and "Test accuracy vs full fine-tuning" in report
+    assert (tmp_path / "bench" / "bench.png").is_file()
