@@ -22,28 +22,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, matmul_ceiling, median_time  # noqa: E402
+from common import add_gpt2_shape_args, apply_quick, machine, matmul_ceiling, median_time, lm_loss_pair  # noqa: E402
 
 from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
 from lmforge.models.flops import flops_per_token  # noqa: E402
-from lmforge.models.heads import chunked_cross_entropy  # noqa: E402
 from lmforge.models.hf import save_model  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--d-model", type=int, default=384)
-    ap.add_argument("--heads", type=int, default=6)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and 3 steps (smoke run)")
+    add_gpt2_shape_args(ap)
     ap.add_argument("--check", action="store_true", help="exit 1 if the ratio < 1.0 or MFU < 60%% of the ceiling")
     args = ap.parse_args()
-    if args.quick:
-        args.layers, args.d_model, args.heads, args.seq, args.batch, args.vocab, args.steps = 2, 64, 2, 32, 2, 512, 3
+    apply_quick(args)
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -53,21 +44,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(ours, tmp)
         ref = GPT2LMHeadModel.from_pretrained(tmp, attn_implementation="sdpa").train()
-    window = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
-    inputs = window[:, :-1].contiguous()
-    # transformers shifts labels inside and drops the last position's target; give lmforge the same targets.
-    labels_ours = window[:, 1:].clone()
-    labels_ours[:, -1] = -100
-
-    def loss_ours() -> torch.Tensor:
-        total, n = chunked_cross_entropy(ours(inputs), ours.lm_head, labels_ours)
-        return total / n
-
-    def loss_ref() -> torch.Tensor:
-        return ref(input_ids=inputs, labels=inputs).loss
-
-    l0, l1 = loss_ours(), loss_ref()
-    torch.testing.assert_close(l0, l1, rtol=1e-5, atol=1e-5)
+    loss_ours, loss_ref = lm_loss_pair(ours, ref, args.vocab, args.batch, args.seq)
+    l0, l1 = loss_ours().detach(), loss_ref().detach()
     fused = {"fused": True}
     try:
         opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -50,3 +51,43 @@ def matmul_ceiling(n: int = 2048, dtype: torch.dtype = torch.float32, device: st
     b = torch.randn(n, n, dtype=dtype, device=device)
     med, _ = median_time(lambda: torch.mm(a, b), reps, warmup=2)
     return 2 * n**3 / med
+
+
+def add_gpt2_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The GPT-2 benchmark shape (6 layers, d=384, seq 256, batch 8, vocab 8192) and ``--quick``."""
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=384)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and 3 steps (smoke run)")
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.layers, args.d_model, args.heads, args.seq, args.batch, args.vocab, args.steps = 2, 64, 2, 32, 2, 512, 3
+
+
+def lm_loss_pair(ours: torch.nn.Module, ref: torch.nn.Module, vocab: int, batch: int, seq: int
+                 ) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """Mean next-token losses of an lmforge decoder and a transformers causal LM on one random batch, with the
+    same targets (transformers shifts labels inside and drops the last position's target), asserted equal."""
+    from lmforge.models.heads import chunked_cross_entropy
+
+    window = torch.randint(0, vocab, (batch, seq + 1))
+    inputs = window[:, :-1].contiguous()
+    labels_ours = window[:, 1:].clone()
+    labels_ours[:, -1] = -100
+
+    def loss_ours() -> torch.Tensor:
+        total, n = chunked_cross_entropy(ours(inputs), ours.lm_head, labels_ours)
+        return total / n
+
+    def loss_ref() -> torch.Tensor:
+        return ref(input_ids=inputs, labels=inputs).loss
+
+    torch.testing.assert_close(loss_ours(), loss_ref(), rtol=1e-5, atol=1e-5)
+    return loss_ours, loss_ref
+

@@ -10,17 +10,22 @@ with a Linear (gpt2 ``c_proj``, llama ``o_proj``/``down_proj``, bert ``attention
 t5 ``o``/``wo``), so the adapter wraps that Linear: no model code changes, base keys unchanged, adapter keys
 ``<linear>.adapter_down.weight`` etc.
 
-Near-identity start (paper §3.6): both projections ~ N(0, 1e-2²) truncated at two standard deviations, biases
-zero, so the adapted model starts within ~1e-4 of the base.
+Identity start: ``down`` is Kaiming-uniform (nn.Linear's default) and ``up`` zero, with zero biases, so the
+adapted model starts exactly at the base and ``up`` gets a useful gradient from the first step (the
+initialisation He et al. 2022, arXiv:2110.04366, use for adapters, as LoRA does for its B).  Houlsby et al.'s
+"near-identity" N(0, 1e-2²) for both projections makes every gradient a product of two ~1e-2 factors; in
+measurements on the tiny GPT-2 (world sentiment, 200 steps) adapters so initialised stayed at chance.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.layers import Linear
+from lmforge.delta.layer import DeltaLinear
 
 # (attention-output Linear, feed-forward-output Linear) per family; lists follow PEFT's matching rule, a
 # string is a regex (bert's FFN output 'output.dense' must not also match 'attention.output.dense').
@@ -32,7 +37,7 @@ ADAPTER_SITES = {
 }
 
 
-class AdapterLinear(Linear):
+class AdapterLinear(DeltaLinear):
     """A Linear whose output passes through a bottleneck adapter: ``y + up(relu(down(y)))``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bottleneck: int = 16,
@@ -45,32 +50,13 @@ class AdapterLinear(Linear):
         self.adapter_up = nn.Linear(self.bottleneck, out_features, device=device, dtype=dtype)
         self.reset_delta()
 
-    @classmethod
-    def wrap(cls, base: nn.Linear, bottleneck: int) -> "AdapterLinear":
-        """An adapter layer that takes over ``base``'s weight and bias Parameters (shared, not copied)."""
-        with torch.device("meta"):
-            new = cls(base.in_features, base.out_features, base.bias is not None, bottleneck=bottleneck,
-                      std=getattr(base, "std", 0.02))
-        new.weight, new.bias = base.weight, base.bias
-        dev, dt = base.weight.device, base.weight.dtype
-        new.adapter_down.to_empty(device=dev).to(dt)
-        new.adapter_up.to_empty(device=dev).to(dt)
-        if dev.type != "meta":
-            new.reset_delta()
-        new.train(base.training)
-        return new
-
     def reset_delta(self) -> None:
         if self.adapter_down.weight.is_meta:
             return
-        for lin in (self.adapter_down, self.adapter_up):
-            nn.init.trunc_normal_(lin.weight, std=1e-2, a=-2e-2, b=2e-2)
-            nn.init.zeros_(lin.bias)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "adapter_down"):
-            self.reset_delta()
+        nn.init.kaiming_uniform_(self.adapter_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.adapter_down.bias)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)

@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.delta.layer import DeltaLinear
 from lmforge.models.layers import Linear
 
 
-class LoRALinear(Linear):
-    """A Linear with a LoRA (or DoRA) branch; built from the Linear it replaces with :meth:`wrap`."""
+class LoRALinear(DeltaLinear):
+    """A Linear with a LoRA (or DoRA) branch; built from the Linear it replaces with ``LoRALinear.wrap(linear, r=...)``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, rslora: bool = False, dora: bool = False, std: float = 0.02,
@@ -51,24 +52,6 @@ class LoRALinear(Linear):
         self._merge_scale: torch.Tensor | None = None  # DoRA: m / ‖W'‖ at merge time, to unmerge exactly
         self.reset_delta()
 
-    @classmethod
-    def wrap(cls, base: nn.Linear, **kw) -> "LoRALinear":
-        """A LoRA layer that takes over ``base``'s weight and bias Parameters (shared, not copied)."""
-        with torch.device("meta"):
-            new = cls(base.in_features, base.out_features, base.bias is not None,
-                      std=getattr(base, "std", 0.02), **kw)
-        new.weight = base.weight
-        new.bias = base.bias
-        dev, dt = base.weight.device, base.weight.dtype
-        for name in ("lora_A", "lora_B"):
-            getattr(new, name).to_empty(device=dev).to(dt)
-        if new.dora:
-            new.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, device=dev, dtype=dt))
-        if dev.type != "meta":
-            new.reset_delta()
-        new.train(base.training)
-        return new
-
     # ---- initialisation ---------------------------------------------------------------------------
     def reset_delta(self) -> None:
         """A ~ Kaiming-uniform(a=√5) (U(±1/√in), nn.Linear's default), B = 0; DoRA's m = ‖W‖_row."""
@@ -79,11 +62,6 @@ class LoRALinear(Linear):
         if self.dora:
             with torch.no_grad():
                 self.lora_magnitude_vector.copy_(self._adapted_weight().norm(dim=1))
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if hasattr(self, "lora_A"):  # Linear.__init__ calls this before the branch exists
-            self.reset_delta()
 
     # ---- the math ---------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
