@@ -2,7 +2,8 @@
 
 Same weights (lmforge's model saved as an HF checkpoint and loaded by transformers), same LoRA (r=8, alpha=16,
 targets ``c_attn``, dropout 0), same batch; the first-step losses are asserted equal.  Both run forward +
-backward + AdamW step (over the LoRA parameters only) + zero_grad; the median of >= 10 steps is reported
+backward + AdamW step (over the LoRA parameters only) + zero_grad; the two are timed in turn (A, B, A, B), each
+reported as the better of its two medians over >= 10 steps
 with the ratio (PEFT time / lmforge time: > 1 means lmforge is faster).  Memory is counted the same way for
 both (lmforge.train.memory): parameters + gradients + AdamW state + the bytes autograd saves for backward.
 
@@ -22,7 +23,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_gpt2_shape_args, apply_quick, machine, median_time, lm_loss_pair  # noqa: E402
+from common import add_gpt2_shape_args, apply_quick, machine, lm_loss_pair, paired_times  # noqa: E402
 
 from lmforge.delta import DeltaConfig, apply_delta  # noqa: E402
 from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
@@ -89,10 +90,7 @@ def main() -> int:
 
     mem_ours = measure_training_memory(ours, _LossOf(loss_ours), {})
     mem_ref = measure_training_memory(ref, _LossOf(loss_ref), {})
-    t_ours, _ = median_time(lambda: step(loss_ours, opt_ours), args.steps)
-    t_ref, _ = median_time(lambda: step(loss_ref, opt_ref), args.steps)
-    t_ours2, _ = median_time(lambda: step(loss_ours, opt_ours), args.steps, warmup=0)  # interleave against drift
-    t_ours = min(t_ours, t_ours2)
+    t_ours, t_ref = paired_times(lambda: step(loss_ours, opt_ours), lambda: step(loss_ref, opt_ref), args.steps)
     tokens = args.batch * args.seq
     result = {
         "benchmark": "lora_step", "machine": machine(),

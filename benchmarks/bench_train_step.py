@@ -2,7 +2,8 @@
 
 Before timing, lmforge's weights are saved as an HF checkpoint and loaded into GPT2LMHeadModel (sdpa
 attention, dropout 0 in both), and the first-step losses are asserted equal.  Then both run
-forward + backward + AdamW step + zero_grad; the median of >= 10 steps is reported, with tokens/s, the
+forward + backward + AdamW step + zero_grad; the two are timed in turn (A, B, A, B), each
+reported as the better of its two medians over >= 10 steps, with tokens/s, the
 ratio (transformers time / lmforge time: > 1 means lmforge is faster) and lmforge's MFU against a
 large-matmul ceiling measured in the same run (FLOPs per token 6N + 12·L·d·T, lmforge.models.flops).
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_gpt2_shape_args, apply_quick, machine, matmul_ceiling, median_time, lm_loss_pair  # noqa: E402
+from common import add_gpt2_shape_args, apply_quick, machine, matmul_ceiling, lm_loss_pair, paired_times  # noqa: E402
 
 from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
 from lmforge.models.flops import flops_per_token  # noqa: E402
@@ -60,10 +61,7 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
 
     ceiling = matmul_ceiling()
-    t_ours, _ = median_time(lambda: step(loss_ours, opt_ours), args.steps)
-    t_ref, _ = median_time(lambda: step(loss_ref, opt_ref), args.steps)
-    t_ours2, _ = median_time(lambda: step(loss_ours, opt_ours), args.steps, warmup=0)  # interleave against drift
-    t_ours = min(t_ours, t_ours2)
+    t_ours, t_ref = paired_times(lambda: step(loss_ours, opt_ours), lambda: step(loss_ref, opt_ref), args.steps)
     tokens = args.batch * args.seq
     flops = flops_per_token(cfg, args.seq) * tokens
     mfu = flops / t_ours / ceiling

@@ -91,3 +91,13 @@ def lm_loss_pair(ours: torch.nn.Module, ref: torch.nn.Module, vocab: int, batch:
     torch.testing.assert_close(loss_ours(), loss_ref(), rtol=1e-5, atol=1e-5)
     return loss_ours, loss_ref
 
+
+def paired_times(fn_a: Callable[[], None], fn_b: Callable[[], None], steps: int) -> tuple[float, float]:
+    """Median step time of two contenders measured A, B, A, B (each round ``steps`` steps, 2 warm-up steps
+    the first time); each gets the better of its two medians, so load drift hits both alike."""
+    a1, _ = median_time(fn_a, steps)
+    b1, _ = median_time(fn_b, steps)
+    a2, _ = median_time(fn_a, steps, warmup=0)
+    b2, _ = median_time(fn_b, steps, warmup=0)
+    return min(a1, a2), min(b1, b2)
+

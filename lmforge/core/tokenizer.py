@@ -302,8 +302,10 @@ class Tokenizer:
         ``add_prefix_space``).  A fine-tuned model that must copy a word from its input into its output
         then copies the very same token ids."""
         bare = self._hf.encode("a", add_special_tokens=False).ids
-        spaced = self._hf.encode(" a", add_special_tokens=False).ids
-        return " " if len(spaced) == len(bare) and spaced != bare else ""
+        first = self._hf.id_to_token(bare[0]) if bare else ""
+        if first.startswith(("\u2581", "\u0120")):  # "▁a" / "Ġa": the tokenizer marks the first word itself
+            return ""
+        return " " if self._hf.encode(" a", add_special_tokens=False).ids != bare else ""
 
     @property
     def fingerprint(self) -> str:

@@ -26,6 +26,7 @@ from torch import nn
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.delta.adapter import ADAPTER_SITES, AdapterLinear
 from lmforge.delta.config import DEFAULT_TARGETS, DeltaConfig
+from lmforge.delta.layer import DeltaLinear
 from lmforge.delta.lora import LoRALinear
 
 
@@ -185,15 +186,15 @@ def _is_norm(module: nn.Module) -> bool:
 
 def adapter_targets(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     """The Linear layers ending the sublayers an adapter follows (attention and FFN for Houlsby, FFN for
-    Pfeiffer), from ``ADAPTER_SITES`` or, for other models, ``target_modules``."""
+    Pfeiffer), from ``ADAPTER_SITES``, or ``adapter_modules`` when set."""
     fam = family_of(model)
-    if cfg.target_modules is not None:
-        sites = [cfg.target_modules]
+    if cfg.adapter_modules is not None:
+        sites = [cfg.adapter_modules]
     elif fam in ADAPTER_SITES:
         attn, ffn = ADAPTER_SITES[fam]
         sites = [attn, ffn] if cfg.adapter_type == "houlsby" else [ffn]
     else:
-        raise ConfigError(f"peft.target_modules is required for adapters on a model of family {fam!r}: name the "
+        raise ConfigError(f"peft.adapter_modules is required for adapters on a model of family {fam!r}: name the "
                           f"Linear layers whose outputs the adapters follow")
     found = []
     for path, module in model.named_modules():
@@ -204,7 +205,15 @@ def adapter_targets(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     if not found:
         raise ConfigError(f"peft: no Linear layer for adapters matches {sites!r}; Linear layers are named like "
                           f"{_linear_examples(model)}")
+    _refuse_twice(model, found, "adapter")
     return found
+
+
+def _refuse_twice(model: nn.Module, paths: list[str], method: str) -> None:
+    taken = [p for p in paths if isinstance(model.get_submodule(p), DeltaLinear)]
+    if taken:
+        raise ConfigError(f"peft: {taken[:2]} already carry a LoRA layer; give {method} other layers "
+                          f"(peft.adapter_modules / peft.target_modules)")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -40,6 +40,10 @@ class DeltaConfig:
     the paper); pfeiffer: after the feed-forward only."""
     reduction_factor: int = 16
     """Adapter bottleneck = d_model / reduction_factor (rounded down, at least 1)."""
+    adapter_modules: Optional[Union[list[str], str]] = None
+    """Adapters: the Linear layers whose outputs they follow (matched like target_modules).  None: the
+    family's attention-output and FFN-output layers (gpt2 attn.c_proj/mlp.c_proj, llama o_proj/down_proj, bert
+    attention.output.dense/output.dense, t5 o/wo)."""
     adapter_size: Optional[int] = None
     """Adapter bottleneck size; overrides reduction_factor."""
     bitfit_norms: bool = False

@@ -87,7 +87,9 @@ class LoRALinear(DeltaLinear):
         # DoRA: (m / ‖W + sBA‖) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b, the norm detached (paper §4.3).  Written as
         # base(x) + (scale - 1) ⊙ dropout(x) Wᵀ + scale ⊙ lora so that, without dropout, it is exactly that,
         # and with dropout the dropped input feeds only the learned part (as PEFT does).
-        scale = self.lora_magnitude_vector / self._adapted_weight().norm(dim=1).detach()
+        with torch.no_grad():  # detached (no graph: nothing saved for a backward that never uses it)
+            norm = self._adapted_weight().norm(dim=1)
+        scale = self.lora_magnitude_vector / norm
         return super().forward(x) + (scale - 1) * F.linear(dx, self.weight) + scale * lora
 
     # ---- merging ----------------------------------------------------------------------------------

@@ -47,10 +47,12 @@ _TASK_TYPES = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS", 
 
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the names, shapes and bytes of the *frozen* parameters (the base a delta was trained on;
-    biases trained by BitFit and the head are excluded, as they are part of the delta)."""
+    what the delta trains -- BitFit's biases, norms, LoRA/adapter weights -- and the task head, which is always
+    saved with the delta, are excluded)."""
     h = hashlib.sha256()
+    head = getattr(model, "head_name", None)
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad or ".lora_" in name:
+        if p.requires_grad or ".lora_" in name or ".adapter_" in name or (head and name.startswith(head + ".")):
             continue
         t = p.detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(t.shape)};".encode())
@@ -72,14 +74,26 @@ def _peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer.dora:
             out[f"{base}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     head = getattr(model, "head_name", None)
-    if head is not None and getattr(model, head).weight.requires_grad:
+    if head is not None:  # trained or not, the head is part of what rebuilds the classifier
         for pname, p in getattr(model, head).named_parameters():
             out[f"{PEFT_PREFIX}{head}.{pname}"] = p
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def _leaf_targets(paths: list[str]) -> list[str]:
-    return sorted({p.rsplit(".", 1)[-1] for p in paths})
+def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
+    """PEFT's ``target_modules`` for the LoRA layers at ``paths``: their leaf names when those select exactly
+    these layers in the transformers model (``["c_attn"]``), else the full transformers paths (PEFT's list rule
+    matches a path equal to an entry), so reloading never adapts a layer that was not trained."""
+    hf = sorted(hf_path(model, p) for p in paths)
+    leaves = {p.rsplit(".", 1)[-1] for p in hf}
+    same_leaf = set()
+    for name, module in model.named_modules():
+        if name and isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in leaves:
+            try:
+                same_leaf.add(hf_path(model, name))
+            except Exception:  # noqa: BLE001  (a module without a transformers name cannot be selected there)
+                continue
+    return sorted(leaves) if same_leaf == set(hf) else hf
 
 
 def save_delta(model: nn.Module, path: str | Path, cfg: DeltaConfig, base_model: str | None = None) -> Path:
@@ -91,22 +105,30 @@ def save_delta(model: nn.Module, path: str | Path, cfg: DeltaConfig, base_model:
     family = getattr(getattr(model, "config", None), "family", None)
     meta = {"method": "+".join(methods), "peft": dataclasses.asdict(cfg), "family": family,
             "base_fingerprint": base_fingerprint(model), "base_model": base_model,
-            "id2label": {str(k): v for k, v in getattr(model, "id2label", {}).items()} or None}
+            "id2label": {str(k): v for k, v in getattr(model, "id2label", {}).items()} or None,
+            "model_class": type(model).__name__,
+            "vocab_size": getattr(getattr(model, "config", None), "vocab_size", None)}
     layers = lora_layers(model)
-    if _is_peft_expressible(model, methods):
+    peft = _is_peft_expressible(model, methods)
+    for stale in (("delta.safetensors", "delta_config.json") if peft else
+                  ("adapter_model.safetensors", "adapter_config.json", "lmforge_delta.json")):
+        (d / stale).unlink(missing_ok=True)  # a reused directory must not keep the other format's files
+    if peft:
         task_type = _TASK_TYPES.get(type(model).__name__)
         first = next(iter(layers.values()))
         config = {"peft_type": "LORA", "task_type": task_type, "r": first.r, "lora_alpha": first.alpha,
                   "lora_dropout": cfg.dropout, "use_rslora": first.rslora, "use_dora": first.dora,
-                  "target_modules": _leaf_targets([hf_path(model, p) for p in layers]), "bias": "none",
+                  "target_modules": _target_names(model, list(layers)), "bias": "none",
                   "fan_in_fan_out": family == "gpt2", "inference_mode": True, "init_lora_weights": True,
-                  "layers_to_transform": cfg.layers, "base_model_name_or_path": base_model,
+                  "base_model_name_or_path": base_model,
                   "modules_to_save": [model.head_name] if getattr(model, "head_name", None) else None}
         _save_safetensors(_peft_state(model), d / "adapter_model.safetensors")
         atomic_write_json(d / "adapter_config.json", config)
         atomic_write_json(d / "lmforge_delta.json", {"format": "peft", **meta})
     else:
-        state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        head = getattr(model, "head_name", None)
+        state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()
+                 if p.requires_grad or (head and n.startswith(head + "."))}
         _save_safetensors(state, d / "delta.safetensors")
         atomic_write_json(d / "delta_config.json", {"format": "lmforge-delta", **meta})
     return d
@@ -138,13 +160,18 @@ def _config_from_peft(pc: dict[str, Any], where: str) -> DeltaConfig:
     for key, ok in (("bias", "none"), ("lora_bias", False), ("layer_replication", None)):
         if pc.get(key, ok) not in (ok, None, {}, []):
             raise ModelError(f"{where}: field '{key}' = {pc[key]!r} is not supported (only {ok!r})")
-    if pc.get("rank_pattern") or pc.get("alpha_pattern"):
-        raise ModelError(f"{where}: rank_pattern/alpha_pattern (per-layer ranks) are not supported")
+    for key in ("rank_pattern", "alpha_pattern", "exclude_modules", "layers_pattern", "target_parameters",
+                "trainable_token_indices"):
+        if pc.get(key):
+            raise ModelError(f"{where}: field '{key}' = {pc[key]!r} is not supported; re-save the adapter without it")
+    layers = pc.get("layers_to_transform")
+    if isinstance(layers, int):
+        layers = [layers]
     targets = pc.get("target_modules")
     if isinstance(targets, str) and not targets:
         targets = None
     return DeltaConfig(method="dora" if pc.get("use_dora") else "lora", target_modules=targets,
-                       layers=pc.get("layers_to_transform"), r=int(pc.get("r", 8)),
+                       layers=layers, r=int(pc.get("r", 8)),
                        alpha=float(pc.get("lora_alpha", 8)), dropout=float(pc.get("lora_dropout", 0.0)),
                        rslora=bool(pc.get("use_rslora", False)))
 
@@ -165,6 +192,13 @@ def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> D
         if unknown:
             raise ModelError(f"'{d}/delta.safetensors' has tensors {unknown[:3]} this model does not have; "
                              f"load it onto the base it was trained from")
+        missing = [n for n, p in own.items() if p.requires_grad and n not in state]
+        if missing:
+            raise ModelError(f"'{d}/delta.safetensors' lacks {missing[:3]}; the delta is incomplete")
+        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+        if bad:
+            raise ModelError(f"'{d}/delta.safetensors': shapes differ from the model's: {bad[:2]}; load it onto the "
+                             f"model (and label count) it was trained with")
         with torch.no_grad():
             for k, v in state.items():
                 own[k].copy_(v)

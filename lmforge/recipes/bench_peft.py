@@ -81,6 +81,15 @@ def _steps_to_95(rows: list[dict[str, Any]], key: str = "val_accuracy") -> int |
     return next(s for s, v in evals if v >= 0.95 * best)
 
 
+def _s_per_step(rows: list[dict[str, Any]]) -> float | None:
+    """Median training time per step between consecutive log lines, leaving out intervals that ended with a
+    validation pass (so evaluation, loading and saving do not count)."""
+    logged = [r for r in rows if "elapsed_s" in r and "step" in r]
+    per = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(logged, logged[1:])
+           if b["step"] > a["step"] and not any(k.startswith("val_") for k in b)]
+    return statistics.median(per) if per else None
+
+
 def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
 
@@ -90,20 +99,23 @@ def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float) -> dict[st
     args = [sys.executable, "-m", "lmforge", "finetune", cfg.finetune, f"run_dir={run_dir}", f"seed={seed}",
             "resume=false", "measure_memory=true", f"train.lr={lr}", *cfg.overrides, *METHOD_ARGS[method]]
     t0 = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=cfg.timeout_s)
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        raise LmforgeError(f"bench peft: the {method} run (seed {seed}) took longer than timeout_s={cfg.timeout_s}; "
+                           f"raise timeout_s or lower max_steps in overrides") from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise LmforgeError(f"bench peft: the {method} run (seed {seed}) failed: {tail}; its command: "
                            f"{' '.join(args[1:])}")
     res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     rows = _read_jsonl(run_dir / "metrics.jsonl")
-    steps = max((r["step"] for r in rows if "step" in r), default=0)
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     saved = res["delta"]["adapter_bytes"] if "delta" in res else _dir_bytes(run_dir / "model")
     return {"method": method, "seed": seed, "lr": lr, "wall_s": time.perf_counter() - t0,
             "val_accuracy": res.get("validation", {}).get("accuracy"), "test_accuracy": res.get("test", {}).get("accuracy"),
             "trainable": res["trainable_params"], "total": res["total_params"], "memory": res.get("memory", {}),
-            "s_per_step": res["train_s"] / max(1, steps), "tokens_per_s": statistics.fmean(tps) if tps else None,
+            "s_per_step": _s_per_step(rows), "tokens_per_s": statistics.fmean(tps) if tps else None,
             "saved_bytes": saved, "steps_to_95": _steps_to_95(rows), "family": res["family"], "task": res["task"]}
 
 
@@ -130,6 +142,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
+    if not cfg.methods or not cfg.seeds:
+        raise ConfigError(f"methods={cfg.methods} and seeds={cfg.seeds} must each name at least one")
     unknown = [m for m in cfg.methods if m not in METHOD_ARGS]
     if unknown:
         raise ConfigError(f"methods: {unknown} are not benchmarkable methods; valid: {', '.join(METHOD_ARGS)}")

@@ -88,9 +88,9 @@ class FinetuneConfig:
     """Count training memory (parameters, gradients, optimizer state, saved activations of one micro-batch)
     before training; written to results.json (``lmforge bench peft`` turns it on)."""
     peft: DeltaConfig = field(default_factory=DeltaConfig)
-    """Delta tuning: ``peft.method=lora`` (dora, bitfit, modules; '+' combines) trains only the delta and the
-    head; the delta is saved to ``RUN_DIR/adapter`` (PEFT's format for LoRA/DoRA), the merged model to
-    ``RUN_DIR/model``."""
+    """Delta tuning: ``peft.method=lora`` (dora, adapter, bitfit, modules; '+' combines) trains only the delta and
+    the head; the delta is saved to ``RUN_DIR/adapter`` (PEFT's format for LoRA/DoRA), the merged model to
+    ``RUN_DIR/model`` (adapters do not merge: no ``model/``, load the base and the delta)."""
 
 
 # ---- building the pieces ------------------------------------------------------------------------
@@ -347,7 +347,9 @@ def _measure_memory(parts: FinetuneParts) -> dict[str, int]:
     device = next(parts.model.parameters()).device
     batch = {k: v.to(device) if hasattr(v, "to") else v
              for k, v in parts.objective.collate(parts.examples["train"][:n]).items()}
-    return measure_training_memory(parts.model, parts.objective, batch)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # RNG restored: a measured run trains as an unmeasured one
+        return measure_training_memory(parts.model, parts.objective, batch)
 
 
 def _example_row(rec: dict[str, Any], pred: Any) -> dict[str, Any]:

@@ -17,11 +17,16 @@ def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) 
 
     from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
 
-    task_type = None
-    if (adapter / "adapter_config.json").is_file():
+    task_type = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS"}.get(meta.get("model_class", ""))
+    if task_type is None and (adapter / "adapter_config.json").is_file():
         task_type = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
     labels = meta.get("id2label")
-    if task_type not in ("SEQ_CLS", "TOKEN_CLS") and not labels:
+    if task_type not in ("SEQ_CLS", "TOKEN_CLS"):
+        want = meta.get("vocab_size")
+        cfg = getattr(base, "config", None)
+        if want and cfg is not None and getattr(cfg, "family", None) in ("gpt2", "llama") and tokenizer is not None \
+                and cfg.vocab_size < want:
+            ensure_pad_token(base, tokenizer)  # the completion run added a pad token (one more embedding row)
         return base
     if not labels:  # a PEFT classifier adapter without lmforge's metadata: transformers' LABEL_i names
         with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
@@ -34,7 +39,9 @@ def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) 
         labels = [labels[str(i)] for i in range(len(labels))]
     cls = TokenClassifier if task_type == "TOKEN_CLS" else SequenceClassifier
     if isinstance(base, cls) and base.num_labels == len(labels):
-        return base  # a classifier checkpoint: its head is replaced by the delta's
+        base.id2label = {i: name for i, name in enumerate(labels)}  # the delta's labels, with its head
+        base.label2id = {name: i for i, name in base.id2label.items()}
+        return base
     model = cls(getattr(base, "backbone", base), labels)
     if model.family in ("gpt2", "llama") and tokenizer is not None:
         ensure_pad_token(model, tokenizer)  # as fine-tuning did, so the base matches the one the delta saw

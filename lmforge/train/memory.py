@@ -3,16 +3,18 @@
     parameters    every parameter's bytes (frozen ones included: they are resident)
     gradients     trainable parameters' bytes (one gradient each)
     optimizer     AdamW's two moments per trainable element, in fp32
-    activations   the bytes autograd saves for backward during one forward of a training batch, measured with
-                  ``torch.autograd.graph.saved_tensors_hooks`` (each storage counted once: views of one
-                  tensor and parameters saved by reference are not activations)
+    activations   the peak bytes autograd holds for backward during one forward of a training batch, measured
+                  with ``torch.autograd.graph.saved_tensors_hooks``: a storage counts while some saved tensor
+                  of a live graph refers to it (views of one tensor count once; parameters saved by reference
+                  are not activations; graphs freed inside the forward, e.g. a norm computed and detached,
+                  stop counting when freed)
 
-The activation figure is the peak of saved tensors, which is reached at the end of the forward pass (backward
-frees them).  On CUDA ``max_memory_allocated`` of the same step is reported beside it.
+On CUDA ``max_memory_allocated`` of the same step is reported beside it.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -32,13 +34,37 @@ def measure_training_memory(model: nn.Module, objective: Any, batch: dict[str, t
     out = {"parameters": sum(p.numel() * p.element_size() for p in params),
            "gradients": sum(p.numel() * p.element_size() for p in trainable),
            "optimizer": sum(2 * p.numel() * 4 for p in trainable)}
-    seen: dict[tuple[int, str], int] = {}
+    live: dict[tuple[int, str], list[int]] = {}  # storage -> [references from saved tensors, bytes]
+    usage = {"now": 0, "peak": 0}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    class _Held:  # what autograd keeps; its death (graph freed) releases the storage's count
+        __slots__ = ("t", "__weakref__")
+
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    def release(key: tuple[int, str]) -> None:
+        entry = live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            usage["now"] -= entry[1]
+            del live[key]
+
+    def pack(t: torch.Tensor) -> Any:
         key = _storage_key(t)
-        if key not in param_keys and key not in seen:
-            seen[key] = t.untyped_storage().nbytes()
-        return t
+        if key in param_keys:
+            return t
+        entry = live.setdefault(key, [0, t.untyped_storage().nbytes()])
+        if entry[0] == 0:
+            usage["now"] += entry[1]
+            usage["peak"] = max(usage["peak"], usage["now"])
+        entry[0] += 1
+        held = _Held(t)
+        weakref.finalize(held, release, key)
+        return held
+
+    def unpack(h: Any) -> torch.Tensor:
+        return h.t if isinstance(h, _Held) else h
 
     cuda = next(iter(params)).device.type == "cuda"
     if cuda:
@@ -46,9 +72,9 @@ def measure_training_memory(model: nn.Module, objective: Any, batch: dict[str, t
     was_training = model.training
     model.train()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             res = objective.loss(model, batch)
-        out["activations"] = sum(seen.values())
+        out["activations"] = usage["peak"]
         if res.loss_sum.requires_grad:
             res.loss_sum.backward()
         if cuda:

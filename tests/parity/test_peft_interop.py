@@ -142,5 +142,11 @@ def test_merge_command_gives_a_plain_transformers_model(tmp_path):
     assert main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(_theirs("gpt2_cls", merged), want, **TOL)
-    other = _base_dir("bert_cls", tmp_path / "x")
-    assert main(["merge", "--base", str(other), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m2")]) == 2
+    other = _lmforge("gpt2_cls").eval()  # same architecture, other weights: refused by fingerprint
+    _perturb(other, seed=7)
+    save_model(other, tmp_path / "other")
+    from tests.conftest import run_cli
+
+    proc = run_cli("merge", "--base", str(tmp_path / "other"), "--adapter", str(tmp_path / "adapter"), "--out",
+                   str(tmp_path / "m2"))
+    assert proc.returncode == 2 and "different base model" in proc.stderr and "Traceback" not in proc.stderr

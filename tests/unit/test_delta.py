@@ -306,3 +306,83 @@ def test_frozen_weights_stay_byte_identical_through_training(tmp_path):
     summary = apply_delta(fresh, s)
     direct = sum(2 * (32 + 96) for _ in range(2))  # per layer: A [2, 32] + B [96, 2] on c_attn
     assert summary.trainable == direct and str(f"{direct:,}") in summary.line()
+
+
+def test_counted_memory_orders_methods():
+    from lmforge.data.objectives import CausalLMObjective
+    from lmforge.train.memory import measure_training_memory
+
+    obj = CausalLMObjective(pad_id=0)
+    batch = obj.collate([IDS[0].tolist(), IDS[1].tolist()])
+    mem = {}
+    for method in ("none", "lora", "dora"):
+        model = model_of("gpt2")
+        apply_delta(model, DeltaConfig(method=method, r=2))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        mem[method] = measure_training_memory(model, obj, batch)
+        assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    trainable = sum(2 * (32 + 96) for _ in range(2))
+    assert mem["lora"]["gradients"] == 4 * trainable and mem["lora"]["optimizer"] == 8 * trainable
+    assert mem["none"]["gradients"] == mem["none"]["parameters"]  # full fine-tuning: every weight
+    assert mem["none"]["total"] > mem["lora"]["total"]
+    # DoRA keeps two more [B, T, out] products per layer for its magnitude's gradient (2 x 2 x 18 x 96 x 4 bytes)
+    assert 0 < mem["dora"]["activations"] - mem["lora"]["activations"] <= 2 * 2 * 18 * 96 * 4
+
+
+def test_review_edge_cases(tmp_path):
+    # a layer carries one delta: LoRA and adapters on the same Linear is refused, on different ones allowed
+    gpt = model_of("gpt2")
+    with pytest.raises(ConfigError, match="already carry a LoRA layer"):
+        apply_delta(gpt, DeltaConfig(method="lora+adapter", target_modules=["attn.c_proj"],
+                                     adapter_modules=["attn.c_proj"]))
+    both = model_of("gpt2")
+    s = apply_delta(both, DeltaConfig(method="lora+adapter"))
+    assert len(s.targets) == 2 and len(s.adapters) == 4 and len(lora_layers(both)) == 2
+    # PEFT target names: leaf names only when they select exactly the adapted layers
+    clf = SequenceClassifier(model_of("gpt2"), ["a", "b"]).eval()
+    cfg = DeltaConfig(method="lora", target_modules=["attn.c_proj"], r=2)
+    apply_delta(clf, cfg)
+    _train_a_bit(clf)
+    d = save_delta(clf, tmp_path / "a", cfg)
+    names = json.loads((d / "adapter_config.json").read_text())["target_modules"]
+    assert names == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]  # 'c_proj' would add mlp.c_proj
+    with torch.no_grad():
+        want = clf(IDS)
+    fresh = SequenceClassifier(model_of("gpt2"), ["a", "b"]).eval()
+    load_delta(fresh, d)
+    assert len(lora_layers(fresh)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS), want, rtol=0, atol=1e-6)
+    # saving the other format into the same dir removes the stale files
+    cfg2 = DeltaConfig(method="bitfit")
+    clf2 = SequenceClassifier(model_of("gpt2"), ["a", "b"])
+    apply_delta(clf2, cfg2)
+    save_delta(clf2, d, cfg2)
+    assert not (d / "adapter_config.json").exists() and (d / "delta_config.json").is_file()
+    # PEFT's integer layers_to_transform
+    from lmforge.delta.peft_format import _config_from_peft
+
+    assert _config_from_peft({"peft_type": "LORA", "layers_to_transform": 1}, "x").layers == [1]
+    with pytest.raises(ModelError, match="exclude_modules"):
+        _config_from_peft({"peft_type": "LORA", "exclude_modules": ["c_fc"]}, "x")
+
+
+def test_merge_rebuilds_a_token_classifier(tmp_path):
+    from lmforge.models.hf import load_model, save_model
+    from lmforge.models.task import TokenClassifier
+    from lmforge.recipes.merge import merge
+
+    base = model_of("bert").eval()
+    save_model(base, tmp_path / "base")
+    tok = TokenClassifier(model_of("bert"), ["O", "B-PER", "I-PER"]).eval()
+    cfg = DeltaConfig(method="bitfit")
+    apply_delta(tok, cfg)
+    _train_a_bit(tok)
+    with torch.no_grad():
+        want = tok(IDS)
+    save_delta(tok, tmp_path / "delta", cfg)
+    merge(tmp_path / "base", tmp_path / "delta", tmp_path / "out")
+    got, _ = load_model(tmp_path / "out")
+    assert isinstance(got, TokenClassifier) and got.id2label == {0: "O", 1: "B-PER", 2: "I-PER"}
+    with torch.no_grad():
+        torch.testing.assert_close(got.eval()(IDS), want, rtol=1e-5, atol=1e-5)
