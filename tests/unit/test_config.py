@@ -78,10 +78,16 @@ def test_shipped_configs_parse():
     from lmforge.recipes.finetune import FinetuneConfig
     from lmforge.recipes.pretrain import PretrainConfig
 
+    from lmforge.recipes.bench_peft import BenchPeftConfig
+    from lmforge.recipes.finetune import load_finetune_config
+
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("*.yaml")):
         if path.name == "pipeline.yaml":
             cfg = load_pipeline_config(str(path), [])
+        elif path.name.startswith("bench-peft-"):  # a benchmark: its fine-tuning config and overrides parse too
+            bench = load_config(BenchPeftConfig, path)
+            cfg = load_finetune_config(str(root.parent / bench.finetune), list(bench.overrides))
         else:
             cfg = load_config(FinetuneConfig if path.name.startswith("finetune-") else PretrainConfig, path)
         assert cfg.max_steps > 0, path
