@@ -11,7 +11,9 @@ from tests.conftest import ROOT, run_cli
 PIPELINES = {
     "gpt2": [],
     # the comparison in test_finetune_learns.py fine-tunes the bert model itself; t5's stage is smoke-tested
-    "bert": [str(ROOT / "configs/tiny-bert.yaml"), "max_steps=600", "finetune.enabled=false"],
+    # 900 pretraining steps: with 600, one CI run's pretrained fine-tunes were still climbing at step 800
+    # (seed 2: val 0.86 -> test 0.884) and the 3-seed mean fell to 0.942 under the 0.95 bar
+    "bert": [str(ROOT / "configs/tiny-bert.yaml"), "max_steps=900", "finetune.enabled=false"],
     "t5": [str(ROOT / "configs/tiny-t5.yaml"), "max_steps=300", "finetune.enabled=false"],
 }
 
