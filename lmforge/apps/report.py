@@ -140,7 +140,8 @@ def finetune_section(result: dict[str, Any]) -> str:
         body += ["", f"Delta tuning **{dl['method']}**: {dl['trainable']:,} of {dl['total']:,} parameters trained "
                  f"({dl['percent']:.3f}%); delta saved to `{dl['adapter_dir']}` ({dl['adapter_bytes'] / 1024:.1f} KiB)"
                  + (", the merged model to `model/`." if dl.get("merged", True) else
-                    " (adapters do not merge: load the base model and apply the delta with lmforge's load_delta).")]
+                    " (adapters, prompts, prefixes and ladders do not merge: load the base model and apply the delta with "
+                    "lmforge's load_delta, or PEFT's PeftModel for PEFT-format prompts and prefixes).")]
     if r.get("baselines"):
         body += ["", f"Baselines on the {r.get('baselines_split', 'test')} split:", "", markdown_table(_baseline_rows(r["baselines"]))]
     if r.get("test_examples"):

@@ -6,6 +6,12 @@
   the original weight and bias Parameters (state-dict keys unchanged) and trains only its low-rank branch;
 * ``adapter`` — a bottleneck adapter after the attention and FFN sublayers (Houlsby; norms train too) or
   after the FFN only (Pfeiffer), by wrapping the Linear that ends each sublayer (:mod:`lmforge.delta.adapter`);
+* ``ladder`` — a side network ``ladder_reduction`` times narrower, fed by the frozen backbone's hidden states
+  (:mod:`lmforge.delta.ladder`);
+* ``prefix`` — ``num_virtual_tokens`` keys/values in front of every attention layer's train
+  (:mod:`lmforge.delta.prefix`);
+* ``prompt`` — ``num_virtual_tokens`` soft-prompt vectors in front of the input embeddings train
+  (:mod:`lmforge.delta.prompt`);
 * ``bitfit`` — biases train (Ben Zaken et al. 2022, arXiv:2106.10199), and with ``bitfit_norms`` the norm gains;
 * ``modules`` — the named modules train in full (the "specification" family: chosen layers or modules);
 * the task head (``classifier``/``score``) trains unless ``train_head`` is off.
@@ -28,6 +34,9 @@ from lmforge.delta.adapter import ADAPTER_SITES, AdapterLinear
 from lmforge.delta.config import DEFAULT_TARGETS, DeltaConfig
 from lmforge.delta.layer import DeltaLinear
 from lmforge.delta.lora import LoRALinear
+from lmforge.delta.ladder import add_ladder, ladder_of
+from lmforge.delta.prefix import add_prefix, prefix_of
+from lmforge.delta.prompt import add_soft_prompt, soft_prompt_of
 
 
 @dataclass
@@ -118,15 +127,24 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def apply_delta(model: nn.Module, cfg: DeltaConfig) -> DeltaSummary | None:
-    """Freeze ``model`` and add/unfreeze what ``cfg`` names (in place); None when no method is set."""
+def apply_delta(model: nn.Module, cfg: DeltaConfig, tokenizer: Any = None) -> DeltaSummary | None:
+    """Freeze ``model`` and add/unfreeze what ``cfg`` names (in place); None when no method is set.
+    ``tokenizer``: needed only for a prompt initialised from text."""
     methods = cfg.methods
     if not methods:
         return None
-    if any(isinstance(m, (LoRALinear, AdapterLinear)) for m in model.modules()):
-        raise ConfigError("this model already carries a delta (LoRA/adapter layers); merge it (merge_delta) or start "
-                          "from the base model before applying another")
+    if any(isinstance(m, (LoRALinear, AdapterLinear)) for m in model.modules()) or soft_prompt_of(model) is not None \
+            or prefix_of(model) is not None or ladder_of(model) is not None:
+        raise ConfigError("this model already carries a delta (LoRA/adapter layers, a prompt, prefix or ladder); merge it "
+                          "(merge_delta) or start from the base model before applying another")
     model.requires_grad_(False)
+    if "prompt" in methods:
+        add_soft_prompt(model, cfg.num_virtual_tokens, cfg.prompt_init, cfg.prompt_init_text, tokenizer)
+    if "ladder" in methods:
+        add_ladder(model, cfg.ladder_reduction)
+    if "prefix" in methods:
+        add_prefix(model, cfg.num_virtual_tokens, cfg.prompt_init, cfg.prompt_init_text, tokenizer,
+                   projection=cfg.prefix_projection, projection_size=cfg.encoder_hidden_size)
     targets: list[str] = []
     if "lora" in methods or "dora" in methods:
         targets = lora_targets(model, cfg)
@@ -221,8 +239,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def mergeable(model: nn.Module) -> bool:
-    """True when :func:`merge_delta` can give back the original architecture (no adapters: they are nonlinear)."""
-    return not any(isinstance(m, AdapterLinear) for m in model.modules())
+    """True when :func:`merge_delta` can give back the original architecture (no adapters: they are nonlinear;
+    no soft prompt, prefix or side network: they are extra inputs or modules, not weight changes)."""
+    return (not any(isinstance(m, AdapterLinear) for m in model.modules()) and soft_prompt_of(model) is None
+            and prefix_of(model) is None and ladder_of(model) is None)
 
 
 def merge_delta(model: nn.Module) -> nn.Module:
@@ -230,7 +250,7 @@ def merge_delta(model: nn.Module) -> nn.Module:
     saves as an ordinary checkpoint.  BitFit / trained modules already live in the base weights.  Adapters
     cannot be merged (a ModelError)."""
     if not mergeable(model):
-        raise ModelError("bottleneck adapters are nonlinear and cannot be merged into the base weights; load the base "
+        raise ModelError("bottleneck adapters, soft prompts, prefixes and ladders cannot be merged into the base weights; load the base "
                          "and apply the delta with lmforge (load_delta) instead")
     for path, layer in lora_layers(model).items():
         _set_module(model, path, layer.to_linear())

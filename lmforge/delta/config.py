@@ -7,9 +7,8 @@ from typing import Literal, Optional, Union
 
 from lmforge.core.errors import ConfigError
 
-# Methods available now; "+" combines them (``lora+bitfit``).  Ladder side tuning, prefix and prompt tuning
-# are not in this version: naming one fails with this list.
-METHODS = ("none", "lora", "dora", "adapter", "bitfit", "modules")
+# Methods; "+" combines them (``lora+bitfit``).
+METHODS = ("none", "lora", "dora", "adapter", "ladder", "prefix", "prompt", "bitfit", "modules")
 
 # PEFT's default LoRA targets per model type (peft.utils.constants, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
@@ -19,7 +18,8 @@ DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": [
 @dataclass
 class DeltaConfig:
     method: str = "none"
-    """none | lora | dora | adapter | bitfit | modules, or several joined by '+' (e.g. adapter+bitfit)."""
+    """none | lora | dora | adapter | ladder | prefix | prompt | bitfit | modules, or several joined by '+' (e.g.
+    adapter+bitfit; ladder stands alone)."""
     target_modules: Optional[Union[list[str], str]] = None
     """LoRA/DoRA targets: module names matched as PEFT does (a list: the full path or its last parts equal an
     entry, e.g. 'c_attn' or 'attn.c_attn'; a string: a regex the whole path matches, tried on lmforge's and
@@ -46,6 +46,20 @@ class DeltaConfig:
     attention.output.dense/output.dense, t5 o/wo)."""
     adapter_size: Optional[int] = None
     """Adapter bottleneck size; overrides reduction_factor."""
+    num_virtual_tokens: int = 20
+    """Prompt and prefix tuning: number of soft-prompt vectors / prefix positions (PEFT's name)."""
+    prompt_init: Literal["vocab", "text", "random"] = "vocab"
+    """Prompt and prefix tuning's start: sampled vocabulary tokens, the tokens of prompt_init_text, or random.
+    A prompt starts as those tokens' embeddings, a prefix as the frozen model's keys/values for them."""
+    prompt_init_text: Optional[str] = None
+    """With prompt_init='text': the text whose tokens start the prompt / prefix."""
+    prefix_projection: bool = False
+    """Prefix tuning through the reparameterisation MLP (embedding -> Linear -> tanh -> Linear), folded into plain
+    prefixes at save."""
+    encoder_hidden_size: Optional[int] = None
+    """Width of the prefix MLP's hidden layer (PEFT's name); None: d_model."""
+    ladder_reduction: int = 8
+    """Ladder side tuning: the side network is this many times narrower than the backbone (the paper's r)."""
     bitfit_norms: bool = False
     """BitFit also trains the norm layers' weights (LayerNorm/RMSNorm gains)."""
     train_modules: list[str] = field(default_factory=list)
@@ -62,6 +76,11 @@ class DeltaConfig:
                                   f"(combine with '+', e.g. lora+bitfit)")
         if "none" in parts and len(parts) > 1:
             raise ConfigError(f"peft.method='{self.method}' combines 'none' with a method; drop 'none'")
+        if "ladder" in parts and len(parts) > 1:
+            raise ConfigError(f"peft.method='{self.method}': ladder side tuning stands alone (the backbone runs "
+                              f"without gradients, so nothing inside it can train); drop the other methods")
+        if "prefix" in parts and "prompt" in parts:
+            raise ConfigError("peft.method: use one of 'prefix' and 'prompt' (both add positions in front of the input)")
         if "lora" in parts and "dora" in parts:
             raise ConfigError("peft.method: 'dora' already is LoRA with a learned magnitude; use one of them")
         if "modules" in parts and not self.train_modules:

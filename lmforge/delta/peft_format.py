@@ -39,10 +39,18 @@ from lmforge.core.io import atomic_write_json
 from lmforge.delta.apply import apply_delta, lora_layers
 from lmforge.delta.config import DeltaConfig
 from lmforge.delta.names import hf_path, lmforge_path
+from lmforge.delta.prefix import prefix_of
+from lmforge.delta.prompt import soft_prompt_of
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # LoRA: PeftModel.base_model is a LoraModel holding the transformers model
+PROMPT_PREFIX = "base_model."  # prompt learning: PeftModel.base_model is the transformers model itself
 _TASK_TYPES = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS", "DecoderLM": "CAUSAL_LM",
                "EncoderDecoderLM": "SEQ_2_SEQ_LM"}
+
+
+# A classifier's backbone keeps its pretraining heads, which a transformers classifier checkpoint does not hold
+# (they are freshly initialised on every load) and which never touch the classifier's output.
+_UNUSED_IN_TASK_MODELS = ("backbone.predictions.", "backbone.seq_relationship.", "backbone.lm_head.")
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -52,7 +60,10 @@ def base_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     head = getattr(model, "head_name", None)
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad or ".lora_" in name or ".adapter_" in name or (head and name.startswith(head + ".")):
+        if p.requires_grad or ".lora_" in name or ".adapter_" in name \
+                or {"soft_prompt", "prefix", "ladder"} & set(name.split(".")) or (head and name.startswith(head + ".")):
+            continue
+        if head and name.startswith(_UNUSED_IN_TASK_MODELS):  # not in a classifier checkpoint: random on load
             continue
         t = p.detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(t.shape)};".encode())
@@ -60,9 +71,25 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _is_peft_expressible(model: nn.Module, methods: list[str]) -> bool:
-    """LoRA/DoRA alone on an lmforge model: PEFT's format holds all of it."""
-    return set(methods) <= {"lora", "dora"} and type(model).__name__ in (*_TASK_TYPES, "EncoderLM")
+def _peft_type(model: nn.Module, methods: list[str]) -> str | None:
+    """PEFT's ``peft_type`` when PEFT's format holds the whole delta (LoRA/DoRA alone, or prompt tuning alone, on
+    an lmforge model), else None."""
+    if type(model).__name__ not in (*_TASK_TYPES, "EncoderLM"):
+        return None
+    if set(methods) <= {"lora", "dora"}:
+        return "LORA"
+    if methods == ["prompt"] and type(model).__name__ != "EncoderLM":
+        return "PROMPT_TUNING"
+    if methods == ["prefix"] and type(model).__name__ != "EncoderLM" and model.config.family != "t5":
+        return "PREFIX_TUNING"  # not t5: PEFT cannot give each T5 decoder layer its own prefix (_t5_prefix_rows)
+    return None
+
+
+def _head_state(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    head = getattr(model, "head_name", None)
+    if head is None:  # trained or not, the head is part of what rebuilds the classifier
+        return {}
+    return {f"{prefix}{head}.{pname}": p for pname, p in getattr(model, head).named_parameters()}
 
 
 def _peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,11 +100,32 @@ def _peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{base}.lora_B.weight"] = layer.lora_B.weight
         if layer.dora:
             out[f"{base}.lora_magnitude_vector"] = layer.lora_magnitude_vector
-    head = getattr(model, "head_name", None)
-    if head is not None:  # trained or not, the head is part of what rebuilds the classifier
-        for pname, p in getattr(model, head).named_parameters():
-            out[f"{PEFT_PREFIX}{head}.{pname}"] = p
+    out.update(_head_state(model, PEFT_PREFIX))
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _prefix_config(model: nn.Module, task_type: str | None) -> dict[str, Any]:
+    """PEFT's PREFIX_TUNING config: the table saved folded (``prefix_projection`` false, as PEFT saves it);
+    ``num_attention_heads`` / ``token_dim`` are the key/value heads' (PEFT's layout for grouped-query attention)."""
+    prefix = prefix_of(model)
+    return {"peft_type": "PREFIX_TUNING", "task_type": task_type, "num_virtual_tokens": prefix.n,
+            "token_dim": prefix.n_kv_heads * prefix.head_dim, "num_attention_heads": prefix.n_kv_heads,
+            "num_layers": prefix.n_layers, "num_transformer_submodules": 1,
+            "encoder_hidden_size": model.config.d_model, "prefix_projection": False, "inference_mode": True}
+
+
+def _prompt_config(model: nn.Module, task_type: str | None) -> dict[str, Any]:
+    """PEFT's PROMPT_TUNING config for the model's soft prompt: one transformer submodule (the prompt is the
+    encoder's for T5, as PEFT's ``generate`` uses it); the init is recorded as RANDOM, since PEFT would fetch a
+    tokenizer for TEXT and the vectors are trained anyway."""
+    prompt = soft_prompt_of(model)
+    c = model.config
+    return {"peft_type": "PROMPT_TUNING", "task_type": task_type, "num_virtual_tokens": prompt.n,
+            "token_dim": prompt.weight.shape[1], "num_transformer_submodules": 1,
+            "num_attention_heads": getattr(c, "n_head", getattr(c, "num_heads", None)),
+            "num_layers": getattr(c, "n_layer", getattr(c, "num_layers", None)),
+            "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+            "inference_mode": True}
 
 
 def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
@@ -109,11 +157,24 @@ def save_delta(model: nn.Module, path: str | Path, cfg: DeltaConfig, base_model:
             "model_class": type(model).__name__,
             "vocab_size": getattr(getattr(model, "config", None), "vocab_size", None)}
     layers = lora_layers(model)
-    peft = _is_peft_expressible(model, methods)
+    peft_type = _peft_type(model, methods)
+    peft = peft_type is not None
     for stale in (("delta.safetensors", "delta_config.json") if peft else
                   ("adapter_model.safetensors", "adapter_config.json", "lmforge_delta.json")):
         (d / stale).unlink(missing_ok=True)  # a reused directory must not keep the other format's files
-    if peft:
+    head_names = [model.head_name] if getattr(model, "head_name", None) else None
+    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        task_type = _TASK_TYPES.get(type(model).__name__)
+        prompt = peft_type == "PROMPT_TUNING"
+        config = {**(_prompt_config if prompt else _prefix_config)(model, task_type),
+                  "base_model_name_or_path": base_model, "modules_to_save": head_names}
+        table = soft_prompt_of(model).weight if prompt else prefix_of(model).full_table()  # a prefix MLP is folded
+        state = {"prompt_embeddings": table, **_head_state(model, PROMPT_PREFIX)}
+        _save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+                          d / "adapter_model.safetensors")
+        atomic_write_json(d / "adapter_config.json", config)
+        atomic_write_json(d / "lmforge_delta.json", {"format": "peft", **meta})
+    elif peft:
         task_type = _TASK_TYPES.get(type(model).__name__)
         first = next(iter(layers.values()))
         config = {"peft_type": "LORA", "task_type": task_type, "r": first.r, "lora_alpha": first.alpha,
@@ -121,7 +182,7 @@ def save_delta(model: nn.Module, path: str | Path, cfg: DeltaConfig, base_model:
                   "target_modules": _target_names(model, list(layers)), "bias": "none",
                   "fan_in_fan_out": family == "gpt2", "inference_mode": True, "init_lora_weights": True,
                   "base_model_name_or_path": base_model,
-                  "modules_to_save": [model.head_name] if getattr(model, "head_name", None) else None}
+                  "modules_to_save": head_names}
         _save_safetensors(_peft_state(model), d / "adapter_model.safetensors")
         atomic_write_json(d / "adapter_config.json", config)
         atomic_write_json(d / "lmforge_delta.json", {"format": "peft", **meta})
@@ -154,9 +215,19 @@ def read_delta_meta(path: str | Path) -> dict[str, Any]:
 
 
 def _config_from_peft(pc: dict[str, Any], where: str) -> DeltaConfig:
+    if pc.get("peft_type") == "PROMPT_TUNING":
+        n = pc.get("num_virtual_tokens")
+        if not isinstance(n, int) or n < 1:
+            raise ModelError(f"{where}: num_virtual_tokens={n!r} must be a positive integer")
+        return DeltaConfig(method="prompt", num_virtual_tokens=n, prompt_init="random")
+    if pc.get("peft_type") == "PREFIX_TUNING":
+        n = pc.get("num_virtual_tokens")
+        if not isinstance(n, int) or n < 1:
+            raise ModelError(f"{where}: num_virtual_tokens={n!r} must be a positive integer")
+        return DeltaConfig(method="prefix", num_virtual_tokens=n, prompt_init="random")
     if pc.get("peft_type") != "LORA":
         raise ModelError(f"{where}: peft_type {pc.get('peft_type')!r} is not supported (supported: LORA, with "
-                         f"use_dora for DoRA)")
+                         f"use_dora for DoRA; PROMPT_TUNING; PREFIX_TUNING)")
     for key, ok in (("bias", "none"), ("lora_bias", False), ("layer_replication", None)):
         if pc.get(key, ok) not in (ok, None, {}, []):
             raise ModelError(f"{where}: field '{key}' = {pc[key]!r} is not supported (only {ok!r})")
@@ -213,6 +284,9 @@ def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> D
     apply_delta(model, cfg)
     _check_base(model, meta, d, check_base)
     state = load_file(str(d / "adapter_model.safetensors"))
+    if cfg.methods in (["prompt"], ["prefix"]):
+        _load_prompt_state(model, state, d, pc)
+        return cfg
     own = dict(model.named_parameters())
     missing = set(n for n in own if ".lora_" in n)
     head = getattr(model, "head_name", None)
@@ -232,14 +306,70 @@ def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> D
             if name not in own:
                 raise ModelError(f"'{d}': adapter tensor '{key}' has no place in this model (lmforge name '{name}'); "
                                  f"load it onto the model family and size it was trained for")
-            if own[name].shape != value.shape:
-                raise ModelError(f"'{d}': '{key}' has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(own[name].shape)}")
-            own[name].copy_(value)
+            _copy_checked(own[name], value, key, d)
             missing.discard(name)
     if missing:
         raise ModelError(f"'{d}' lacks adapter weights for {sorted(missing)[:3]}; the adapter is incomplete")
     return cfg
+
+
+def _load_prompt_state(model: nn.Module, state: dict[str, torch.Tensor], d: Path, pc: dict[str, Any]) -> None:
+    """PEFT's prompt/prefix tuning tensors and the head (``base_model.<head>.*``).  Prompt tuning:
+    ``prompt_embeddings [k * n, d]`` (k transformer submodules: T5 adapters from PEFT default to 2, encoder rows
+    first; lmforge prompts the encoder, as PEFT's ``generate`` does).  Prefix tuning: ``prompt_embeddings [n,
+    L * 2 * kv_dim]``, the folded table."""
+    table = state.get("prompt_embeddings")
+    if table is None:
+        raise ModelError(f"'{d}/adapter_model.safetensors' has no 'prompt_embeddings'; the adapter is incomplete")
+    prefix = prefix_of(model)
+    if prefix is not None:
+        want = (prefix.n, prefix.n_layers * 2 * prefix.n_kv_heads * prefix.head_dim)
+        theirs = (pc.get("num_layers"), pc.get("num_attention_heads"), pc.get("token_dim"))
+        ours = (prefix.n_layers, prefix.n_kv_heads, prefix.n_kv_heads * prefix.head_dim)
+        if theirs != ours or tuple(table.shape) != want:
+            raise ModelError(f"'{d}': a prefix for (layers, kv heads, token_dim) = {theirs}, shape {tuple(table.shape)}; "
+                             f"this model needs {ours}, shape {want}; load it onto the model it was trained for")
+        if model.config.family == "t5" and pc.get("num_transformer_submodules", 2) == 2:
+            table = _t5_prefix_rows(table, prefix.n_layers)
+        target, rows = prefix.table, want[0]
+    else:
+        target = soft_prompt_of(model).weight
+        rows, dim = target.shape
+        if table.ndim != 2 or table.shape[1] != dim or table.shape[0] % rows:
+            raise ModelError(f"'{d}': prompt_embeddings has shape {tuple(table.shape)}; this model needs "
+                             f"[{rows}·k, {dim}] (token_dim {dim}); load it onto the model it was trained for")
+    head = getattr(model, "head_name", None)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        target.copy_(table[:rows])
+        for key, value in state.items():
+            if key == "prompt_embeddings":
+                continue
+            name = key[len(PROMPT_PREFIX):] if key.startswith(PROMPT_PREFIX) else key
+            if head is None or not name.startswith(head + ".") or name not in own:
+                raise ModelError(f"'{d}': tensor '{key}' has no place in this model; load it onto the model type it "
+                                 f"was trained for")
+            _copy_checked(own[name], value, key, d)
+
+
+def _copy_checked(param: torch.Tensor, value: torch.Tensor, key: str, d: Path) -> None:
+    if param.shape != value.shape:
+        raise ModelError(f"'{d}': '{key}' has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")
+    param.copy_(value)
+
+
+def _t5_prefix_rows(table: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """A PEFT T5 prefix table -> lmforge's layout (layer i's keys/values in blocks 2i, 2i + 1).
+
+    PEFT (0.21) duplicates the table's ``2L`` key/value blocks for T5's two submodules and splits the result into
+    ``L`` chunks of four (self k, self v, cross k, cross v; the cross pair is then dropped), so decoder layer ``i``
+    reads block pair ``2i mod L``: with an even depth two layers share one pair and the other half of the table is
+    never used.  Loading reproduces that assignment exactly; lmforge's own T5 prefixes give every layer its own
+    pair and are therefore saved in lmforge's format."""
+    n, width = table.shape
+    blocks = table.view(n, 2 * n_layers, width // (2 * n_layers))
+    order = [b for i in range(n_layers) for b in (2 * ((2 * i) % n_layers), 2 * ((2 * i) % n_layers) + 1)]
+    return blocks[:, order].reshape(n, width)
 
 
 def _check_base(model: nn.Module, meta: dict[str, Any], d: Path, check: bool) -> None:

@@ -36,6 +36,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.layers import Embedding, LayerNorm, Linear, reset_children
+from lmforge.models.ladder import LadderSide
+from lmforge.models.prompt import Prefix, SoftPrompt
 
 
 @dataclass
@@ -153,10 +155,13 @@ class SelfAttention(_Resettable):
         self.value = Linear(c.d_model, c.d_model, std=std)
         self.dropout = c.attention_dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
                    for lin in (self.query, self.key, self.value))
+        if prefix is not None:  # prefix tuning: n more keys/values in front, [B, H, n, D]
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -183,8 +188,9 @@ class Attention(_Resettable):
         self.self = SelfAttention(c)
         self.output = DenseLayerNorm(c.d_model, c)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, attn_mask), x)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.output(self.self(x, attn_mask, prefix), x)
 
 
 class Intermediate(_Resettable):
@@ -208,8 +214,9 @@ class EncoderBlock(_Resettable):
         self.intermediate = Intermediate(c)
         self.output = DenseLayerNorm(c.ffn_dim, c)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention(x, attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.attention(x, attn_mask, prefix)
         return self.output(self.intermediate(x), x)
 
 
@@ -280,6 +287,9 @@ class EncoderLM(nn.Module):
             self.predictions = MLMHead(c)
             self.seq_relationship = Linear(c.d_model, 2, std=c.initializer_range)
         self.activation_checkpointing = False
+        self.soft_prompt: SoftPrompt | None = None  # prompt tuning's slot (lmforge.models.prompt)
+        self.prefix: Prefix | None = None  # prefix tuning's slot
+        self.ladder: LadderSide | None = None  # ladder side tuning's slot (lmforge.models.ladder)
         self.tie_weights()
         if target.type != "meta":
             self.to_empty(device=target)
@@ -317,28 +327,50 @@ class EncoderLM(nn.Module):
     # ---- forward and heads -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, keep_prompt: bool = False) -> torch.Tensor:
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, d]``) -> hidden ``[B, T, d]``.
 
         ``attention_mask [B, T]``: 1 = real token, 0 = padding (keys at padding are never attended; pass
         ``None`` when there is none: SDPA then needs no mask).  ``token_type_ids [B, T]``: segment ids
-        (default all 0).  ``position_ids``: default ``0..T-1`` for every row, as transformers does.
+        (default all 0).  ``position_ids``: default ``0..T-1`` for every row, as transformers does.  With a
+        soft prompt the inputs are the real tokens' and so is the output, unless ``keep_prompt`` (``[B, n + T,
+        d]``, for the pooler: :mod:`lmforge.models.prompt`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} positions exceeds the model's max_seq_len={self.config.max_seq_len}")
         if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{B}, {T}]")
         if position_ids is None:
             position_ids = torch.arange(T, device=self.device)[None]  # [1, T]
+        prompt = self.soft_prompt
+        if prompt is not None:  # prompt vectors get positions 0..n-1 and segment 0, as words would
+            if inputs_embeds is None:
+                inputs_embeds, input_ids = self.embeddings.word_embeddings(input_ids), None
+            inputs_embeds = prompt.prepend(inputs_embeds)
+            attention_mask = prompt.mask(attention_mask)
+            position_ids = prompt.positions(position_ids, with_prompt=True)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat([token_type_ids.new_zeros(B, prompt.n), token_type_ids], dim=1)
+        S = position_ids.shape[1]
+        if S > self.config.max_seq_len:
+            raise ValueError(f"sequence of {S} positions exceeds the model's max_seq_len={self.config.max_seq_len}")
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        prefixes = [None] * len(self.blocks)
+        if self.prefix is not None:  # every layer attends to its n prefix keys/values too
+            prefixes, attention_mask = self.prefix.kv(B, x.dtype), self.prefix.mask(attention_mask)
         attn_mask = padding_mask(attention_mask)
+        if self.ladder is not None:  # frozen blocks without a graph, then the side network on their states
+            with torch.no_grad():
+                hiddens = [x]
+                for block in self.blocks:
+                    x = block(x, attn_mask)
+                    hiddens.append(x)
+            return self.ladder(hiddens, x, lambda blk, s: blk(s, attn_mask))
         use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            x = checkpoint(block, x, attn_mask, use_reentrant=False) if use_ckpt else block(x, attn_mask)
-        return x
+        for block, kv in zip(self.blocks, prefixes):
+            x = checkpoint(block, x, attn_mask, kv, use_reentrant=False) if use_ckpt else block(x, attn_mask, kv)
+        return x if prompt is None or keep_prompt else x[:, prompt.n:]
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]`` -> ``[B, d]``: ``tanh(pooler.dense(hidden[:, 0]))``."""

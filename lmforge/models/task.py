@@ -63,6 +63,7 @@ class _TaskHead(nn.Module):
     """Shared plumbing: backbone, labels, one Linear head built on the backbone's device and dtype."""
 
     head_name: str  # transformers' attribute name of the head ("score" or "classifier")
+    pools_first_position = False  # BERT sequence classifiers read hidden[:, 0] through the pooler
 
     def __init__(self, backbone: nn.Module, id2label: Mapping[Any, str] | Sequence[str], head_name: str,
                  bias: bool, dropout: float) -> None:
@@ -115,7 +116,11 @@ class _TaskHead(nn.Module):
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids [B, T]`` -> the backbone's hidden states ``[B, T, d]``."""
         if self.family == "bert":
-            return self.backbone(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            # BERT's pooler reads position 0 of the full sequence, under prompt tuning the first prompt vector
+            # (as transformers + PEFT): the backbone then returns the prompt positions too
+            keep = self.pools_first_position and getattr(self.backbone, "soft_prompt", None) is not None
+            return self.backbone(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                 **({"keep_prompt": True} if keep else {}))
         if token_type_ids is not None:
             raise ValueError(f"token_type_ids are a BERT input; a {self.family} classifier takes none")
         return self.backbone(input_ids, attention_mask=attention_mask)
@@ -155,6 +160,10 @@ class SequenceClassifier(_TaskHead):
         else:
             raise ConfigError(f"sequence classification needs a bert, gpt2 or llama backbone, got {family!r}")
         super().__init__(backbone, id2label, head, bias, dropout)
+
+    @property
+    def pools_first_position(self) -> bool:  # type: ignore[override]
+        return self.family == "bert"
 
     def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden ``[B, T, d]`` -> logits ``[B, num_labels]``."""

@@ -32,6 +32,9 @@ METHOD_ARGS: dict[str, list[str]] = {
     "houlsby": ["peft.method=adapter", "peft.adapter_type=houlsby"],
     "pfeiffer": ["peft.method=adapter", "peft.adapter_type=pfeiffer"],
     "bitfit": ["peft.method=bitfit"],
+    "ladder": ["peft.method=ladder"],
+    "prefix": ["peft.method=prefix"],
+    "prompt": ["peft.method=prompt"],
 }
 
 

@@ -106,10 +106,17 @@ def resolve_model_dir(path: str) -> Path:
 
 def _max_length(cfg: FinetuneConfig, model_cfg: Any) -> int:
     limit = getattr(model_cfg, "max_seq_len", None)
+    # a soft prompt takes the first positions, and so does a decoder's prefix (t5 has no limit: relative positions)
+    methods = cfg.peft.methods
+    shifted = "prompt" in methods or ("prefix" in methods and getattr(model_cfg, "family", "") in ("gpt2", "llama"))
+    prompt = cfg.peft.num_virtual_tokens if shifted else 0
+    if limit is not None and prompt:
+        limit -= prompt
     if cfg.task.max_length is None:
         return int(limit or 512)
     if limit is not None and cfg.task.max_length > limit:
-        raise ConfigError(f"task.max_length={cfg.task.max_length} exceeds the model's max_seq_len={limit}; lower it")
+        raise ConfigError(f"task.max_length={cfg.task.max_length} exceeds the model's max_seq_len={limit}"
+                          + (f" (after the {prompt} prompt/prefix positions)" if prompt else "") + "; lower it")
     return cfg.task.max_length
 
 
@@ -223,7 +230,7 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
         if hasattr(model, "backbone"):
             model.backbone.reset_parameters()
         model.reset_parameters()
-    delta = apply_delta(model, cfg.peft)  # after init: the delta starts from the weights it adapts
+    delta = apply_delta(model, cfg.peft, tokenizer)  # after init: the delta starts from the weights it adapts
     if delta is not None:
         print(delta.line(), file=sys.stderr, flush=True)
     model.train()

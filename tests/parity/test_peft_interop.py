@@ -38,11 +38,11 @@ def _lmforge(kind: str) -> torch.nn.Module:
         return SequenceClassifier(EncoderLM(EncoderConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=48,
                                                           max_seq_len=32, dropout=0.0, attention_dropout=0.0,
                                                           pad_token_id=PAD)), ["a", "b", "c"])
-    fam = "gpt2" if kind == "gpt2_cls" else "llama"
+    fam = "gpt2" if kind.startswith("gpt2") else "llama"
     extra = dict(n_kv_head=2, tie_embeddings=False) if fam == "llama" else {}
     dec = DecoderLM(DecoderConfig(family=fam, vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_ff=48,
                                   max_seq_len=32, eos_token_id=EOS, pad_token_id=PAD, **extra))
-    return SequenceClassifier(dec, ["a", "b", "c"]) if kind == "gpt2_cls" else dec
+    return SequenceClassifier(dec, ["a", "b", "c"]) if kind.endswith("_cls") else dec
 
 
 def _perturb(model: torch.nn.Module, only_trainable: bool = False, seed: int = 1) -> None:
@@ -85,8 +85,8 @@ def _theirs(kind: str, hf: torch.nn.Module) -> torch.Tensor:
 
 
 def _hf_base(kind: str, path):
-    auto = {"t5": transformers.AutoModelForSeq2SeqLM, "llama_lm": transformers.AutoModelForCausalLM}.get(
-        kind, transformers.AutoModelForSequenceClassification)
+    auto = (transformers.AutoModelForSeq2SeqLM if kind == "t5" else transformers.AutoModelForCausalLM
+            if kind.endswith("_lm") else transformers.AutoModelForSequenceClassification)
     return auto.from_pretrained(path, attn_implementation="eager").eval()
 
 

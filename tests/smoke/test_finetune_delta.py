@@ -114,3 +114,38 @@ def test_bench_peft_table_memory_and_sizes(hf_dirs, tmp_path):  # noqa: F811
     report = (tmp_path / "bench" / "report.md").read_text()
     assert "houlsby" in report and "Test accuracy vs full fine-tuning" in report
     assert (tmp_path / "bench" / "bench.png").is_file()
+
+
+def test_prompt_tuning_completion_on_gpt2_and_text_init_on_bert(hf_dirs, tmp_path):  # noqa: F811
+    """Prompt tuning through the whole fine-tuning run: a GPT-2 completion task (training, then decoding with the
+    prompt in the KV cache) saved in PEFT's format, and a BERT classifier whose prompt starts from a text."""
+    data = hf_dirs / "data"
+    run = tmp_path / "g"
+    res = _finetune(run, hf_dirs / "gpt2", "task.name=null", f"task.train={data / 'qa.jsonl'}", "max_new_tokens=4",
+                    "peft.method=prompt", "peft.num_virtual_tokens=5", "train.lr=3e-2")
+    assert res["mode"] == "completion" and res["delta"]["method"] == "prompt"
+    assert res["delta"]["merged"] is False and not (run / "model").exists()
+    pc = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert (pc["peft_type"], pc["task_type"], pc["num_virtual_tokens"]) == ("PROMPT_TUNING", "CAUSAL_LM", 5)
+    res = _finetune(tmp_path / "b", hf_dirs / "bert", "task.name=null", f"task.train={data / 'cls.jsonl'}",
+                    "peft.method=prompt", "peft.num_virtual_tokens=3", "peft.prompt_init=text",
+                    "peft.prompt_init_text=this review is")
+    head = 2 * 32 + 2  # classifier weight + bias (2 labels, d=32)
+    assert res["delta"]["trainable"] == 3 * 32 + head
+
+
+def test_prefix_on_t5_and_ladder_on_a_bert_classifier(hf_dirs, tmp_path):  # noqa: F811
+    """Prefix tuning of T5 text-to-text (decoding with the prefix in the cache; lmforge's own format, which gives
+    every decoder layer its own prefix) and ladder side tuning of a BERT classifier, each through `finetune`."""
+    data = hf_dirs / "data"
+    res = _finetune(tmp_path / "t", hf_dirs / "t5", "task.name=null", f"task.train={data / 'qa.jsonl'}",
+                    "max_new_tokens=4", "peft.method=prefix", "peft.num_virtual_tokens=4", "peft.prefix_projection=true")
+    assert res["mode"] == "seq2seq" and res["delta"]["method"] == "prefix"
+    assert json.loads((tmp_path / "t" / "adapter" / "delta_config.json").read_text())["format"] == "lmforge-delta"
+    run = tmp_path / "b"
+    res = _finetune(run, hf_dirs / "bert", "task.name=null", f"task.train={data / 'cls.jsonl'}",
+                    f"task.test={data / 'cls_test.jsonl'}", "peft.method=ladder", "peft.ladder_reduction=4",
+                    "measure_memory=true")
+    assert res["delta"]["method"] == "ladder" and res["delta"]["merged"] is False
+    assert res["memory"]["total"] > 0 and "accuracy" in res["test"]
+    assert (run / "adapter" / "delta.safetensors").is_file() and not (run / "model").exists()

@@ -46,6 +46,21 @@ def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
+def train_steps(model: nn.Module, steps: int = 3, weight_decay: float = 0.0) -> None:
+    """A few AdamW steps of causal-LM training on IDS (for freezing checks)."""
+    from lmforge.data.objectives import CausalLMObjective
+    from lmforge.train.optim import build_optimizer
+
+    opt = build_optimizer(model, lr=1e-2, weight_decay=weight_decay)
+    obj = CausalLMObjective(pad_id=0)
+    batch = obj.collate([IDS[0].tolist(), IDS[1].tolist()])
+    for _ in range(steps):
+        out = obj.loss(model, batch)
+        (out.loss_sum / out.count).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 # ---- the LoRA layer ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -280,22 +295,13 @@ def test_adapter_round_trip_and_no_merge(tmp_path):
 
 
 def test_frozen_weights_stay_byte_identical_through_training(tmp_path):
-    from lmforge.data.objectives import CausalLMObjective
-    from lmforge.train.optim import build_optimizer  # the Trainer's optimizer (weight decay on 2-D params)
-
+    # train_steps uses the Trainer's optimizer (weight decay on 2-D params)
     model = model_of("gpt2")
     apply_delta(model, DeltaConfig(method="lora+bitfit", r=2))
     with pytest.raises(ConfigError, match="already carries a delta"):
         apply_delta(model, DeltaConfig(method="lora"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
-    obj = CausalLMObjective(pad_id=0)
-    batch = obj.collate([IDS[0].tolist(), IDS[1].tolist()])
-    for _ in range(3):
-        out = obj.loss(model, batch)
-        (out.loss_sum / out.count).backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, weight_decay=0.1)
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
