@@ -2,7 +2,7 @@
 layer's own, the backbone frozen.  The backbone's ``prefix`` slot does the attending
 (:class:`lmforge.models.prompt.Prefix`); this module sizes and initialises it.
 
-Initialisation follows the paper's finding (§7.2) that prefixes started from *activations of real words* train
+Initialisation follows the paper's finding that prefixes started from *activations of real words* train
 better than random ones: the frozen model reads ``n`` tokens -- sampled from the vocabulary (``prompt_init:
 vocab``, the default) or the tokens of ``prompt_init_text`` -- and each layer's keys and values for them become
 that layer's prefix.  ``random`` draws N(0, 0.02^2).  With ``prefix_projection`` (the paper's

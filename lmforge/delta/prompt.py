@@ -3,7 +3,7 @@ in front of its input embeddings train.  The backbone's ``soft_prompt`` slot doe
 (:mod:`lmforge.models.prompt`); this module builds and initialises the prompt:
 
 * ``vocab`` (default): the embeddings of ``n`` vocabulary tokens drawn at random -- the paper's "sampled
-  vocabulary" init, which trains faster and better than random init at small scale (its Fig. 3);
+  vocabulary" init, which the paper found better than random init at small model sizes;
 * ``text``: the embeddings of ``prompt_init_text``'s tokens, repeated or cut to ``n`` (PEFT's TEXT init);
 * ``random``: N(0, s^2) with s the embedding matrix's own standard deviation, so the prompt starts at the
   scale of real words (PEFT's RANDOM init is N(0, 1), far off that scale for most models).

@@ -14,7 +14,7 @@ so backward and the saved activations only involve the side network, ``d/d'`` ti
 paper the up-projection is *added* to the backbone's output (and starts at zero): the frozen head then starts
 from exactly the base model's predictions, which matters for LM heads; a new classifier learns from both.
 
-Initialisation is the paper's "structural weight initialisation" by pruning (its §3.3), with weight magnitude
+Initialisation is the paper's "structural weight initialisation" by pruning, with weight magnitude
 as the importance (the paper's Fisher scores need task data; magnitude needs none): the ``d'`` residual
 dimensions whose word-embedding columns have the largest norm (one set for every layer, so the residual stream
 lines up), per head the dims with the largest query+key (and, separately, value) row norms, per layer the FFN
