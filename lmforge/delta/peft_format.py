@@ -65,6 +65,8 @@ def base_fingerprint(model: nn.Module) -> str:
             continue
         if head and name.startswith(_UNUSED_IN_TASK_MODELS):  # not in a classifier checkpoint: random on load
             continue
+        if type(model).__name__ == "TokenClassifier" and name.startswith("backbone.pooler."):
+            continue  # BertForTokenClassification has no pooler either
         t = p.detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(t.shape)};".encode())
         h.update(t.numpy().tobytes())
@@ -80,8 +82,10 @@ def _peft_type(model: nn.Module, methods: list[str]) -> str | None:
         return "LORA"
     if methods == ["prompt"] and type(model).__name__ != "EncoderLM":
         return "PROMPT_TUNING"
-    if methods == ["prefix"] and type(model).__name__ != "EncoderLM" and model.config.family != "t5":
-        return "PREFIX_TUNING"  # not t5: PEFT cannot give each T5 decoder layer its own prefix (_t5_prefix_rows)
+    if methods == ["prefix"] and model.config.family in ("gpt2", "llama"):
+        # not t5: PEFT cannot give each T5 decoder layer its own prefix (_t5_prefix_rows); not bert: transformers'
+        # BERT shifts positions by the prefix length where lmforge keeps them (and its classifiers take no prefix)
+        return "PREFIX_TUNING"
     return None
 
 
@@ -255,7 +259,8 @@ def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> D
     peft_file = d / "adapter_config.json"
     if (d / "delta_config.json").is_file():
         cfg = _coerce_delta_config(meta.get("peft", {}), str(d / "delta_config.json"))
-        apply_delta(model, cfg)
+        # the saved tensors overwrite any start: no text (tokenizer) or activation init on reload
+        apply_delta(model, dataclasses.replace(cfg, prompt_init="random"))
         _check_base(model, meta, d, check_base)
         state = load_file(str(d / "delta.safetensors"))
         own = dict(model.named_parameters())

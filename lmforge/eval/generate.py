@@ -213,12 +213,15 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _model_max_len(model: nn.Module) -> int | None:
+def model_context_length(model: nn.Module) -> int | None:
+    """Positions a decoder can take: its config's maximum, less the positions a soft prompt or prefix occupies in
+    front of the tokens (:mod:`lmforge.models.prompt`); None when the config names no maximum."""
     cfg = getattr(model, "config", None)
     for name in ("max_seq_len", "max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:
-            return value
+            taken = [getattr(model, slot, None) for slot in ("soft_prompt", "prefix")]
+            return value - sum(t.n for t in taken if t is not None)
     return None
 
 
@@ -301,7 +304,7 @@ def generate(
     P = max(lens)
     N = cfg.max_new_tokens
     total = P + N
-    max_len = _model_max_len(model)
+    max_len = model_context_length(model)
     if max_len is not None and total > max_len:
         raise ConfigError(
             f"prompt length {P} + max_new_tokens {N} = {total} exceeds the model's context of {max_len} "

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.errors import ConfigError, DataError
+from lmforge.eval.generate import model_context_length
 
 __all__ = ["perplexity", "perplexity_of_tokens", "unigram_perplexity", "sliding_windows"]
 
@@ -70,17 +71,8 @@ def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[i
     return out
 
 
-def _model_max_len(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for name in ("max_seq_len", "max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _resolve_lengths(model: nn.Module, max_length: int | None, stride: int | None) -> tuple[int, int]:
-    model_max = _model_max_len(model)
+    model_max = model_context_length(model)
     if max_length is None:
         if model_max is None:
             raise ConfigError("perplexity needs max_length: the model's config names no maximum sequence length")

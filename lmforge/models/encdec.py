@@ -328,10 +328,13 @@ class T5Stack(nn.Module):
             bias = bias + self_bias
         bias, enc_bias = _as_attn_mask(bias, x), _as_attn_mask(enc_bias, x)
         x = _dropout(x, self.dropout, self.training)
-        use_ckpt = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        # a prefix cache stores nothing, and cross keys/values it holds are recomputed identically: checkpointable
+        prefix_only = cache is not None and isinstance(cache.self_attn, PrefixCache)
+        use_ckpt = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                    and (cache is None or prefix_only))
         for block in self.blocks:
             if use_ckpt:
-                x = checkpoint(block, x, bias, enc, enc_bias, use_reentrant=False)
+                x = checkpoint(block, x, bias, enc, enc_bias, cache, use_reentrant=False)
             else:
                 x = block(x, bias, enc, enc_bias, cache)
         return _dropout(self.final_layer_norm(x), self.dropout, self.training)

@@ -20,7 +20,8 @@ dimensions whose word-embedding columns have the largest norm (one set for every
 lines up), per head the dims with the largest query+key (and, separately, value) row norms, per layer the FFN
 units with the largest input-row norms.  Each side block is its backbone block's weights at those indices, and
 each ``down`` starts as the selection of those residual dims, so at step 0 the side network computes a pruned
-copy of the backbone.
+copy of the backbone (for Llama an approximate one: the side network's own rotary embedding pairs its dims
+afresh, while the kept dims came from the backbone's rotary pairs).
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ work through lmforge's own decoding caches.
   position whatever the padding, so the GPT-2 classifier rows here are unpadded; BERT pools the first prompt
   vector in both;
 * PEFT's prefix tuning runs on transformers' causal LMs and T5 only (its classifiers take no past key values in
-  transformers 5), so classifier prefixes are checked by an lmforge round trip through the same PEFT-format files;
-  PEFT's T5 prefixes load with PEFT's own layer assignment, lmforge's T5 prefixes (one per layer, which PEFT
-  cannot express) round-trip through lmforge's format.
+  transformers 5), so a GPT-2 classifier's prefix is checked by an lmforge round trip through the same PEFT-format
+  files; PEFT's T5 prefixes load with PEFT's own layer assignment; lmforge's T5 prefixes (one per layer, which
+  PEFT cannot express) and BERT prefixes (positions kept, where transformers' BERT shifts them) round-trip
+  through lmforge's format.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_peft_delta_loads_in_lmforge(method, kind, tmp_path):
 def test_prefix_round_trips_through_its_files(kind, tmp_path):
     base, model = _trained(kind, tmp_path, "prefix", prefix_projection=True, encoder_hidden_size=16)
     want = _ours(kind, model)
-    if kind == "t5":
+    if kind != "gpt2_cls":  # t5 and bert prefixes: lmforge's format (see peft_format._peft_type)
         assert json.loads((tmp_path / "adapter" / "delta_config.json").read_text())["format"] == "lmforge-delta"
     else:
         pc = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -120,7 +121,7 @@ def test_prefix_round_trips_through_its_files(kind, tmp_path):
     assert not torch.allclose(_ours(kind, plain.eval()), want, atol=1e-3)
     again, _ = load_model(base)
     cfg = load_delta(again, tmp_path / "adapter")
-    assert cfg.methods == ["prefix"] and cfg.prefix_projection == (kind == "t5")  # PEFT files hold the folded table
+    assert cfg.methods == ["prefix"] and cfg.prefix_projection == (kind != "gpt2_cls")  # PEFT files: folded table
     torch.testing.assert_close(_ours(kind, again.eval()), want, **TOL)
 
 

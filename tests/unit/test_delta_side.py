@@ -135,3 +135,34 @@ def test_prompt_text_init_and_bad_settings():
         apply_delta(model_of("gpt2"), DeltaConfig(method="prefix", prompt_init="text"))
     with pytest.raises(ConfigError, match="already carries"):
         apply_delta(model, DeltaConfig(method="prompt"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_prefix_trains_the_same_with_activation_checkpointing(family):
+    grads = []
+    for ckpt in (False, True):
+        model = model_of(family).train()
+        apply_delta(model, DeltaConfig(method="prefix", num_virtual_tokens=3))
+        model.set_activation_checkpointing(ckpt)
+        _loss(model).backward()
+        grads.append(getattr(model, "prefix").table.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_text_init_delta_reloads_without_a_tokenizer_and_context_counts_the_prompt(tmp_path):
+    from lmforge.eval.generate import GenerationConfig, generate, model_context_length
+
+    class Tok:
+        def encode(self, text):
+            return [10, 11]
+
+    model = model_of("gpt2")
+    cfg = DeltaConfig(method="prompt+bitfit", num_virtual_tokens=4, prompt_init="text", prompt_init_text="hi")
+    apply_delta(model, cfg, Tok())
+    save_delta(model, tmp_path / "d", cfg)  # lmforge's format (a combination)
+    again = model_of("gpt2")
+    load_delta(again, tmp_path / "d")  # no tokenizer needed: the saved vectors replace the start
+    torch.testing.assert_close(again.soft_prompt.weight, model.soft_prompt.weight)
+    assert model_context_length(again) == 32 - 4
+    with pytest.raises(ConfigError, match="exceeds the model's context of 28"):
+        generate(again, [[5] * 20], GenerationConfig(max_new_tokens=10))
