@@ -38,19 +38,6 @@ def prefix_shape(backbone: nn.Module) -> tuple[int, int, int]:
     return c.n_layer, c.kv_heads, c.head_dim
 
 
-def _token_ids(n: int, init: str, text: str | None, tokenizer: Any, vocab: int, device: torch.device) -> torch.Tensor:
-    if init == "text":
-        if not text:
-            raise ConfigError("peft.prompt_init='text' needs peft.prompt_init_text (e.g. 'Summarise the review:')")
-        if tokenizer is None:
-            raise ConfigError("peft.prompt_init='text' needs the model's tokenizer")
-        ids = list(tokenizer.encode(text))
-        if not ids:
-            raise ConfigError(f"peft.prompt_init_text={text!r} encodes to no tokens")
-        return torch.tensor((ids * (n // len(ids) + 1))[:n], device=device)
-    return torch.randint(0, vocab, (n,), device=device)
-
-
 @torch.no_grad()
 def _activations(backbone: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Each layer's keys and values for the tokens ``ids [n]``, in PEFT's table layout ``[n, L * 2 * kv_dim]``."""
@@ -92,7 +79,7 @@ def _activations(backbone: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def add_prefix(model: nn.Module, n: int, init: str = "vocab", text: str | None = None, tokenizer: Any = None,
                projection: bool = False, projection_size: int | None = None) -> Prefix:
     """Put trainable ``n``-position key/value prefixes into ``model``'s backbone, initialised by ``init``."""
-    from lmforge.delta.prompt import backbone_of
+    from lmforge.delta.prompt import backbone_of, start_token_ids
 
     backbone = backbone_of(model)
     if backbone.prefix is not None:
@@ -110,7 +97,7 @@ def add_prefix(model: nn.Module, n: int, init: str = "vocab", text: str | None =
     prefix = Prefix(n, layers, heads, head_dim, d_model=d, projection=width if projection else None,
                     device=table.device, dtype=table.dtype)
     if init != "random":
-        ids = _token_ids(n, init, text, tokenizer, table.shape[0], table.device)
+        ids = start_token_ids(n, init, text, tokenizer, table.shape[0], table.device)
         with torch.no_grad():
             if projection:
                 prefix.embedding.copy_(table[ids])

@@ -29,6 +29,23 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return backbone
 
 
+def start_token_ids(n: int, init: str, text: str | None, tokenizer: Any, vocab: int,
+                    device: torch.device) -> torch.Tensor:
+    """The ``n`` tokens a prompt or prefix starts from: sampled from the vocabulary (``vocab``) or ``text``'s tokens
+    repeated or cut to ``n`` (``text``)."""
+    if init == "text":
+        if not text:
+            raise ConfigError("peft.prompt_init='text' needs peft.prompt_init_text (e.g. 'Classify the sentiment "
+                              "of this review:')")
+        if tokenizer is None:
+            raise ConfigError("peft.prompt_init='text' needs the model's tokenizer")
+        ids = list(tokenizer.encode(text))
+        if not ids:
+            raise ConfigError(f"peft.prompt_init_text={text!r} encodes to no tokens")
+        return torch.tensor((ids * (n // len(ids) + 1))[:n], device=device)
+    return torch.randint(0, vocab, (n,), device=device)
+
+
 def soft_prompt_of(model: nn.Module) -> SoftPrompt | None:
     backbone = getattr(model, "backbone", model)
     return getattr(backbone, "soft_prompt", None)
@@ -43,25 +60,13 @@ def add_soft_prompt(model: nn.Module, n: int, init: str = "vocab", text: str | N
     if n < 1:
         raise ConfigError(f"peft.num_virtual_tokens={n} must be >= 1")
     table = backbone.get_input_embeddings().weight  # [V, d]
+    if init not in ("vocab", "text", "random"):
+        raise ConfigError(f"peft.prompt_init={init!r}; valid: vocab, text, random")
     with torch.no_grad():
-        if init == "vocab":
-            ids = torch.randint(0, table.shape[0], (n,), device=table.device)
-            start = table[ids]
-        elif init == "text":
-            if not text:
-                raise ConfigError("peft.prompt_init='text' needs peft.prompt_init_text (e.g. 'Classify the "
-                                  "sentiment of this review:')")
-            if tokenizer is None:
-                raise ConfigError("peft.prompt_init='text' needs the model's tokenizer")
-            ids = list(tokenizer.encode(text))
-            if not ids:
-                raise ConfigError(f"peft.prompt_init_text={text!r} encodes to no tokens")
-            ids = (ids * (n // len(ids) + 1))[:n]
-            start = table[torch.tensor(ids, device=table.device)]
-        elif init == "random":
+        if init == "random":
             start = torch.randn(n, table.shape[1], device=table.device, dtype=table.dtype) * table.float().std()
         else:
-            raise ConfigError(f"peft.prompt_init={init!r}; valid: vocab, text, random")
+            start = table[start_token_ids(n, init, text, tokenizer, table.shape[0], table.device)]
     prompt = SoftPrompt(n, table.shape[1], device=table.device, dtype=table.dtype)
     with torch.no_grad():
         prompt.weight.copy_(start)
