@@ -156,7 +156,8 @@ def _cmd_pretrain(args) -> int:
     from lmforge.recipes.pretrain import run_pretrain
 
     result = run_pretrain(args.config, args.overrides)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        print(json.dumps(result))
     return 0
 
 
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LmforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        world = os.environ.get("WORLD_SIZE", "1")
+        where = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world not in ("", "1") else ""
+        print(f"error: {where}{e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

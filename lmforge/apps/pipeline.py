@@ -108,6 +108,9 @@ class Context:
 
 
 def stage_pretrain(ctx: Context) -> None:
+    from lmforge.train.distributed import require_single_process
+
+    require_single_process("pipeline")
     parts = pretrain_recipe.build(ctx.cfg)
     ctx.timings["data + tokenizer"] = parts.timings["tokenizer_s"] + parts.timings["shards_s"]
     ctx.parts = parts

@@ -75,3 +75,36 @@ def flops_per_token(config: DecoderConfig, seq_len: int | None = None) -> int:
     ``seq_len`` defaults to ``config.max_seq_len``."""
     T = config.max_seq_len if seq_len is None else seq_len
     return 6 * config_params(config, non_embedding=True) + 12 * config.n_layer * config.d_model * T
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, matched by
+# substring of ``torch.cuda.get_device_name`` (first match wins: the more specific names come first).
+_PEAK_BF16 = (
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 125e12), ("A10", 125e12),
+)
+
+
+def device_peak_flops(device, dtype=None) -> float | None:
+    """The device's dense peak in FLOP/s for ``dtype`` compute, or None when unknown.
+
+    ``LMFORGE_PEAK_TFLOPS`` overrides the table (any device).  Known: bf16/fp16 on the NVIDIA data-centre
+    GPUs above; fp32 and CPUs have no entry (MFU is then not reported rather than guessed).
+    """
+    import os
+
+    import torch
+
+    override = os.environ.get("LMFORGE_PEAK_TFLOPS")
+    if override:
+        try:
+            return float(override) * 1e12
+        except ValueError:
+            return None
+    if getattr(device, "type", str(device)) != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _PEAK_BF16:
+        if key in name:
+            return peak
+    return None

@@ -210,7 +210,9 @@ def select_metric(task_type: str, mode: str) -> str:
 
 def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
     from lmforge.models.hf import load_model
+    from lmforge.train.distributed import require_single_process
 
+    require_single_process("finetune")
     check_run_dir(cfg.run_dir, cfg.resume)
     task = load_task(cfg.task)
     model_dir = resolve_model_dir(cfg.model)

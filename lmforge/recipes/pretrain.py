@@ -35,7 +35,9 @@ from lmforge.data.span import (Seq2SeqObjective, SpanConfig, SpanCorruptionSourc
 from lmforge.models.encdec import EncoderDecoderLM, T5Config
 from lmforge.models.encoder import EncoderConfig, EncoderLM
 from lmforge.models.heads import chunked_cross_entropy
+from lmforge.models.flops import flops_per_token
 from lmforge.models.hf import save_model
+from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
 from lmforge.train.trainer import Trainer, TrainerConfig
 
@@ -83,6 +85,8 @@ class PretrainConfig:
     """Masking and next-sentence settings (bert only)."""
     span: SpanConfig = field(default_factory=SpanConfig)
     """Span-corruption settings (t5 only); ``span.inputs_length`` is the encoder length (data.seq_len is unused)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Data parallelism under torchrun (ddp, zero1, fsdp); see lmforge/train/distributed.py."""
 
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -202,22 +206,32 @@ class PretrainParts:
     model: torch.nn.Module
     trainer: Trainer
     timings: dict[str, float]
+    dist: Dist = field(default_factory=Dist)
 
 
 def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
     timings: dict[str, float] = {}
-    resuming = check_run_dir(cfg.run_dir, cfg.resume)
-    seed_everything(cfg.seed)
+    dist, device = setup_distributed(cfg.distributed, cfg.train.device)
+    if dist.enabled:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    # Rank 0 checks the run dir, trains the tokenizer and builds the shards; the other ranks then load them.
+    with dist.main_first():
+        resuming = check_run_dir(cfg.run_dir, cfg.resume)
+        seed_everything(cfg.seed)
 
-    t = time.perf_counter()
-    tokenizer = resolve_tokenizer(cfg, resuming)
-    timings["tokenizer_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        saved = Path(cfg.run_dir) / "tokenizer" / "tokenizer.json"
+        if not dist.is_main and saved.exists():
+            tokenizer = Tokenizer.load(saved.parent)
+        else:
+            tokenizer = resolve_tokenizer(cfg, resuming)
+        timings["tokenizer_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    shards = build_shards(cfg.data.source, tokenizer, cfg.data.cache_dir, field=cfg.data.field,
-                          val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                          world_bytes=cfg.data.world_bytes)
-    timings["shards_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        shards = build_shards(cfg.data.source, tokenizer, cfg.data.cache_dir, field=cfg.data.field,
+                              val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                              world_bytes=cfg.data.world_bytes)
+        timings["shards_s"] = time.perf_counter() - t
 
     model_cfg = model_config_for(cfg.model, tokenizer)
     if max_len_of(model_cfg) is not None and cfg.data.seq_len > model_cfg.max_seq_len:
@@ -226,20 +240,28 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
     cfg = dataclasses.replace(cfg, model=model_cfg)
     model = build_model(model_cfg)
     objective, train_src, evaluator = paradigm_parts(cfg, shards, tokenizer)
+    fpt = flops_per_token(model_cfg, cfg.data.seq_len) if isinstance(model_cfg, DecoderConfig) else None
     trainer = Trainer(model, objective, train_src, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
-                      resume=cfg.resume, evaluator=evaluator, config_dict=to_dict(cfg), progress=progress)
+                      resume=cfg.resume, evaluator=evaluator, config_dict=to_dict(cfg), progress=progress,
+                      dist=dist, flops_per_token=fpt)
     saved = Path(cfg.run_dir) / "tokenizer"
-    if not (saved / "tokenizer.json").exists():
+    if dist.is_main and not (saved / "tokenizer.json").exists():
         tokenizer.save(saved, model_max_length=max_len_of(model_cfg))
-    return PretrainParts(cfg, tokenizer, shards, model, trainer, timings)
+    return PretrainParts(cfg, tokenizer, shards, model, trainer, timings, dist)
 
 
 def pretrain(cfg: PretrainConfig, progress: bool | None = None) -> dict[str, Any]:
     parts = build(cfg, progress)
-    t = time.perf_counter()
-    result = parts.trainer.fit()
-    parts.timings["train_s"] = time.perf_counter() - t
-    save_model(parts.model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+    try:
+        t = time.perf_counter()
+        result = parts.trainer.fit()
+        parts.timings["train_s"] = time.perf_counter() - t
+        model = parts.trainer.export_model()  # collective under fsdp: every rank takes part, rank 0 gets it
+        if parts.dist.is_main:
+            save_model(model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+        parts.dist.barrier()
+    finally:
+        parts.dist.close()
     return {"run_dir": str(cfg.run_dir), **result, **parts.timings}
 
 

@@ -133,11 +133,78 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimiz
     return path
 
 
+SHARDED = "dcp"
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict[str, Any], trainer_state: dict[str, Any], dist: Any) -> Path:
+    """The fsdp form of :func:`save_checkpoint` (a collective: every rank calls it).
+
+    Model and optimizer state go through ``torch.distributed.checkpoint`` into ``dcp/``, each rank writing
+    its own shards, keyed by parameter name so that a different world size can load them (resharding);
+    ``state.pt``, ``trainer_state.json`` and ``COMPLETE`` come from rank 0, which renames the directory into
+    place once every rank has written (same atomic rule as a single-process checkpoint).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = checkpoint_dir(run_dir, step)
+    tmp = path.parent / f".{path.name}.tmp"  # one name every rank derives: no broadcast needed
+    if dist.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+    dist.barrier()
+    if dist.is_main:
+        torch.save(to_plain(state), tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n",
+                                                encoding="utf-8")
+        (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_sharded_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore a sharded (``dcp/``) checkpoint into a sharded model and its optimizer, whatever world size wrote
+    it; returns the same dict as :func:`load_checkpoint`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise RunError(f"'{path}' is not a complete checkpoint (no {COMPLETE} marker); resume from another one")
+    if not (path / SHARDED).is_dir():
+        raise RunError(f"checkpoint '{path}' holds full (unsharded) weights, written without fsdp; resume it with "
+                       f"the distributed.strategy it was written with (none, ddp or zero1)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(path / SHARDED))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    state = from_plain(torch.load(path / "state.pt", map_location="cpu", weights_only=True))
+    trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    return {**trainer_state, **state}
+
+
 def load_model_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
     """Load ``model.safetensors`` of a checkpoint dir into ``model`` (tied weights handled)."""
     from safetensors.torch import load_model
 
     file = Path(path) / "model.safetensors"
+    if not file.is_file() and (Path(path) / SHARDED).is_dir():
+        raise RunError(f"checkpoint '{path}' is sharded (written under distributed.strategy=fsdp); resume it with "
+                       f"distributed.strategy=fsdp (any number of ranks)")
     if not file.is_file():
         raise RunError(f"checkpoint '{path}' has no model.safetensors; delete that directory to resume from an "
                        f"earlier checkpoint")

@@ -24,7 +24,9 @@ records, where and how it computes — never what it computes:
   ``train.keep_last``, ``train.tensorboard``;
 - ``train.device`` (e.g. continue a CPU run on a GPU), ``train.micro_batch_size`` (the Trainer normalises
   by the global batch's target count, so accumulation does not change the gradient), ``train.compile``,
-  ``train.activation_checkpointing``, ``train.fused_adamw``.
+  ``train.activation_checkpointing``, ``train.fused_adamw``;
+- how the work is spread: ``distributed.*`` except ``param_dtype`` (the number of ranks is not a config key
+  at all; an fsdp checkpoint resumes on any number of ranks).
 
 Everything else — the model, the data, the seed, batch size, learning rate, schedule, precision — is fixed
 for the life of a run: start a new ``run_dir`` to change it.  Recipes may widen the set (e.g. ``eval.*``)
@@ -53,6 +55,8 @@ DEFAULT_MUTABLE_KEYS: frozenset[str] = frozenset({
     "train.tensorboard",
     "train.device", "train.micro_batch_size", "train.compile", "train.activation_checkpointing",
     "train.fused_adamw",
+    "distributed.strategy", "distributed.backend", "distributed.reshard_after_forward", "distributed.cpu_offload",
+    "distributed.find_unused_parameters", "distributed.timeout_s",
 })
 
 CONFIG_FILE = "config.yaml"

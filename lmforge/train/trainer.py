@@ -26,6 +26,7 @@ Step numbering: ``step`` counts completed optimizer updates.  The ``metrics.json
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 import time
@@ -41,10 +42,13 @@ from lmforge.core.device import resolve_device
 from lmforge.core.errors import ConfigError, RunError
 from lmforge.core.seed import rng_state, seed_everything, set_rng_state
 from lmforge.data.objectives import count_input_tokens
-from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
-                                      write_best)
+from lmforge.models.flops import device_peak_flops
+from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint, prune_checkpoints,
+                                      save_checkpoint, save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress
-from lmforge.train.optim import build_optimizer
+from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
+                                       rank_memory, wrap)
+from lmforge.train.optim import build_optimizer, param_groups
 from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, METRICS_FILE, cut_metrics, normalize_resume, prepare_run_dir
 from lmforge.train.schedule import build_scheduler
 
@@ -222,7 +226,8 @@ class Trainer:
                  evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
                  config_dict: dict[str, Any] | None = None,
                  mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS, progress: bool | None = None,
-                 select_metric: str = "val_loss", select_mode: Literal["min", "max"] = "min") -> None:
+                 select_metric: str = "val_loss", select_mode: Literal["min", "max"] = "min",
+                 dist: Dist | None = None, flops_per_token: int | None = None) -> None:
         if not isinstance(max_steps, int) or max_steps < 0:
             raise ConfigError(f"max_steps must be a non-negative integer, got {max_steps!r}")
         self.cfg = cfg
@@ -241,7 +246,10 @@ class Trainer:
             config_dict = {"run_dir": str(run_dir), "seed": seed, "max_steps": max_steps, "resume": self.resume,
                            "train": to_dict(cfg)}
         self.config_dict = config_dict
-        self.resuming = prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys)
+        self.dist = dist or Dist()
+        self.rows_per_rank = self.dist.check_batch(cfg.global_batch_size, cfg.micro_batch_size)
+        self.resuming = self._prepare_run_dir(config_dict, mutable_keys)
+        self.flops_per_token = flops_per_token
 
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
@@ -253,11 +261,16 @@ class Trainer:
         self.frozen = self._place_frozen_modules()
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
-        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, cfg.fused_adamw)
+        # fsdp shards the model in place: rank 0 keeps an unsharded copy to export the final weights into.
+        self._export_shell = copy.deepcopy(model).cpu() if self.dist.strategy == "fsdp" and self.dist.is_main else None
+        self.loss_module = LossModule(model, objective)
+        self.wrapped: nn.Module = wrap(self.loss_module, self.dist, self.device) if self.dist.enabled else self.loss_module
+        self.optimizer = self._build_optimizer()
         self._impl_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
         self.scheduler = build_scheduler(self.optimizer, cfg, max_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.forward_model: nn.Module = torch.compile(model) if cfg.compile else model
+        self.forward_model: nn.Module = torch.compile(model) if cfg.compile and not self.dist.enabled else model
+        self.rank_memory: dict[str, int] = {}
 
         self.step = 0
         self.tokens = 0
@@ -270,6 +283,35 @@ class Trainer:
         self._bad_value = torch.zeros((), dtype=torch.float32, device=self.device)
 
     # ---- setup ------------------------------------------------------------------------------------
+
+    def _prepare_run_dir(self, config_dict: dict[str, Any], mutable_keys: Iterable[str]) -> bool:
+        """Rank 0 checks and writes the run dir; every rank learns the outcome (the same error on every rank)."""
+        if not self.dist.enabled:
+            return prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys)
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.dist.is_main:
+            try:
+                outcome = ("ok", prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys))
+            except (ConfigError, RunError) as e:
+                outcome = (type(e).__name__, str(e))
+        outcome = self.dist.broadcast_object(outcome)
+        if outcome[0] != "ok":
+            raise (ConfigError if outcome[0] == "ConfigError" else RunError)(outcome[1])
+        return bool(outcome[1])
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg, strategy = self.cfg, self.dist.strategy
+        if strategy == "zero1":
+            groups = param_groups(self.model.named_parameters(), cfg.weight_decay)
+            if not groups:
+                raise ConfigError(f"{type(self.model).__name__} has no trainable parameters; unfreeze some or apply "
+                                  f"a delta method")
+            fused = cfg.fused_adamw == "true" or (cfg.fused_adamw == "auto" and self.device.type == "cuda")
+            return build_zero1_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, fused)
+        fused = cfg.fused_adamw
+        if strategy == "fsdp" and self.device.type != "cuda" and fused == "auto":
+            fused = "false"  # sharded (DTensor) parameters: PyTorch's CPU fused kernel does not take them
+        return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused)
 
     def _place_frozen_modules(self) -> dict[str, nn.Module]:
         frozen_fn = getattr(self.objective, "frozen_modules", None)
@@ -297,18 +339,26 @@ class Trainer:
         count = int(self.objective.target_count(batch))
         token_fn = getattr(self.objective, "input_tokens", None)
         tokens = int(token_fn(batch)) if token_fn is not None else count_input_tokens(batch)
+        dist = self.dist
+        if dist.enabled:  # the count above is the global batch's; this rank trains on its slice of the rows
+            batch = dist.shard_batch(batch, batch_rows(batch))
         batch = _to_device(batch, self.device)
         denom = max(count, 1)
         loss_acc: torch.Tensor | None = None
         metrics: dict[str, torch.Tensor] = {}
-        for micro in split_batch(batch, self.cfg.micro):
-            with self._autocast():
-                out = self.objective.loss(self.forward_model, micro)
-            loss_sum = out.loss_sum
-            if loss_sum.dtype in (torch.float16, torch.bfloat16):
-                loss_sum = loss_sum.float()
-            scaled = loss_sum / denom
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        micros = split_batch(batch, self.cfg.micro)
+        for i, micro in enumerate(micros):
+            # Only the last micro-batch's backward all-reduces (DDP) / reduce-scatters (FSDP) the gradients.
+            with gradient_sync(self.wrapped, dist, sync=i == len(micros) - 1):
+                with self._autocast():
+                    out = self.wrapped(micro) if dist.enabled else self.objective.loss(self.forward_model, micro)
+                loss_sum = out.loss_sum
+                if loss_sum.dtype in (torch.float16, torch.bfloat16):
+                    loss_sum = loss_sum.float()
+                scaled = loss_sum / denom
+                if dist.grad_scale != 1.0:
+                    scaled = scaled * dist.grad_scale  # the ranks' average becomes the sum of their shares
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             detached = loss_sum.detach()
             loss_acc = detached if loss_acc is None else loss_acc + detached
             if collect_metrics:
@@ -316,6 +366,10 @@ class Trainer:
                     v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
                     metrics[k] = metrics[k] + v if k in metrics else v
         assert loss_acc is not None
+        if collect_metrics and dist.enabled:  # global sums for the log line (only at log steps: one collective)
+            loss_acc = dist.all_reduce(loss_acc.clone())
+            for k in sorted(metrics):
+                metrics[k] = dist.all_reduce(metrics[k].clone())
         return StepStats(loss_sum=loss_acc, count=count, tokens=tokens, metrics=metrics)
 
     def train_step(self, batch: dict[str, Any], collect: bool = False) -> tuple[StepStats, torch.Tensor | None, float]:
@@ -329,6 +383,8 @@ class Trainer:
         elif collect:
             grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # fsdp: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -345,7 +401,8 @@ class Trainer:
         return stats, grad_norm, lr
 
     def _check_finite(self) -> None:
-        bad_step = int(self._bad_step)
+        # Every rank reaches this line at the same steps; the max makes all of them stop together.
+        bad_step = int(self.dist.all_reduce(self._bad_step.clone(), "max")) if self.dist.enabled else int(self._bad_step)
         if bad_step == 0:
             return
         value = float(self._bad_value)
@@ -365,7 +422,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(), gathered_root(self.loss_module, self.dist):
                 result = self.evaluator(self.model)
         finally:
             self.model.train(was_training)
@@ -387,15 +444,33 @@ class Trainer:
             "best_step": self.best_step,
             "last_metrics": self.last_metrics,
         }
-        path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer, state=state,
-                               trainer_state=trainer_state)
-        if new_best:
-            write_best(self.run_dir, self.step, self.best_value, self.select_metric)
-        prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        trainer_state["distributed"] = {"strategy": self.dist.strategy, "world_size": self.dist.world_size}
+        dist = self.dist
+        if dist.strategy == "fsdp":  # every rank writes its shards (torch.distributed.checkpoint)
+            path = save_sharded_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                           state=state, trainer_state=trainer_state, dist=dist)
+        else:
+            if dist.strategy == "zero1":
+                self.optimizer.consolidate_state_dict(to=0)  # collective: rank 0 receives every partition
+            path = None
+            if dist.is_main:
+                path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                       state=state, trainer_state=trainer_state)
+            dist.barrier()
+            path = path or latest_checkpoint(self.run_dir)
+        if dist.is_main:
+            if new_best:
+                write_best(self.run_dir, self.step, self.best_value, self.select_metric)
+            prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        dist.barrier()
+        assert path is not None
         return path
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, device=self.device)
+        if self.dist.strategy == "fsdp":
+            state = load_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        else:
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, device=self.device)
         for group, flags in zip(self.optimizer.param_groups, self._impl_flags):
             group.update(flags)  # the implementation (fused/foreach) is this run's choice, not the saved one
         self.scheduler.load_state_dict(state["scheduler"])  # re-derives lr with this run's max_steps
@@ -411,7 +486,8 @@ class Trainer:
             self.best_value = float(best)
         self.best_step = state.get("best_step")
         self.last_metrics = dict(state.get("last_metrics") or {})
-        cut_metrics(self.run_dir / METRICS_FILE, self.step)
+        if self.dist.is_main:
+            cut_metrics(self.run_dir / METRICS_FILE, self.step)
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._fit_start)
@@ -428,11 +504,14 @@ class Trainer:
         else:
             seed_everything(self.seed)
         cfg = self.cfg
+        main = self.dist.is_main  # only rank 0 logs, shows progress and writes metrics
         logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
-                               purge_step=self.step + 1 if self.resuming else None)
-        progress = Progress(self.max_steps, self.step, enabled=self.progress_enabled)
+                               purge_step=self.step + 1 if self.resuming else None) if main else None
+        progress = Progress(self.max_steps, self.step, enabled=self.progress_enabled if main else False)
         if self.resuming:
             progress.message(f"resuming {self.run_dir} from step {self.step}")
+        if self.dist.enabled:
+            progress.message(f"distributed: {self.dist.describe()}, {self.rows_per_rank} rows per rank per step")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         window_tokens, window_start = 0, time.perf_counter()
@@ -445,6 +524,8 @@ class Trainer:
                 want_ckpt = cfg.ckpt_every > 0 and (last or step % cfg.ckpt_every == 0)
                 batch = self.train_source.next_batch(cfg.global_batch_size)
                 stats, grad_norm, lr = self.train_step(batch, collect=want_log or want_eval)
+                if not self.rank_memory:
+                    self._measure_rank_memory(progress)
                 self.step = step
                 self.tokens += stats.tokens
                 window_tokens += stats.tokens
@@ -466,14 +547,43 @@ class Trainer:
                             self.best_value, self.best_step, new_best = v, step, True
                         window_start = time.perf_counter()  # evaluation time is not training throughput
                     self.last_metrics = record
-                    logger.log(record)
+                    if logger is not None:
+                        logger.log(record)
                     progress.report(record)
                 if want_ckpt or (new_best and cfg.ckpt_every > 0):
                     self.save_checkpoint(new_best=new_best)
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
             progress.close()
         return dict(self.last_metrics)
+
+    def _measure_rank_memory(self, progress: Progress) -> None:
+        """Bytes of parameters and optimizer state on this rank after the first update (the largest over
+        ranks), reported once: what ZeRO-1 and FSDP save is visible in every run's log."""
+        mem = rank_memory(self.model, self.optimizer)
+        if self.dist.enabled:
+            t = torch.tensor([mem["param_bytes"], mem["optim_bytes"]], dtype=torch.float64, device=self.device)
+            t = self.dist.all_reduce(t, "max")
+            mem = {"param_bytes": int(t[0]), "optim_bytes": int(t[1])}
+        self.rank_memory = mem
+        if self.dist.enabled:
+            progress.message(f"per rank: parameters {mem['param_bytes'] / 2**20:.1f} MiB, optimizer state "
+                             f"{mem['optim_bytes'] / 2**20:.1f} MiB ({self.dist.strategy}, {self.dist.world_size} ranks)")
+
+    def export_model(self) -> nn.Module | None:
+        """The trained model, whole and unwrapped, for saving: the model itself, or under fsdp its full weights
+        gathered into rank 0's unsharded copy (a collective: every rank calls it; ranks other than 0 get None)."""
+        if self.dist.strategy != "fsdp":
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
+            return None
+        assert self._export_shell is not None
+        self._export_shell.load_state_dict(full, strict=False)
+        return self._export_shell
 
     def _train_record(self, stats: StepStats, grad_norm: torch.Tensor | None, lr: float, window_tokens: int,
                       window_s: float) -> dict[str, Any]:
@@ -492,4 +602,11 @@ class Trainer:
         record["elapsed_s"] = round(self._elapsed(), 3)
         if self.device.type == "cuda":
             record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        peak = device_peak_flops(self.device, self.autocast_dtype)
+        if peak and self.flops_per_token and record["tokens_per_s"] > 0:
+            # tokens_per_s counts the global batch; the peak is per device, times the ranks.
+            record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * self.dist.world_size)
+        if self.rank_memory and self.dist.enabled:
+            record["rank_param_mb"] = round(self.rank_memory["param_bytes"] / 2**20, 3)
+            record["rank_optim_mb"] = round(self.rank_memory["optim_bytes"] / 2**20, 3)
         return record
