@@ -1,8 +1,7 @@
 """Runs under ``torchrun`` for tests/unit/test_distributed.py (and imported there for the 1-process reference).
 
-    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py parity OUT_DIR
-    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py fsdp_ckpt OUT_DIR
-    torchrun --standalone --nproc_per_node=N tests/dist_worker.py fsdp_resume RUN_DIR OUT_FILE
+    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py parity OUT_DIR     (+ an fsdp run with checkpoints, the bf16 LoRA case)
+    torchrun --standalone --nproc_per_node=N tests/dist_worker.py resume OUT_FILE fsdp=RUN_DIR zero1=RUN_DIR
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py crash
 
 Tiny Llama (2 blocks, d=32, GQA, tied embeddings), variable-length right-padded batches of a learnable pattern, dropout 0, fp32,
@@ -50,8 +49,11 @@ class PatternSource:
         self.pos = int(state["pos"])
 
 
-def make_model() -> DecoderLM:
+def make_model(meta: bool = False) -> DecoderLM:
     torch.manual_seed(0)
+    if meta:  # fsdp ranks other than 0: no weights of their own (rank 0 broadcasts into the shards)
+        with torch.device("meta"):
+            return make_model()
     # Llama flavour (GQA, tied embeddings): GPT-2's key bias gets a gradient that is zero up to rounding (a
     # constant added to every score of a query), which Adam turns into lr-sized noise steps, so weights
     # would differ between any two summation orders, one process with and without accumulation included.
@@ -59,12 +61,17 @@ def make_model() -> DecoderLM:
                                    max_seq_len=32, dropout=0.0, pad_token_id=0))
 
 
+def train_cfg(micro, ckpt_every=0) -> TrainerConfig:
+    return TrainerConfig(global_batch_size=BATCH, micro_batch_size=micro, lr=1e-2, warmup_steps=2, log_every=1,
+                         ckpt_every=ckpt_every, keep_last=0, device="cpu", tensorboard=False, grad_clip=1.0,
+                         fused_adamw="false")
+
+
 def make_trainer(run_dir, micro, dist=None, max_steps=STEPS, ckpt_every=0, resume="auto") -> Trainer:
     objective = CausalLMObjective(pad_id=0)
-    cfg = TrainerConfig(global_batch_size=BATCH, micro_batch_size=micro, lr=1e-2, warmup_steps=2, log_every=1,
-                        ckpt_every=ckpt_every, keep_last=0, device="cpu", tensorboard=False, grad_clip=1.0,
-                        fused_adamw="false")
-    return Trainer(make_model(), objective, PatternSource(objective), cfg, run_dir=run_dir, max_steps=max_steps,
+    cfg = train_cfg(micro, ckpt_every)
+    meta = dist is not None and dist.strategy == "fsdp" and not dist.is_main
+    return Trainer(make_model(meta), objective, PatternSource(objective), cfg, run_dir=run_dir, max_steps=max_steps,
                    seed=3, resume=resume, progress=False, dist=dist)
 
 
@@ -77,9 +84,9 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_case(run_dir: Path, micro, dist=None) -> dict:
+def run_case(run_dir: Path, micro, dist=None, ckpt_every: int = 0) -> dict:
     """Step-1 gradients of a fresh trainer, then 20 steps: losses, final weights, per-rank bytes."""
-    trainer = make_trainer(run_dir, micro, dist)
+    trainer = make_trainer(run_dir, micro, dist, ckpt_every=ckpt_every)
     trainer.compute_gradients(PatternSource(trainer.objective).next_batch(BATCH))
     grads = full_grads(trainer)
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -94,6 +101,35 @@ def run_case(run_dir: Path, micro, dist=None) -> dict:
             "rank_memory": dict(trainer.rank_memory)}
 
 
+def bf16_lora_case(out: Path, dist) -> None:
+    """fsdp with bf16 compute: LoRA's A/B compute in fp32 (their own units), the frozen base in bf16, every master
+    weight fp32; rank 0 saves what it saw to OUT/bf16_lora.pt."""
+    from lmforge.delta import DeltaConfig, apply_delta
+
+    model = make_model()
+    apply_delta(model, DeltaConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"]))
+    seen: dict[str, str] = {}
+
+    def record(name):
+        def hook(module, args):
+            w = module.weight
+            seen[name] = str((w.to_local() if hasattr(w, "to_local") else w).dtype)
+        return hook
+
+    model.blocks[0].attn.q_proj.lora_A.register_forward_pre_hook(record("lora_A"))
+    model.blocks[0].mlp.up_proj.register_forward_pre_hook(record("frozen_up_proj"))
+    objective = CausalLMObjective(pad_id=0)
+    trainer = Trainer(model, objective, PatternSource(objective), train_cfg(None), run_dir=out / "bf16-lora",
+                      max_steps=3, seed=3, progress=False, dist=dist)
+    trainer.fit()
+    masters = {n: str((p.to_local() if hasattr(p, "to_local") else p).dtype)
+               for n, p in model.named_parameters()}
+    exported = trainer.export_model()
+    if dist.is_main:
+        torch.save({"compute": seen, "masters": masters, "losses": [trainer.last_metrics["loss"]],
+                    "exported": {k: str(v.dtype) for k, v in exported.state_dict().items()}}, out / "bf16_lora.pt")
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     torch.set_num_threads(1)
@@ -105,23 +141,31 @@ def main(argv: list[str]) -> int:
             dist, _ = setup_distributed(DistributedConfig(strategy=strategy))
             dists.append(dist)
             for micro in (None, 2):
-                results[(strategy, micro)] = run_case(out / f"{strategy}-{micro}", micro, dist)
+                # zero1 without accumulation also checkpoints (at 10 and 20): the resume test restarts it
+                ckpt = 10 if (strategy, micro) == ("zero1", None) else 0
+                results[(strategy, micro)] = run_case(out / f"{strategy}-{micro}", micro, dist, ckpt_every=ckpt)
+        # 20 fsdp steps with a checkpoint every 10 (test_fsdp_checkpoint_resumes... resumes from step 10).
+        make_trainer(out / "fsdp-ckpt", None, dists[-1], ckpt_every=10).fit()
+        dist, _ = setup_distributed(DistributedConfig(strategy="fsdp", param_dtype="bf16"))
+        bf16_lora_case(out, dist)
         if dists[0].is_main:
             torch.save(results, out / "parity.pt")
         dists[0].close()
-    elif mode == "fsdp_ckpt":  # 20 steps with a checkpoint every 10 (the test resumes from step 10)
-        dist, _ = setup_distributed(DistributedConfig(strategy="fsdp"))
-        make_trainer(Path(argv[1]), None, dist, ckpt_every=10).fit()
-        dist.close()
-    elif mode == "fsdp_resume":
-        dist, _ = setup_distributed(DistributedConfig(strategy="fsdp"))
-        trainer = make_trainer(Path(argv[1]), None, dist, ckpt_every=10, resume=True)
-        trainer.fit()
-        model = trainer.export_model()
-        if dist.is_main:
-            torch.save({"last_loss": trainer.last_metrics["loss"], "resumed_from": 10,
-                        "weights": model.state_dict(), "world_size": dist.world_size}, argv[2])
-        dist.close()
+    elif mode == "resume":  # resume STRATEGY=RUN_DIR ... from their step-10 checkpoints; rank 0 writes OUT_FILE
+        found, dists = {}, []
+        for spec in argv[2:]:
+            strategy, run_dir = spec.split("=", 1)
+            dist, _ = setup_distributed(DistributedConfig(strategy=strategy))
+            dists.append(dist)
+            trainer = make_trainer(Path(run_dir), None, dist, ckpt_every=10, resume=True)
+            trainer.fit()
+            model = trainer.export_model()
+            if dist.is_main:
+                found[strategy] = {"last_loss": trainer.last_metrics["loss"], "weights": model.state_dict(),
+                                   "world_size": dist.world_size}
+        if dists[0].is_main:
+            torch.save(found, argv[1])
+        dists[0].close()
     elif mode == "crash":  # rank 1 fails while rank 0 waits in a collective: the job must end, naming rank 1
         dist, _ = setup_distributed(DistributedConfig(strategy="ddp", timeout_s=60))
         if dist.rank == 1:

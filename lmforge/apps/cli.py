@@ -173,7 +173,13 @@ def _cmd_finetune(args) -> int:
     from lmforge.apps.report import write_finetune_report
     from lmforge.recipes.finetune import run_compare, run_finetune
 
+    if args.compare:
+        from lmforge.train.distributed import require_single_process
+
+        require_single_process("finetune --compare")
     result = (run_compare if args.compare else run_finetune)(args.config, args.overrides)
+    if not result:  # under torchrun, ranks other than 0 leave scoring, saving and the report to rank 0
+        return 0
     path = write_finetune_report(result)
     brief = {k: result.get(k) for k in ("run_dir", "task", "family", "test", "summary", "pretrained_minus_random")
              if k in result}
@@ -264,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        if "WORLD_SIZE" in os.environ:  # under torchrun: leave the process group together
+            from lmforge.train.distributed import shutdown
+
+            shutdown()
+        return status
     except LmforgeError as e:
         world = os.environ.get("WORLD_SIZE", "1")
         where = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world not in ("", "1") else ""

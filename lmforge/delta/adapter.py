@@ -58,9 +58,13 @@ class AdapterLinear(DeltaLinear):
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
 
+    def fp32_units(self) -> list[nn.Module]:
+        """Submodules FSDP may run in fp32 under a bf16 policy (lmforge/train/distributed.py)."""
+        return [self.adapter_down, self.adapter_up]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
-        return y + self.adapter_up(F.relu(self.adapter_down(y)))
+        return y + self.adapter_up(F.relu(self.adapter_down(y))).to(y.dtype)  # fp32 adapter on a bf16 base
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapter bottleneck={self.bottleneck}"

@@ -77,13 +77,19 @@ class LoRALinear(DeltaLinear):
             return self.weight - self.delta_weight()
         return self.weight / self._merge_scale[:, None] - self.delta_weight()
 
+    def fp32_units(self) -> list[nn.Module]:
+        """Submodules FSDP may run in fp32 under a bf16 policy (lmforge/train/distributed.py): A and B, which only
+        their own forward touches — not under DoRA, whose norm reads their weights directly."""
+        return [] if self.dora else [self.lora_A, self.lora_B]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return super().forward(x)
         dx = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(dx)) * self.scaling
         if not self.dora:
-            return super().forward(x) + lora
+            y = super().forward(x)
+            return y + lora.to(y.dtype)  # an fp32 delta on a bf16 base adds in the base's dtype
         # DoRA: (m / ‖W + sBA‖) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b, the norm detached (paper §4.3).  Written as
         # base(x) + (scale - 1) ⊙ dropout(x) Wᵀ + scale ⊙ lora so that, without dropout, it is exactly that,
         # and with dropout the dropped input feeds only the learned part (as PEFT does).

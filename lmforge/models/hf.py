@@ -153,7 +153,9 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: DecoderConfig,
         if lm_module == "lm_head" and config.tie_embeddings:
             continue  # tied: the head is the embedding
         value = hf_state[key]
-        out[f"{lm_module}.{param}"] = value.t() if transposed and param == "weight" else value
+        # Contiguous: loaded with assign=True, a transposed view would become a strided Parameter (slower matmuls,
+        # and FSDP cannot shard it).
+        out[f"{lm_module}.{param}"] = value.t().contiguous() if transposed and param == "weight" else value
     with torch.device("meta"):
         expected = DecoderLM(config).state_dict()
     if config.tie_embeddings:

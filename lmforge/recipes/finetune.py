@@ -40,7 +40,8 @@ from lmforge.data.task_objectives import (ClassificationObjective, CompletionObj
                                           TextToTextObjective, TokenClassificationObjective)
 from lmforge.data.tasks import TaskConfig, TaskData, load_task
 from lmforge.delta import DeltaConfig, DeltaSummary, apply_delta, merge_delta, mergeable, save_delta
-from lmforge.train.checkpoint import CHECKPOINTS, load_model_weights, read_best
+from lmforge.train.checkpoint import CHECKPOINTS, read_best
+from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
 from lmforge.train.trainer import Trainer, TrainerConfig
 
@@ -91,6 +92,9 @@ class FinetuneConfig:
     """Delta tuning: ``peft.method=lora`` (dora, adapter, bitfit, modules; '+' combines) trains only the delta and
     the head; the delta is saved to ``RUN_DIR/adapter`` (PEFT's format for LoRA/DoRA), the merged model to
     ``RUN_DIR/model`` (adapters do not merge: no ``model/``, load the base and the delta)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Data parallelism under torchrun (ddp, zero1, fsdp): the delta is applied before wrapping/sharding; rank 0
+    gathers the model to restore the best checkpoint, score the test split and save."""
 
 
 # ---- building the pieces ------------------------------------------------------------------------
@@ -210,11 +214,14 @@ def select_metric(task_type: str, mode: str) -> str:
 
 def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
     from lmforge.models.hf import load_model
-    from lmforge.train.distributed import require_single_process
 
-    require_single_process("finetune")
-    check_run_dir(cfg.run_dir, cfg.resume)
-    task = load_task(cfg.task)
+    dist, device = setup_distributed(cfg.distributed, cfg.train.device)
+    if dist.enabled:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+        dist.check_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)  # before any expensive work
+    with dist.main_first():  # rank 0 checks the run dir and fills caches first
+        check_run_dir(cfg.run_dir, cfg.resume)
+        task = load_task(cfg.task)
     model_dir = resolve_model_dir(cfg.model)
     base, tokenizer = load_model(model_dir)
     if tokenizer is None:
@@ -257,7 +264,8 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
 
     trainer = Trainer(model, objective, source, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
                       resume=cfg.resume, evaluator=evaluator if task.splits["validation"] else None,
-                      config_dict=to_dict(cfg), progress=progress, select_metric=f"val_{metric}", select_mode="max")
+                      config_dict=to_dict(cfg), progress=progress, select_metric=f"val_{metric}", select_mode="max",
+                      dist=dist)
     parts = FinetuneParts(cfg, task_t2t, mode, model, tokenizer, objective, examples, gen_inputs, truncated, trainer,
                           (f"val_{metric}", "max"), task, delta, str(model_dir))
     parts_ref["parts"] = parts
@@ -296,15 +304,19 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
 
     t0 = time.perf_counter()
     parts = build(cfg, progress)
-    memory = _measure_memory(parts) if cfg.measure_memory else None
-    last = parts.trainer.fit()
+    trainer = parts.trainer
+    memory = _measure_memory(parts) if cfg.measure_memory and not trainer.dist.enabled else None
+    last = trainer.fit()
     train_s = time.perf_counter() - t0
     best = read_best(cfg.run_dir)
     selected = "final"
     if best is not None:
-        load_model_weights(parts.model, Path(cfg.run_dir) / CHECKPOINTS / best["path"], device=parts.trainer.device)
+        trainer.load_weights(Path(cfg.run_dir) / CHECKPOINTS / best["path"])  # collective under fsdp
         selected = f"step {best['step']}"
-    model = parts.model
+    model = trainer.export_model()  # the whole model (rank 0 gathers it under fsdp)
+    if not trainer.dist.is_main:  # rank 0 scores and saves; the others are done
+        return {}
+    parts.model = model
     results: dict[str, Any] = {"run_dir": str(cfg.run_dir), "task": parts.task.name, "type": parts.task.type,
                                "family": model.config.family, "mode": parts.mode, "init": cfg.init,
                                "seed": cfg.seed, "selected": selected, "select_metric": parts.select[0],

@@ -214,6 +214,7 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
     dist, device = setup_distributed(cfg.distributed, cfg.train.device)
     if dist.enabled:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+        dist.check_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)  # before any expensive work
     # Rank 0 checks the run dir, trains the tokenizer and builds the shards; the other ranks then load them.
     with dist.main_first():
         resuming = check_run_dir(cfg.run_dir, cfg.resume)
@@ -238,7 +239,11 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
                           f"lower data.seq_len or raise model.max_seq_len")
     cfg = dataclasses.replace(cfg, model=model_cfg)
-    model = build_model(model_cfg)
+    if dist.strategy == "fsdp" and not dist.is_main:
+        with torch.device("meta"):  # rank 0 builds the weights and broadcasts them into every rank's shards
+            model = build_model(model_cfg)
+    else:
+        model = build_model(model_cfg)
     objective, train_src, evaluator = paradigm_parts(cfg, shards, tokenizer)
     fpt = flops_per_token(model_cfg, cfg.data.seq_len) if isinstance(model_cfg, DecoderConfig) else None
     trainer = Trainer(model, objective, train_src, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
@@ -252,16 +257,13 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
 
 def pretrain(cfg: PretrainConfig, progress: bool | None = None) -> dict[str, Any]:
     parts = build(cfg, progress)
-    try:
-        t = time.perf_counter()
-        result = parts.trainer.fit()
-        parts.timings["train_s"] = time.perf_counter() - t
-        model = parts.trainer.export_model()  # collective under fsdp: every rank takes part, rank 0 gets it
-        if parts.dist.is_main:
-            save_model(model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
-        parts.dist.barrier()
-    finally:
-        parts.dist.close()
+    t = time.perf_counter()
+    result = parts.trainer.fit()
+    parts.timings["train_s"] = time.perf_counter() - t
+    model = parts.trainer.export_model()  # collective under fsdp: every rank takes part, rank 0 gets it
+    if parts.dist.is_main:
+        save_model(model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+    parts.dist.barrier()
     return {"run_dir": str(cfg.run_dir), **result, **parts.timings}
 
 

@@ -176,11 +176,13 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
     return path
 
 
-def load_sharded_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore a sharded (``dcp/``) checkpoint into a sharded model and its optimizer, whatever world size wrote
-    it; returns the same dict as :func:`load_checkpoint`."""
+def load_sharded_checkpoint(path: str | Path, *, model: nn.Module,
+                            optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore a sharded (``dcp/``) checkpoint into a sharded model (and its optimizer), whatever world size
+    wrote it; returns the same dict as :func:`load_checkpoint`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
 
     path = Path(path)
     if not (path / COMPLETE).is_file():
@@ -188,10 +190,15 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module, optimizer: to
     if not (path / SHARDED).is_dir():
         raise RunError(f"checkpoint '{path}' holds full (unsharded) weights, written without fsdp; resume it with "
                        f"the distributed.strategy it was written with (none, ddp or zero1)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=str(path / SHARDED))
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    if optimizer is None:  # weights only (the checkpoint's optimizer entries are left unread)
+        loaded = {"model": get_model_state_dict(model)}
+        dcp.load(loaded, checkpoint_id=str(path / SHARDED))
+        set_model_state_dict(model, loaded["model"])
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=str(path / SHARDED))
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     state = from_plain(torch.load(path / "state.pt", map_location="cpu", weights_only=True))
     trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     return {**trainer_state, **state}

@@ -191,10 +191,13 @@ class Dist:
             yield
 
     def close(self) -> None:
+        """Leave the job together: a barrier first, so that no rank tears its connections down while another
+        still talks to it."""
         if self.owns_group:
             import torch.distributed as td
 
             if td.is_initialized():
+                self.barrier()
                 td.destroy_process_group()
             self.owns_group = False
 
@@ -282,6 +285,12 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def fp32_units(block: nn.Module) -> list[nn.Module]:
+    """Delta submodules inside ``block`` that compute in fp32 under a bf16 policy: what each delta layer lists in
+    its ``fp32_units()`` (LoRA's A and B, an adapter's projections), called only through their own forward."""
+    return [unit for m in block.modules() if hasattr(m, "fp32_units") for unit in m.fp32_units()]
+
+
 def wrap(loss_module: LossModule, dist: Dist, device: torch.device) -> nn.Module:
     """Wrap ``loss_module`` (in place for fsdp) for ``dist.strategy``; returns the module to call."""
     if dist.strategy in ("ddp", "zero1"):
@@ -290,12 +299,26 @@ def wrap(loss_module: LossModule, dist: Dist, device: torch.device) -> nn.Module
         ids = [device.index] if device.type == "cuda" else None
         return DDP(loss_module, device_ids=ids, find_unused_parameters=dist.cfg.find_unused_parameters)
     if dist.strategy == "fsdp":
+        if dist.cfg.cpu_offload and device.type != "cuda":
+            raise ConfigError(f"distributed.cpu_offload=true moves GPU shards to CPU memory, but this run trains on "
+                              f"{device.type}, already in CPU memory; set distributed.cpu_offload=false")
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dist.cfg.param_dtype == "bf16" else None,
                                   reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy() if dist.cfg.cpu_offload else OffloadPolicy()
-        for block in block_modules(loss_module.model):
+        for p in loss_module.parameters():  # FSDP shards dim 0 of contiguous tensors only
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+        blocks = block_modules(loss_module.model)
+        if mp.param_dtype is not None:
+            # Delta tuning under bf16: the trainable modules inside a block (LoRA A/B, adapter projections) are
+            # their own units that compute in fp32 (inputs cast up on entry; the delta casts its output back).
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            for island in (m for block in blocks for m in fp32_units(block)):
+                fully_shard(island, reshard_after_forward=dist.cfg.reshard_after_forward, mp_policy=fp32,
+                            offload_policy=offload)
+        for block in blocks:
             fully_shard(block, reshard_after_forward=dist.cfg.reshard_after_forward, mp_policy=mp,
                         offload_policy=offload)
         fully_shard(loss_module, mp_policy=mp, offload_policy=offload)
@@ -371,6 +394,17 @@ def rank_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
                 loc = _local(v)
                 optim_bytes += loc.numel() * loc.element_size()
     return {"param_bytes": param_bytes, "optim_bytes": optim_bytes}
+
+
+def shutdown() -> None:
+    """End this process's part in a job that succeeded (the CLI calls it after a command): a barrier, then
+    destroy the process group.  (After an error a rank just exits: torchrun then stops the others.)"""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        if td.get_world_size() > 1:
+            td.barrier()
+        td.destroy_process_group()
 
 
 def require_single_process(command: str) -> None:

@@ -43,8 +43,8 @@ from lmforge.core.errors import ConfigError, RunError
 from lmforge.core.seed import rng_state, seed_everything, set_rng_state
 from lmforge.data.objectives import count_input_tokens
 from lmforge.models.flops import device_peak_flops
-from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint, prune_checkpoints,
-                                      save_checkpoint, save_sharded_checkpoint, write_best)
+from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights, load_sharded_checkpoint,
+                                      prune_checkpoints, save_checkpoint, save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress
 from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
                                        rank_memory, wrap)
@@ -252,7 +252,18 @@ class Trainer:
         self.flops_per_token = flops_per_token
 
         self.device = resolve_device(cfg.device)
-        self.model = model.to(self.device)
+        fsdp = self.dist.strategy == "fsdp"
+        if fsdp:
+            # Ranks other than 0 may pass a model built on the meta device: rank 0's weights reach every rank's
+            # shards below, so no rank ever holds a second full copy on the device.
+            meta = any(p.is_meta for p in model.parameters())
+            if meta and self.dist.is_main:
+                raise RunError("under distributed.strategy=fsdp rank 0 must hold the real weights (it broadcasts "
+                               "them); build the model on the meta device on the other ranks only")
+            full_weights = model.state_dict() if self.dist.is_main else {}
+            self.model = model  # fully_shard moves each block's shard to the device, never the whole model
+        else:
+            self.model = model.to(self.device)
         if cfg.activation_checkpointing:
             if not hasattr(model, "set_activation_checkpointing"):
                 raise ConfigError(f"train.activation_checkpointing=true but {type(model).__name__} does not support "
@@ -265,6 +276,14 @@ class Trainer:
         self._export_shell = copy.deepcopy(model).cpu() if self.dist.strategy == "fsdp" and self.dist.is_main else None
         self.loss_module = LossModule(model, objective)
         self.wrapped: nn.Module = wrap(self.loss_module, self.dist, self.device) if self.dist.enabled else self.loss_module
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            if meta:
+                model.to_empty(device=self.device)  # allocates this rank's shards only
+            set_model_state_dict(model, full_weights, options=StateDictOptions(full_state_dict=True,
+                                                                               broadcast_from_rank0=True))
+            del full_weights
         self.optimizer = self._build_optimizer()
         self._impl_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
         self.scheduler = build_scheduler(self.optimizer, cfg, max_steps)
@@ -570,6 +589,14 @@ class Trainer:
         if self.dist.enabled:
             progress.message(f"per rank: parameters {mem['param_bytes'] / 2**20:.1f} MiB, optimizer state "
                              f"{mem['optim_bytes'] / 2**20:.1f} MiB ({self.dist.strategy}, {self.dist.world_size} ranks)")
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a checkpoint's model weights (not the optimizer) into the model being trained, e.g. the best one
+        before scoring (a collective under fsdp: every rank calls it)."""
+        if self.dist.strategy == "fsdp":
+            load_sharded_checkpoint(path, model=self.model)
+        else:
+            load_model_weights(self.model, path, device=self.device)
 
     def export_model(self) -> nn.Module | None:
         """The trained model, whole and unwrapped, for saving: the model itself, or under fsdp its full weights

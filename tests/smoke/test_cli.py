@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli, run_cli
 
 TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.vocab_size=512", "model.max_seq_len=64",
         "data.seq_len=32", "data.world_bytes=400000", "tokenizer.train_bytes=200000", "train.global_batch_size=8",
@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.parametrize("cmd", [[], ["pretrain"], ["pipeline"], ["tokenizer"], ["tokenizer", "train"], ["eval"],
                                  ["eval", "perplexity"], ["generate"], ["world"]])
 def test_help(cmd):
-    proc = run_cli(*cmd, "--help")
+    proc = cli(*cmd, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout
 
 
@@ -70,38 +70,38 @@ def test_generate_greedy(tiny_run):
 
 
 def test_existing_run_dir_without_resume(tiny_run):
-    proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tiny_run}", "max_steps=20", *TINY)
+    proc = cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tiny_run}", "max_steps=20", *TINY)
     assert_clean_error(proc, str(tiny_run), "resume=true")
 
 
 def test_unknown_config_key(tmp_path):
-    proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tmp_path / 'r'}", "train.lrr=1")
+    proc = cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tmp_path / 'r'}", "train.lrr=1")
     assert_clean_error(proc, "train.lrr", "did you mean 'lr'")
 
 
 def test_missing_data_path(tmp_path):
-    proc = run_cli("eval", "perplexity", "--model", str(tmp_path), "--data", str(tmp_path / "nope.txt"))
+    proc = cli("eval", "perplexity", "--model", str(tmp_path), "--data", str(tmp_path / "nope.txt"))
     assert_clean_error(proc)
-    proc = run_cli("tokenizer", "train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "tok"))
+    proc = cli("tokenizer", "train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "tok"))
     assert_clean_error(proc, "nope.txt")
 
 
 def test_empty_data_path(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
-    proc = run_cli("tokenizer", "train", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "tok"))
+    proc = cli("tokenizer", "train", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "tok"))
     assert_clean_error(proc, "empty.txt")
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n')
-    proc = run_cli("tokenizer", "train", "--data", str(bad), "--out", str(tmp_path / "tok"))
+    proc = cli("tokenizer", "train", "--data", str(bad), "--out", str(tmp_path / "tok"))
     assert_clean_error(proc, "bad.jsonl:3")
 
 
 def test_model_path_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    proc = run_cli("generate", "--model", str(tmp_path), "--prompt", "hi")
+    proc = cli("generate", "--model", str(tmp_path), "--prompt", "hi")
     assert_clean_error(proc, str(tmp_path))
 
 
@@ -113,7 +113,7 @@ def test_unsupported_hf_config_field(tiny_run, tmp_path):
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["scale_attn_by_inverse_layer_idx"] = True
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    proc = run_cli("generate", "--model", str(model_dir), "--prompt", "hi")
+    proc = cli("generate", "--model", str(model_dir), "--prompt", "hi")
     assert_clean_error(proc, "scale_attn_by_inverse_layer_idx")
 
 
@@ -121,16 +121,16 @@ def test_tokenizer_model_vocab_mismatch(tiny_run, tmp_path):
     import shutil
 
     tok_dir = tmp_path / "bigtok"
-    proc = run_cli("tokenizer", "train", "--data", "world", "--vocab-size", "1024", "--max-bytes", "300000",
+    proc = cli("tokenizer", "train", "--data", "world", "--vocab-size", "1024", "--max-bytes", "300000",
                    "--out", str(tok_dir))
     assert proc.returncode == 0, proc.stderr
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_run / "model", model_dir)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / f, model_dir / f)
-    proc = run_cli("generate", "--model", str(model_dir), "--prompt", "hi")
+    proc = cli("generate", "--model", str(model_dir), "--prompt", "hi")
     assert_clean_error(proc, "512")
-    proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tmp_path / 'r2'}",
+    proc = cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tmp_path / 'r2'}",
                    f"tokenizer.path={tok_dir}", *TINY)
     assert_clean_error(proc, "1024", "model.vocab_size")
 
@@ -138,12 +138,12 @@ def test_tokenizer_model_vocab_mismatch(tiny_run, tmp_path):
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={blocker}/sub", *TINY)
+    proc = cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={blocker}/sub", *TINY)
     assert_clean_error(proc, "run dir")
 
 
 def test_accumulation_must_divide(tmp_path):
-    proc = run_cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tmp_path / 'r'}",
+    proc = cli("pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={tmp_path / 'r'}",
                    "train.global_batch_size=10", "train.micro_batch_size=4")
     assert_clean_error(proc, "global_batch_size=10", "micro_batch_size=4")
 

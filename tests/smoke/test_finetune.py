@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 from tests.smoke.test_cli import assert_clean_error
 
 transformers = pytest.importorskip("transformers")
@@ -121,19 +121,19 @@ def test_truncation_is_counted_not_fatal(hf_dirs, tmp_path):
 
 def test_bad_inputs_are_one_line_errors(hf_dirs, tmp_path):
     data = hf_dirs / "data"
-    proc = run_cli("finetune", f"run_dir={tmp_path / 'a'}", f"model={hf_dirs / 'bert'}", "task.name=null",
+    proc = cli("finetune", f"run_dir={tmp_path / 'a'}", f"model={hf_dirs / 'bert'}", "task.name=null",
                    f"task.train={data / 'qa.jsonl'}")
     assert_clean_error(proc, "task type 'text2text' is not available for model family 'bert'")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "pos"}\n{"text": "meh", "label": "neg"}\n', encoding="utf-8")
     val = tmp_path / "val.jsonl"
     val.write_text('{"text": "fine", "label": "pos"}\n{"text": "", "label": "neg"}\n', encoding="utf-8")
-    proc = run_cli("finetune", f"run_dir={tmp_path / 'b'}", f"model={hf_dirs / 'bert'}", "task.name=null",
+    proc = cli("finetune", f"run_dir={tmp_path / 'b'}", f"model={hf_dirs / 'bert'}", "task.name=null",
                    f"task.train={bad}", f"task.validation={val}")
     assert_clean_error(proc, "val.jsonl:2: field 'text' is empty")
-    proc = run_cli("finetune", f"run_dir={tmp_path / 'c'}", f"model={hf_dirs / 'gpt2'}", "task.name=world-ner")
+    proc = cli("finetune", f"run_dir={tmp_path / 'c'}", f"model={hf_dirs / 'gpt2'}", "task.name=world-ner")
     assert_clean_error(proc, "token classification needs a bidirectional encoder")
-    proc = run_cli("finetune", f"run_dir={tmp_path / 'd'}", f"model={tmp_path / 'nothing'}")
+    proc = cli("finetune", f"run_dir={tmp_path / 'd'}", f"model={tmp_path / 'nothing'}")
     assert_clean_error(proc, "is neither a model directory")
 
 

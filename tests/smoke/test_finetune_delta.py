@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 from tests.smoke.test_cli import assert_clean_error
 from tests.smoke.test_finetune import TEXTS, _finetune, hf_dirs  # noqa: F401  (fixture)
 
@@ -76,9 +76,9 @@ def test_bitfit_on_bert_and_dora_on_t5(hf_dirs, tmp_path):  # noqa: F811
 def test_bad_delta_settings_are_one_line_errors(hf_dirs, tmp_path):  # noqa: F811
     data = hf_dirs / "data"
     common = ["task.name=null", f"task.train={data / 'cls.jsonl'}"]
-    proc = run_cli("finetune", f"run_dir={tmp_path / 'a'}", f"model={hf_dirs / 'gpt2'}", *common, "peft.method=lorra")
+    proc = cli("finetune", f"run_dir={tmp_path / 'a'}", f"model={hf_dirs / 'gpt2'}", *common, "peft.method=lorra")
     assert_clean_error(proc, "peft.method: 'lorra' is not a delta method")
-    proc = run_cli("finetune", f"run_dir={tmp_path / 'b'}", f"model={hf_dirs / 'gpt2'}", *common, "peft.method=lora",
+    proc = cli("finetune", f"run_dir={tmp_path / 'b'}", f"model={hf_dirs / 'gpt2'}", *common, "peft.method=lora",
                    "peft.target_modules=[q_proj]")
     assert_clean_error(proc, "matches no Linear layer")
 

@@ -61,13 +61,13 @@ def parity(tmp_path_factory):
     check_ok(torchrun(2, "parity", str(out)))
     results = torch.load(out / "parity.pt", weights_only=False)
     ref = {micro: W.run_case(out / f"ref-{micro}", micro) for micro in (None, 2)}
-    return results, ref
+    return results, ref, out
 
 
 @pytest.mark.parametrize("micro", [None, 2], ids=["no-accum", "accum-2"])
 @pytest.mark.parametrize("strategy", ["ddp", "zero1", "fsdp"])
 def test_two_ranks_equal_one_process(parity, strategy, micro):
-    results, ref = parity
+    results, ref, _ = parity
     got, want = results[(strategy, micro)], ref[micro]
     assert len(got["losses"]) == len(want["losses"]) == W.STEPS
     for step, (a, b) in enumerate(zip(got["losses"], want["losses"]), 1):
@@ -82,8 +82,16 @@ def test_two_ranks_equal_one_process(parity, strategy, micro):
     assert want["losses"][-1] < want["losses"][0] - 0.5
 
 
+def test_fsdp_bf16_keeps_lora_in_fp32(parity):
+    got = torch.load(parity[2] / "bf16_lora.pt", weights_only=False)
+    assert got["compute"] == {"lora_A": "torch.float32", "frozen_up_proj": "torch.bfloat16"}
+    assert set(got["masters"].values()) == {"torch.float32"}  # sharded master weights stay fp32
+    assert set(got["exported"].values()) == {"torch.float32"} and any("lora_A" in k for k in got["exported"])
+    assert all(torch.isfinite(torch.tensor(x)) for x in got["losses"])
+
+
 def test_per_rank_memory(parity):
-    results, ref = parity
+    results, ref, _ = parity
     single = ref[None]["rank_memory"]
     ddp = results[("ddp", None)]["rank_memory"]
     zero1 = results[("zero1", None)]["rank_memory"]
@@ -99,31 +107,40 @@ def test_per_rank_memory(parity):
     assert abs(fsdp["optim_bytes"] - ddp["optim_bytes"] / 2) <= 0.02 * ddp["optim_bytes"]
 
 
-def test_fsdp_checkpoint_resumes_on_one_and_two_ranks(tmp_path):
-    full = tmp_path / "full"
-    check_ok(torchrun(2, "fsdp_ckpt", str(full)))
-    assert (full / "checkpoints" / "step_0000010" / "dcp" / ".metadata").is_file()
-    final = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["step"] == W.STEPS
-    ref_model = W.make_model()
-    # The uninterrupted run's final weights, from its last (sharded) checkpoint via a 1-rank resume to the same step.
+def test_checkpoints_resume_on_one_and_two_ranks(parity, tmp_path):
+    """fsdp (sharded dcp/) and zero1 (consolidated optimizer state) runs of 2 ranks, checkpointed at step 10,
+    resume on 2 ranks and on 1 rank and end where the uninterrupted runs ended."""
+    sources = {"fsdp": parity[2] / "fsdp-ckpt", "zero1": parity[2] / "zero1-None"}
+    assert (sources["fsdp"] / "checkpoints" / "step_0000010" / "dcp" / ".metadata").is_file()
+    assert (sources["zero1"] / "checkpoints" / "step_0000010" / "optimizer.pt").is_file()
+    finals = {k: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for k, d in sources.items()}
+    assert all(f["step"] == W.STEPS for f in finals.values())
+    keys = set(W.make_model().state_dict())
+    weights = {}
     for nproc in (2, 1):
-        run = tmp_path / f"resume-{nproc}"
-        shutil.copytree(full, run)
-        shutil.rmtree(run / "checkpoints" / "step_0000020")  # as if killed after the step-10 checkpoint
+        specs = []
+        for strategy, src in sources.items():
+            run = tmp_path / f"{strategy}-{nproc}"
+            shutil.copytree(src, run)
+            shutil.rmtree(run / "checkpoints" / "step_0000020")  # as if killed after the step-10 checkpoint
+            specs.append(f"{strategy}={run}")
         out = tmp_path / f"resume-{nproc}.pt"
-        check_ok(torchrun(nproc, "fsdp_resume", str(run), str(out)))
+        check_ok(torchrun(nproc, "resume", str(out), *specs))
         got = torch.load(out, weights_only=False)
-        assert got["world_size"] == nproc
-        assert abs(got["last_loss"] - final["loss"]) <= 1e-5 * abs(final["loss"]), (nproc, got["last_loss"], final)
-        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in lines] == list(range(1, W.STEPS + 1))  # steps 11-20 once, not twice
-        assert set(got["weights"]) == set(ref_model.state_dict())
-        if nproc == 2:
-            weights_2 = got["weights"]
-        else:
-            bad = {k: v for k, v in rel_weight_diff(got["weights"], weights_2).items() if v > 1e-4}
-            assert not bad, f"1-rank and 2-rank resumes end at different weights: {bad}"
+        for strategy, final in finals.items():
+            r = got[strategy]
+            assert r["world_size"] == nproc
+            assert abs(r["last_loss"] - final["loss"]) <= 1e-5 * abs(final["loss"]), (strategy, nproc, r, final)
+            lines = [json.loads(x) for x in (tmp_path / f"{strategy}-{nproc}" / "metrics.jsonl").read_text().splitlines()]
+            assert [x["step"] for x in lines] == list(range(1, W.STEPS + 1))  # steps 11-20 once, not twice
+            assert set(r["weights"]) == keys
+            weights[(strategy, nproc)] = r["weights"]
+    for strategy in sources:
+        bad = {k: v for k, v in rel_weight_diff(weights[(strategy, 1)], weights[(strategy, 2)]).items() if v > 1e-4}
+        assert not bad, f"{strategy}: 1-rank and 2-rank resumes end at different weights: {bad}"
+    uninterrupted = parity[0][("zero1", None)]["weights"]
+    bad = {k: v for k, v in rel_weight_diff(weights[("zero1", 2)], uninterrupted).items() if v > 1e-4}
+    assert not bad, f"zero1: the resumed run ends at different weights than the uninterrupted one: {bad}"
 
 
 def test_a_failing_rank_ends_the_job_and_is_named():
@@ -172,6 +189,14 @@ def test_several_processes_need_a_strategy(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="launched with 2 processes .* distributed.strategy=none"):
         setup_distributed(DistributedConfig(strategy="none"))
+
+
+def test_single_process_commands_refuse_torchrun(monkeypatch):
+    from lmforge.train.distributed import require_single_process
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"`lmforge pipeline` runs in one process.*WORLD_SIZE=2"):
+        require_single_process("pipeline")
 
 
 def test_fsdp_units_are_the_blocks():
