@@ -57,8 +57,12 @@ def make_model(meta: bool = False) -> DecoderLM:
     # Llama flavour (GQA, tied embeddings): GPT-2's key bias gets a gradient that is zero up to rounding (a
     # constant added to every score of a query), which Adam turns into lr-sized noise steps, so weights
     # would differ between any two summation orders, one process with and without accumulation included.
-    return DecoderLM(DecoderConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, n_kv_head=1,
-                                   max_seq_len=32, dropout=0.0, pad_token_id=0))
+    model = DecoderLM(DecoderConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, n_kv_head=1,
+                                    max_seq_len=32, dropout=0.0, pad_token_id=0))
+    # A trainable module the loss never reaches (as a fine-tuned BERT's pretraining heads): DDP must not wait
+    # for its gradient, and a sharded checkpoint holds no optimizer state for it.
+    model.unused_head = torch.nn.Linear(8, 3)
+    return model
 
 
 def train_cfg(micro, ckpt_every=0) -> TrainerConfig:
@@ -126,8 +130,10 @@ def bf16_lora_case(out: Path, dist) -> None:
                for n, p in model.named_parameters()}
     exported = trainer.export_model()
     if dist.is_main:
+        sd = exported.state_dict()
         torch.save({"compute": seen, "masters": masters, "losses": [trainer.last_metrics["loss"]],
-                    "exported": {k: str(v.dtype) for k, v in exported.state_dict().items()}}, out / "bf16_lora.pt")
+                    "exported": {k: str(v.dtype) for k, v in sd.items()},
+                    "lora_B_norm": float(sd["blocks.0.attn.q_proj.lora_B.weight"].norm())}, out / "bf16_lora.pt")
 
 
 def main(argv: list[str]) -> int:
@@ -145,7 +151,11 @@ def main(argv: list[str]) -> int:
                 ckpt = 10 if (strategy, micro) == ("zero1", None) else 0
                 results[(strategy, micro)] = run_case(out / f"{strategy}-{micro}", micro, dist, ckpt_every=ckpt)
         # 20 fsdp steps with a checkpoint every 10 (test_fsdp_checkpoint_resumes... resumes from step 10).
-        make_trainer(out / "fsdp-ckpt", None, dists[-1], ckpt_every=10).fit()
+        ckpt_run = make_trainer(out / "fsdp-ckpt", None, dists[-1], ckpt_every=10)
+        ckpt_run.fit()
+        final = ckpt_run.export_model()
+        if dists[0].is_main:
+            results["fsdp-ckpt"] = {k: v.detach().clone() for k, v in final.state_dict().items()}
         dist, _ = setup_distributed(DistributedConfig(strategy="fsdp", param_dtype="bf16"))
         bf16_lora_case(out, dist)
         if dists[0].is_main:

@@ -219,8 +219,8 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
     if dist.enabled:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
         dist.check_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)  # before any expensive work
-    with dist.main_first():  # rank 0 checks the run dir and fills caches first
-        check_run_dir(cfg.run_dir, cfg.resume)
+    dist.on_main(lambda: check_run_dir(cfg.run_dir, cfg.resume))  # fails fast, on every rank alike
+    with dist.main_first():  # rank 0 fills caches first
         task = load_task(cfg.task)
     model_dir = resolve_model_dir(cfg.model)
     base, tokenizer = load_model(model_dir)
@@ -316,7 +316,7 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
     model = trainer.export_model()  # the whole model (rank 0 gathers it under fsdp)
     if not trainer.dist.is_main:  # rank 0 scores and saves; the others are done
         return {}
-    parts.model = model
+    parts.model = model.to(trainer.device)  # (fsdp's gathered copy is on the CPU: score on the training device)
     results: dict[str, Any] = {"run_dir": str(cfg.run_dir), "task": parts.task.name, "type": parts.task.type,
                                "family": model.config.family, "mode": parts.mode, "init": cfg.init,
                                "seed": cfg.seed, "selected": selected, "select_metric": parts.select[0],

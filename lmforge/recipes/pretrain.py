@@ -215,9 +215,9 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
     if dist.enabled:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
         dist.check_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)  # before any expensive work
-    # Rank 0 checks the run dir, trains the tokenizer and builds the shards; the other ranks then load them.
+    resuming = dist.on_main(lambda: check_run_dir(cfg.run_dir, cfg.resume))  # fails fast, on every rank alike
+    # Rank 0 trains the tokenizer and builds the shards; the other ranks then load them.
     with dist.main_first():
-        resuming = check_run_dir(cfg.run_dir, cfg.resume)
         seed_everything(cfg.seed)
 
         t = time.perf_counter()

@@ -195,13 +195,29 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module,
         dcp.load(loaded, checkpoint_id=str(path / SHARDED))
         set_model_state_dict(model, loaded["model"])
     else:
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
         model_sd, optim_sd = get_state_dict(model, optimizer)
         loaded = {"model": model_sd, "optim": optim_sd}
-        dcp.load(loaded, checkpoint_id=str(path / SHARDED))
+        # Partial: a trainable parameter that never had a gradient has no AdamW state in the checkpoint (its
+        # fresh, zero state here is what it had); every model weight is still required (checked below).
+        dcp.load(loaded, checkpoint_id=str(path / SHARDED), planner=DefaultLoadPlanner(allow_partial_load=True))
+        _require_keys(path, model_sd)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     state = from_plain(torch.load(path / "state.pt", map_location="cpu", weights_only=True))
     trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     return {**trainer_state, **state}
+
+
+def _require_keys(path: Path, model_sd: dict[str, Any]) -> None:
+    """Every model weight must be in the sharded checkpoint (the optimizer part may be partial)."""
+    import torch.distributed.checkpoint as dcp
+
+    stored = set(dcp.FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata)
+    missing = [k for k in model_sd if f"model.{k}" not in stored]
+    if missing:
+        raise ModelError(f"checkpoint '{path}' does not match the model (missing {', '.join(missing[:5])}); resume "
+                         f"with the model config the run was started with")
 
 
 def load_model_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
@@ -227,7 +243,7 @@ def load_model_weights(model: nn.Module, path: str | Path, device: torch.device 
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    device: torch.device | str = "cpu") -> dict[str, Any]:
+                    device: torch.device | str = "cpu", optimizer_map_location: Any = None) -> dict[str, Any]:
     """Restore model (and optimizer) from a checkpoint dir; return ``trainer_state.json`` merged with
     ``state.pt`` (keys ``scheduler``, ``scaler``, ``rng``, ``data`` ... as saved)."""
     path = Path(path)
@@ -235,7 +251,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         raise RunError(f"'{path}' is not a complete checkpoint (no {COMPLETE} marker); resume from another one")
     load_model_weights(model, path, device)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=optimizer_map_location or device,
+                                             weights_only=True))
     state = from_plain(torch.load(path / "state.pt", map_location="cpu", weights_only=True))
     trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     return {**trainer_state, **state}

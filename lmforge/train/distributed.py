@@ -24,7 +24,8 @@ step maps onto ranks:
   parameters, fp32 gradient reductions) whose master weights stay fp32.
 
 Launch: ``torchrun --nproc_per_node=N -m lmforge pretrain CONFIG`` (multi-node: torchrun's ``--nnodes``,
-``--rdzv-backend``, ``--rdzv-endpoint``).  A strategy other than ``none`` without torchrun runs a
+``--rdzv-backend``, ``--rdzv-endpoint``; ``run_dir`` must be on a filesystem every node sees, since rank 0
+renames each checkpoint into place once all ranks have written their shards).  A strategy other than ``none`` without torchrun runs a
 1-process group (useful to resume a sharded checkpoint on one process).  A rank that fails exits
 non-zero; torchrun then stops the others and names the failed rank, and collectives time out after
 ``distributed.timeout_s`` rather than hang.
@@ -64,9 +65,10 @@ class DistributedConfig:
     param_dtype: Literal["fp32", "bf16"] = "fp32"
     """fsdp mixed precision: the dtype blocks compute in (gathered parameters); gradients are reduced in
     fp32 and the sharded master weights and optimizer state stay fp32."""
-    find_unused_parameters: bool = False
-    """ddp/zero1: let DDP tolerate trainable parameters that get no gradient in a step (costs a graph walk
-    per step)."""
+    find_unused_parameters: bool = True
+    """ddp/zero1: let DDP tolerate trainable parameters that get no gradient in a step (a fine-tuned BERT's
+    unused pretraining heads, a BitFit bias in an unused head).  On by default, as in transformers' Trainer;
+    false skips one autograd-graph walk per step when every trainable parameter is always used."""
     timeout_s: float = 1800.0
     """Collective timeout: a rank that stops answering ends the job after this long instead of hanging it."""
 
@@ -144,6 +146,11 @@ class Dist:
         """Rank ``r``'s rows ``[r·n/W, (r+1)·n/W)`` of every entry whose leading dim is the batch size."""
         if not self.enabled or self.world_size == 1:
             return batch
+        if rows % self.world_size:
+            from lmforge.core.errors import RunError
+
+            raise RunError(f"the batch source returned {rows} rows, which {self.world_size} ranks cannot split "
+                           f"evenly; next_batch(n) must return exactly n rows")
         per = rows // self.world_size
         lo, hi = self.rank * per, (self.rank + 1) * per
         out = {}
@@ -157,11 +164,11 @@ class Dist:
     # ---- collectives ------------------------------------------------------------------------------
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In place and returned; a no-op in a single process."""
+        """In place and returned (``op``: sum, max or min); a no-op in a single process."""
         if self.enabled and self.world_size > 1:
             import torch.distributed as td
 
-            td.all_reduce(t, op=td.ReduceOp.SUM if op == "sum" else td.ReduceOp.MAX)
+            td.all_reduce(t, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "min": td.ReduceOp.MIN}[op])
         return t
 
     def barrier(self) -> None:
@@ -179,6 +186,24 @@ class Dist:
         box = [obj]
         td.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, fn: Any) -> Any:
+        """``fn()`` on rank 0 only; every rank gets its result, or raises the same one-line error it raised (so
+        a user error on rank 0 never leaves the other ranks waiting in a collective)."""
+        if not (self.enabled and self.world_size > 1):
+            return fn()
+        from lmforge.core.errors import LmforgeError
+
+        outcome: tuple[Any, ...] = ("ok", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", fn())
+            except LmforgeError as e:
+                outcome = ("error", type(e), str(e))
+        outcome = self.broadcast_object(outcome)
+        if outcome[0] != "ok":
+            raise outcome[1](outcome[2])
+        return outcome[1]
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -310,18 +335,22 @@ def wrap(loss_module: LossModule, dist: Dist, device: torch.device) -> nn.Module
         for p in loss_module.parameters():  # FSDP shards dim 0 of contiguous tensors only
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # The mesh is the training device's, not "whatever accelerator exists" (train.device=cpu on a GPU box).
+        mesh = init_device_mesh(device.type, (dist.world_size,))
         blocks = block_modules(loss_module.model)
         if mp.param_dtype is not None:
             # Delta tuning under bf16: the trainable modules inside a block (LoRA A/B, adapter projections) are
             # their own units that compute in fp32 (inputs cast up on entry; the delta casts its output back).
             fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
             for island in (m for block in blocks for m in fp32_units(block)):
-                fully_shard(island, reshard_after_forward=dist.cfg.reshard_after_forward, mp_policy=fp32,
-                            offload_policy=offload)
+                fully_shard(island, mesh=mesh, reshard_after_forward=dist.cfg.reshard_after_forward,
+                            mp_policy=fp32, offload_policy=offload)
         for block in blocks:
-            fully_shard(block, reshard_after_forward=dist.cfg.reshard_after_forward, mp_policy=mp,
+            fully_shard(block, mesh=mesh, reshard_after_forward=dist.cfg.reshard_after_forward, mp_policy=mp,
                         offload_policy=offload)
-        fully_shard(loss_module, mp_policy=mp, offload_policy=offload)
+        fully_shard(loss_module, mesh=mesh, mp_policy=mp, offload_policy=offload)
         return loss_module
     return loss_module
 

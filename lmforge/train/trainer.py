@@ -289,6 +289,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, max_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.forward_model: nn.Module = torch.compile(model) if cfg.compile and not self.dist.enabled else model
+        if cfg.compile and self.dist.enabled and self.dist.is_main:
+            print(f"note: train.compile is not applied under distributed.strategy={self.dist.strategy} yet; training "
+                  f"runs eagerly", file=sys.stderr)
         self.rank_memory: dict[str, int] = {}
 
         self.step = 0
@@ -305,18 +308,7 @@ class Trainer:
 
     def _prepare_run_dir(self, config_dict: dict[str, Any], mutable_keys: Iterable[str]) -> bool:
         """Rank 0 checks and writes the run dir; every rank learns the outcome (the same error on every rank)."""
-        if not self.dist.enabled:
-            return prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys)
-        outcome: tuple[str, Any] = ("ok", None)
-        if self.dist.is_main:
-            try:
-                outcome = ("ok", prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys))
-            except (ConfigError, RunError) as e:
-                outcome = (type(e).__name__, str(e))
-        outcome = self.dist.broadcast_object(outcome)
-        if outcome[0] != "ok":
-            raise (ConfigError if outcome[0] == "ConfigError" else RunError)(outcome[1])
-        return bool(outcome[1])
+        return bool(self.dist.on_main(lambda: prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys)))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg, strategy = self.cfg, self.dist.strategy
@@ -328,8 +320,8 @@ class Trainer:
             fused = cfg.fused_adamw == "true" or (cfg.fused_adamw == "auto" and self.device.type == "cuda")
             return build_zero1_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, fused)
         fused = cfg.fused_adamw
-        if strategy == "fsdp" and self.device.type != "cuda" and fused == "auto":
-            fused = "false"  # sharded (DTensor) parameters: PyTorch's CPU fused kernel does not take them
+        if strategy == "fsdp" and (self.device.type != "cuda" or self.dist.cfg.cpu_offload) and fused == "auto":
+            fused = "false"  # sharded (DTensor) parameters on the CPU: PyTorch's CPU fused kernel does not take them
         return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused)
 
     def _place_frozen_modules(self) -> dict[str, nn.Module]:
@@ -420,11 +412,16 @@ class Trainer:
         return stats, grad_norm, lr
 
     def _check_finite(self) -> None:
-        # Every rank reaches this line at the same steps; the max makes all of them stop together.
-        bad_step = int(self.dist.all_reduce(self._bad_step.clone(), "max")) if self.dist.enabled else int(self._bad_step)
+        bad_step = int(self._bad_step)
+        value = float(self._bad_value)
+        if self.dist.enabled:  # every rank reaches this line at the same steps: all stop together, at the earliest
+            never = torch.iinfo(torch.long).max
+            first = self.dist.all_reduce(torch.where(self._bad_step > 0, self._bad_step, never), "min")
+            bad_step = 0 if int(first) == never else int(first)
+            if bad_step and int(self._bad_step) != bad_step:
+                value = float("nan")  # another rank saw it
         if bad_step == 0:
             return
-        value = float(self._bad_value)
         latest = latest_checkpoint(self.run_dir)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
         fix = "lower train.lr or enable train.grad_clip" if self.cfg.grad_clip == 0 else \
@@ -475,6 +472,8 @@ class Trainer:
             if dist.is_main:
                 path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                        state=state, trainer_state=trainer_state)
+            if dist.strategy == "zero1":
+                self.optimizer._all_state_dicts = []  # drop rank 0's consolidated copy (the whole AdamW state)
             dist.barrier()
             path = path or latest_checkpoint(self.run_dir)
         if dist.is_main:
@@ -489,13 +488,19 @@ class Trainer:
         if self.dist.strategy == "fsdp":
             state = load_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer)
         else:
-            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, device=self.device)
+            # zero1: the file holds every partition; read it to the CPU, each rank keeps (and moves) only its own.
+            state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, device=self.device,
+                                    optimizer_map_location="cpu" if self.dist.strategy == "zero1" else None)
         for group, flags in zip(self.optimizer.param_groups, self._impl_flags):
             group.update(flags)  # the implementation (fused/foreach) is this run's choice, not the saved one
         self.scheduler.load_state_dict(state["scheduler"])  # re-derives lr with this run's max_steps
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        if self.dist.enabled and self.device.type == "cuda" and state["rng"].get("cuda"):
+            # Rank 0 saved its GPUs' states; this rank's generator is its own device's, which ran in step with
+            # rank 0's device 0 (same seed, same calls).
+            torch.cuda.set_rng_state(state["rng"]["cuda"][0], device=self.device)
         self.train_source.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.tokens = int(state.get("tokens", 0))
@@ -558,7 +563,9 @@ class Trainer:
                     record = self._train_record(stats, grad_norm, lr, window_tokens, now - window_start)
                     window_tokens, window_start = 0, now
                     if want_eval:
-                        val = self.evaluate()
+                        # Rank 0's numbers decide for all: "new best" triggers a (collective) checkpoint, so no
+                        # rank may decide differently because of a last-bit difference in its evaluation.
+                        val = self.dist.broadcast_object(self.evaluate())
                         record.update(val)
                         v = val.get(self.select_metric)
                         if v is not None and math.isfinite(v) and (
@@ -609,7 +616,12 @@ class Trainer:
         if not self.dist.is_main:
             return None
         assert self._export_shell is not None
-        self._export_shell.load_state_dict(full, strict=False)
+        missing, unexpected = self._export_shell.load_state_dict(full, strict=False)
+        tied = {n for n, p in self._export_shell.named_parameters(remove_duplicate=False)} - set(
+            self._export_shell.state_dict())
+        if [k for k in missing if k not in tied] or unexpected:
+            raise RunError(f"gathering the sharded model for export found mismatched keys (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}); this is a bug in lmforge, please report it")
         return self._export_shell
 
     def _train_record(self, stats: StepStats, grad_norm: torch.Tensor | None, lr: float, window_tokens: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_fsdp_bf16_keeps_lora_in_fp32(parity):
     assert got["compute"] == {"lora_A": "torch.float32", "frozen_up_proj": "torch.bfloat16"}
     assert set(got["masters"].values()) == {"torch.float32"}  # sharded master weights stay fp32
     assert set(got["exported"].values()) == {"torch.float32"} and any("lora_A" in k for k in got["exported"])
+    assert got["lora_B_norm"] > 0  # B starts at zero: the exported copy holds the trained (gathered) values
     assert all(torch.isfinite(torch.tensor(x)) for x in got["losses"])
 
 
@@ -138,9 +140,10 @@ def test_checkpoints_resume_on_one_and_two_ranks(parity, tmp_path):
     for strategy in sources:
         bad = {k: v for k, v in rel_weight_diff(weights[(strategy, 1)], weights[(strategy, 2)]).items() if v > 1e-4}
         assert not bad, f"{strategy}: 1-rank and 2-rank resumes end at different weights: {bad}"
-    uninterrupted = parity[0][("zero1", None)]["weights"]
-    bad = {k: v for k, v in rel_weight_diff(weights[("zero1", 2)], uninterrupted).items() if v > 1e-4}
-    assert not bad, f"zero1: the resumed run ends at different weights than the uninterrupted one: {bad}"
+    uninterrupted = {"zero1": parity[0][("zero1", None)]["weights"], "fsdp": parity[0]["fsdp-ckpt"]}
+    for strategy, want in uninterrupted.items():
+        bad = {k: v for k, v in rel_weight_diff(weights[(strategy, 2)], want).items() if v > 1e-4}
+        assert not bad, f"{strategy}: the resumed run ends at different weights than the uninterrupted one: {bad}"
 
 
 def test_a_failing_rank_ends_the_job_and_is_named():
@@ -148,7 +151,7 @@ def test_a_failing_rank_ends_the_job_and_is_named():
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "simulated failure on rank 1" in text
-    assert "rank" in text and ": 1" in text  # torchrun's failure summary names the rank
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", text), text[-2000:]  # torchrun's summary names it
 
 
 # ---- configuration errors (no processes needed) ------------------------------------------------------
