@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ModelError, RunError
-from lmforge.core.io import atomic_dir, atomic_write_json
+from lmforge.core.io import atomic_dir, atomic_write_json, replace_dir
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -163,15 +163,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n",
                                                 encoding="utf-8")
         (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            path.rename(old)
-        tmp.rename(path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     dist.barrier()
     return path
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError
+from lmforge.train.batching import slice_rows
 
 STRATEGIES = ("auto", "none", "ddp", "zero1", "fsdp")
 
@@ -152,14 +153,7 @@ class Dist:
             raise RunError(f"the batch source returned {rows} rows, which {self.world_size} ranks cannot split "
                            f"evenly; next_batch(n) must return exactly n rows")
         per = rows // self.world_size
-        lo, hi = self.rank * per, (self.rank + 1) * per
-        out = {}
-        for k, v in batch.items():
-            if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows) or (isinstance(v, list) and len(v) == rows):
-                out[k] = v[lo:hi]
-            else:
-                out[k] = v
-        return out
+        return slice_rows(batch, rows, self.rank * per, (self.rank + 1) * per)
 
     # ---- collectives ------------------------------------------------------------------------------
 

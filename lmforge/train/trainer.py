@@ -46,6 +46,7 @@ from lmforge.models.flops import device_peak_flops
 from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights, load_sharded_checkpoint,
                                       prune_checkpoints, save_checkpoint, save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress
+from lmforge.train.batching import batch_rows, split_batch, to_device
 from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
                                        rank_memory, wrap)
 from lmforge.train.optim import build_optimizer, param_groups
@@ -152,35 +153,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp16":
         return torch.float16
     return None
-
-
-def split_batch(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
-    """Slice every entry whose leading dim is the batch size into chunks of ``size`` rows (views, no copies)."""
-    n = batch_rows(batch)
-    if n <= size:
-        return [batch]
-    parts = []
-    for start in range(0, n, size):
-        part = {}
-        for k, v in batch.items():
-            if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n) or (isinstance(v, list) and len(v) == n):
-                part[k] = v[start:start + size]
-            else:
-                part[k] = v
-        parts.append(part)
-    return parts
-
-
-def batch_rows(batch: dict[str, Any]) -> int:
-    for v in batch.values():
-        if torch.is_tensor(v) and v.dim() > 0:
-            return v.shape[0]
-    raise RunError("the batch source returned a batch without tensors; next_batch(n) must return a dict of "
-                   "tensors with leading dimension n")
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -353,7 +325,7 @@ class Trainer:
         dist = self.dist
         if dist.enabled:  # the count above is the global batch's; this rank trains on its slice of the rows
             batch = dist.shard_batch(batch, batch_rows(batch))
-        batch = _to_device(batch, self.device)
+        batch = to_device(batch, self.device)
         denom = max(count, 1)
         loss_acc: torch.Tensor | None = None
         metrics: dict[str, torch.Tensor] = {}
