@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_gpt2_shape_args, apply_quick, machine, matmul_ceiling, lm_loss_pair, paired_times  # noqa: E402

@@ -20,7 +20,6 @@ Later issues append stages (delta tuning, SFT, alignment) to :data:`STAGES`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import time

@@ -15,8 +15,8 @@ preallocated once at full length and sliced per step; position ids come from the
 not shift a row's positions) and are advanced in place.  Rows that have finished keep emitting ``pad_id``
 (masked out when the batch carries a mask; rows never attend to each other, so a finished row cannot
 disturb the others either way) and the loop stops as soon as every row has finished.  Only the last
-position's logits are ever computed (on CPU against a transposed copy of the LM head, see
-:func:`_last_logits_fn`).  Per step the Python work is a handful of tensor ops over the whole batch and at
+position's logits are ever computed (on CPU through :func:`lmforge.models.layers.few_rows_linear`, like every
+projection of a decoding step).  Per step the Python work is a handful of tensor ops over the whole batch and at
 most one host sync (the "all finished?" test, only when EOS or stop strings can finish a row); the only
 per-row Python work is the stop-string check (only when stop strings are given) and the streaming
 callback (only when one is given).
@@ -57,6 +57,7 @@ __all__ = [
     "generate",
     "generate_text",
     "process_logits",
+    "choose_next",
     "apply_repetition_penalty",
     "apply_top_k",
     "apply_top_p",
@@ -200,6 +201,31 @@ def process_logits(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tens
     if cfg.top_p < 1.0:
         logits = apply_top_p(logits, cfg.top_p)
     return logits
+
+
+def choose_next(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None = None,
+                ban: torch.Tensor | None = None, gen: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoding step's choice from fp32 ``[B, V]`` logits: ``(token [B], logprob [B], raw_logprob [B])``.
+
+    ``ban`` (token ids, e.g. EOS before ``min_new_tokens``) get ``-inf`` first, then :func:`process_logits`;
+    greedy takes the argmax, sampling a draw from the softmax by an exponential race (``argmax p / q`` with
+    ``q ~ Exp(1)``, the Gumbel-max trick in another form: no host sync, seeded by ``gen``).  ``logprob`` is
+    under the processed distribution, ``raw_logprob`` under the model's own (module doc).
+    """
+    proc = logits if ban is None else logits.index_fill(1, ban, float("-inf"))
+    proc = process_logits(proc, cfg, seen)
+    if cfg.greedy:
+        tok = proc.argmax(dim=-1, keepdim=True)
+    else:
+        probs = torch.softmax(proc, dim=-1)
+        # The clamp keeps a (rare) exact 0 draw from turning 0/0 into NaN for a filtered-out token.
+        q = torch.empty_like(probs).exponential_(generator=gen).clamp_(min=torch.finfo(probs.dtype).tiny)
+        tok = (probs / q).argmax(dim=-1, keepdim=True)
+    # log_softmax + gather: one fused pass over the vocabulary (logsumexp takes several)
+    raw = torch.log_softmax(logits, dim=-1).gather(1, tok)
+    lp = raw if proc is logits else torch.log_softmax(proc, dim=-1).gather(1, tok)
+    return tok[:, 0], lp[:, 0], raw[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +384,6 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
         src = torch.where(mask[:, :P].bool(), ids, torch.full_like(ids, -1))
         for i, n in enumerate(lens):  # once per call, not per token
             seen[i, src[i, P - n:]] = True
-    plain = cfg.greedy and cfg.repetition_penalty == 1.0 and cfg.top_k == 0 and cfg.top_p == 1.0
 
     out_tok = torch.full((B, N), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, N, dtype=torch.float32, device=device)
@@ -374,37 +399,18 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
     need_lists = stop is not None or stream is not None
     gen_lists: list[list[int]] = [[] for _ in range(B)]
 
-    last_logits = _last_logits_fn(model, device)
-
     # --- prefill ------------------------------------------------------------------------------------
     hidden = model(ids, attention_mask=mask[:, :P] if use_mask else None, position_ids=pos, cache=cache)
     step_pos = pos[:, -1:] + 1
     for t in range(N):
-        logits = last_logits(hidden)
-        # --- choose the next token -------------------------------------------------------------------
-        ban_eos = has_eos and t < cfg.min_new_tokens
-        if plain and not ban_eos:
-            tok = logits.argmax(dim=-1, keepdim=True)
-            lp = raw = logits.gather(1, tok) - torch.logsumexp(logits, dim=-1, keepdim=True)
-        else:
-            proc = logits.index_fill(1, eos_t, float("-inf")) if ban_eos else logits
-            proc = process_logits(proc, cfg, seen)
-            if cfg.greedy:
-                tok = proc.argmax(dim=-1, keepdim=True)
-            else:
-                probs = torch.softmax(proc, dim=-1)
-                # Exponential race == a draw from `probs` (Gumbel-max in disguise), no host sync.  The
-                # clamp keeps a (rare) exact 0 draw from turning 0/0 into NaN for a filtered-out token.
-                q = torch.empty_like(probs).exponential_(generator=gen).clamp_(min=torch.finfo(probs.dtype).tiny)
-                tok = (probs / q).argmax(dim=-1, keepdim=True)
-            lp = proc.gather(1, tok) - torch.logsumexp(proc, dim=-1, keepdim=True)
-            raw = logits.gather(1, tok) - torch.logsumexp(logits, dim=-1, keepdim=True)
-        tok = tok[:, 0]
+        logits = model.logits(hidden[:, -1:, :])[:, 0, :].float()
+        ban = eos_t if has_eos and t < cfg.min_new_tokens else None
+        tok, lp, raw = choose_next(logits, cfg, seen, ban, gen)
         if track_finish:
             tok = torch.where(finished, pad_t, tok)
         out_tok[:, t] = tok
-        out_lp[:, t] = lp[:, 0]
-        out_raw[:, t] = raw[:, 0]
+        out_lp[:, t] = lp
+        out_raw[:, t] = raw
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
 
@@ -477,38 +483,6 @@ def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
             return tokenizer.decode(ids)
 
     return decode
-
-
-def _last_logits_fn(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``hidden [B, T, d] -> fp32 logits [B, V]`` of the last position.
-
-    On CPU, when the head is a plain ``nn.Linear`` behind the stock ``DecoderLM.logits`` (no delta
-    wrapper, no hooks), the product runs against a transposed contiguous copy of the head weight made
-    once per call: a one-row product with an ``[in, out]`` matrix streams the weight several times faster
-    than ``F.linear``'s ``[out, in]`` layout for a large vocabulary (the head is the largest single
-    matrix of a small model).  Anything else goes through ``model.logits``.
-    """
-    from lmforge.models.decoder import DecoderLM
-    from lmforge.models.layers import Linear
-
-    head = getattr(model, "lm_head", None)
-    if (
-        device.type == "cpu"
-        and getattr(type(model), "logits", None) is DecoderLM.logits
-        and isinstance(head, nn.Linear)
-        and type(head).forward in (nn.Linear.forward, Linear.forward)
-        and head.weight.dtype == torch.float32
-        and not (head._forward_hooks or head._forward_pre_hooks)
-    ):
-        w_t = head.weight.detach().t().contiguous()
-        bias = head.bias
-
-        def fast(hidden: torch.Tensor) -> torch.Tensor:
-            h = hidden[:, -1, :]
-            return torch.addmm(bias, h, w_t) if bias is not None else h @ w_t
-
-        return fast
-    return lambda hidden: model.logits(hidden[:, -1:, :])[:, 0, :].float()
 
 
 def _vocab_size(model: nn.Module) -> int:

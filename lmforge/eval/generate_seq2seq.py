@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError
-from lmforge.eval.generate import (GenerationConfig, GenerationResult, _decoder, _StopChecker, collect_results,
-                                    process_logits)
+from lmforge.eval.generate import (GenerationConfig, GenerationResult, _decoder, _StopChecker, choose_next,
+                                    collect_results)
 
 __all__ = ["generate_seq2seq", "generate_seq2seq_text"]
 
@@ -102,7 +102,8 @@ def _run(model, inputs, lens, cfg, eos_ids, pad_id, stream, tokenizer) -> list[G
     for t in range(N):
         hidden = model.decode(tok[:, None], enc, mask, cache=cache)  # [B, 1, d]
         logits = model.logits(hidden[:, -1]).float()  # [B, V]
-        tok, lp, raw = _choose(logits, cfg, seen, eos_t, t, gen)
+        ban = eos_t if t < cfg.min_new_tokens else None  # None when there is no EOS
+        tok, lp, raw = choose_next(logits, cfg, seen, ban, gen)
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         out_tok[:, t], out_lp[:, t], out_raw[:, t] = tok, lp, raw
         if seen is not None:
@@ -130,23 +131,6 @@ def _run(model, inputs, lens, cfg, eos_ids, pad_id, stream, tokenizer) -> list[G
             break
     return collect_results(out_tok, out_lp, out_raw, n_new, eos_hit, stopped, lens, tokenizer, stop)
 
-
-def _choose(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None, eos_t: torch.Tensor | None,
-            t: int, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next token per row and its log-probs under the processed (sampled-from) and the raw distribution."""
-    proc = logits
-    if eos_t is not None and t < cfg.min_new_tokens:
-        proc = proc.index_fill(1, eos_t, float("-inf"))
-    proc = process_logits(proc, cfg, seen)
-    if cfg.greedy:
-        tok = proc.argmax(dim=-1, keepdim=True)
-    else:
-        probs = torch.softmax(proc, dim=-1)
-        q = torch.empty_like(probs).exponential_(generator=gen)  # exponential race == a draw from probs
-        tok = (probs / q).argmax(dim=-1, keepdim=True)
-    lp = proc.gather(1, tok) - torch.logsumexp(proc, dim=-1, keepdim=True)
-    raw = logits.gather(1, tok) - torch.logsumexp(logits, dim=-1, keepdim=True)
-    return tok[:, 0], lp[:, 0], raw[:, 0]
 
 
 def generate_seq2seq_text(model: nn.Module, tokenizer: Any, texts: Sequence[str] | str,

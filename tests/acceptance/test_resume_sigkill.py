@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT
 
 STEPS = 60
 ARGS = ["model.n_layer=2", "model.d_model=96", "model.n_head=4", "model.vocab_size=1024", "model.max_seq_len=64",

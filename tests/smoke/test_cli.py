@@ -2,7 +2,6 @@
 and the one-line errors of the core issue (each: non-zero exit, message naming the culprit, no traceback)."""
 
 import json
-from pathlib import Path
 
 import pytest
 

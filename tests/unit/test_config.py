@@ -74,7 +74,7 @@ def test_shipped_configs_parse():
     """Every YAML in configs/ builds its command's config (catches renamed keys early)."""
     from pathlib import Path
 
-    from lmforge.apps.pipeline import PipelineConfig, load_pipeline_config
+    from lmforge.apps.pipeline import load_pipeline_config
     from lmforge.recipes.finetune import FinetuneConfig
     from lmforge.recipes.pretrain import PretrainConfig
 

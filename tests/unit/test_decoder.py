@@ -246,3 +246,26 @@ def test_kv_cache_reorder_and_reset():
     assert c.batch_size == 2 and c.k[0][:, 0, 0, 0].tolist() == [2.0, 0.0]
     c.reset()
     assert c.length == 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_path_equals_f_linear(rows, bias):
+    """Decoding's ``(W @ x^T)^T`` product (one row computed as two) gives F.linear's values, in inference mode
+    only; training and no_grad keep F.linear itself, bitwise."""
+    import torch.nn.functional as F
+
+    from lmforge.models.layers import few_rows_linear
+
+    torch.manual_seed(rows)
+    lin = Linear(48, 80, bias=bias)
+    x = torch.randn(1, rows, 48)
+    want = F.linear(x, lin.weight, lin.bias)
+    got = few_rows_linear(x, lin.weight, lin.bias)
+    assert got.shape == want.shape == (1, rows, 80) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(lin(x), want)
+    assert torch.equal(lin(x), want)

@@ -72,7 +72,7 @@ def test_record_errors_name_file_and_line(tmp_path, row, message):
     path = _jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as e:
         load_task(TaskConfig(name=None, train=path, validation=path))
-    assert f"bad.jsonl:5: " in str(e.value) and message in str(e.value)
+    assert "bad.jsonl:5: " in str(e.value) and message in str(e.value)
 
 
 def test_label_outside_label_set(tmp_path):

@@ -122,7 +122,7 @@ def _market(st: _Story) -> bool:
         st.say(f"That is how {{he}} came to own {a(obj.name)}.")
     else:
         st.say(f"{{S}} asked the price of {a(obj.name)}. It was {price} coins.")
-        st.say(f"{{S}} thought about it for a long time but did not buy one.")
+        st.say("{S} thought about it for a long time but did not buy one.")
     return True
 
 
