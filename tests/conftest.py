@@ -52,7 +52,69 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m lmforge ARGS`` in a subprocess and capture its output."""
+    """Run ``lmforge ARGS`` in a process of its own and capture its output.
+
+    The process is a fork of ``tests/cli_zygote.py``, which has imported torch and lmforge once, so each call
+    skips the seconds of ``import torch``; it runs what ``python -m lmforge ARGS`` runs.  Set
+    ``LMFORGE_TEST_FRESH_PROCESS=1`` to start a new interpreter per call instead."""
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd or ROOT, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    cwd = cwd or ROOT
+    if os.environ.get("LMFORGE_TEST_FRESH_PROCESS") == "1" or not hasattr(os, "fork"):
+        return subprocess.run([sys.executable, "-m", "lmforge", *args], cwd=cwd, env=env, text=True,
+                              capture_output=True, timeout=timeout)
+    return _Zygote.get().run(list(args), cwd, env, timeout)
+
+
+class _Zygote:
+    """The one ``tests/cli_zygote.py`` process of this test session (started on first use, ended at exit)."""
+
+    _instance: "_Zygote | None" = None
+
+    def __init__(self) -> None:
+        import atexit
+        import tempfile
+        import threading
+
+        self.lock = threading.Lock()
+        self.tmp = tempfile.mkdtemp(prefix="lmforge-cli-")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py")], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        ready = self.proc.stdout.readline()
+        if '"ready"' not in ready:
+            raise RuntimeError(f"tests/cli_zygote.py did not start (said {ready!r})")
+        self.calls = 0
+        atexit.register(self.close)
+
+    @classmethod
+    def get(cls) -> "_Zygote":
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import json
+
+        with self.lock:
+            self.calls += 1
+            out, err = Path(self.tmp) / f"{self.calls}.out", Path(self.tmp) / f"{self.calls}.err"
+            req = {"args": args, "cwd": str(cwd), "env": env, "out": str(out), "err": str(err), "timeout": timeout}
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline())
+            stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+            out.unlink()
+            err.unlink()
+        if reply.get("timeout"):
+            raise subprocess.TimeoutExpired(["lmforge", *args], timeout, stdout, stderr)
+        return subprocess.CompletedProcess(["lmforge", *args], reply["rc"], stdout, stderr)
+
+    def close(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)

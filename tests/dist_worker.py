@@ -91,6 +91,15 @@ def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 def run_case(run_dir: Path, micro, dist=None, ckpt_every: int = 0) -> dict:
     """Step-1 gradients of a fresh trainer, then 20 steps: losses, final weights, per-rank bytes."""
     trainer = make_trainer(run_dir, micro, dist, ckpt_every=ckpt_every)
+    buckets = [0]  # DDP gradient all-reduces (one per bucket): accumulation must not add any
+    if dist is not None and dist.strategy == "ddp":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(state, bucket):
+            buckets[0] += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.wrapped.register_comm_hook(None, counting_hook)
     trainer.compute_gradients(PatternSource(trainer.objective).next_batch(BATCH))
     grads = full_grads(trainer)
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -102,7 +111,7 @@ def run_case(run_dir: Path, micro, dist=None, ckpt_every: int = 0) -> dict:
         losses = [json.loads(line)["loss"] for line in lines]
     return {"grads": grads, "losses": losses,
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items()} if model is not None else None,
-            "rank_memory": dict(trainer.rank_memory)}
+            "rank_memory": dict(trainer.rank_memory), "allreduce_buckets": buckets[0]}
 
 
 def bf16_lora_case(out: Path, dist) -> None:
@@ -170,9 +179,12 @@ def main(argv: list[str]) -> int:
             trainer = make_trainer(Path(run_dir), None, dist, ckpt_every=10, resume=True)
             trainer.fit()
             model = trainer.export_model()
+            # the never-reached head had no AdamW state when saved, and must have none after the resume
+            unused_state = (any(p in trainer.optimizer.state for p in trainer.model.unused_head.parameters())
+                            if strategy == "fsdp" else None)
             if dist.is_main:
                 found[strategy] = {"last_loss": trainer.last_metrics["loss"], "weights": model.state_dict(),
-                                   "world_size": dist.world_size}
+                                   "world_size": dist.world_size, "unused_state": unused_state}
         if dists[0].is_main:
             torch.save(found, argv[1])
         dists[0].close()

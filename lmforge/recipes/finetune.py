@@ -52,6 +52,10 @@ class HeadConfig:
     """Classifier dropout (None: the backbone config's, as transformers does)."""
     aux_lm_weight: float = 0.0
     """Decoders, classification: weight λ of the auxiliary LM loss on the input (GPT-1 used 0.5)."""
+    reinit_pooler: bool = False
+    """BERT, sequence classification: start the pooler (``tanh(dense(h_[CLS]))``) afresh instead of from
+    next-sentence pretraining (Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning").  The saved model is
+    still a plain ``BertForSequenceClassification``."""
 
 
 @dataclass
@@ -184,6 +188,11 @@ def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.
         else:
             backbone = getattr(base, "backbone", base)
             model = cls(backbone, list(task.labels), dropout=cfg.head.dropout)
+            if cfg.head.reinit_pooler:
+                if mode != "head" or model.family != "bert":
+                    raise ConfigError(f"head.reinit_pooler applies to BERT sequence classifiers, not a {model.family} "
+                                      f"{'token classifier' if mode == 'token_head' else 'model'}; remove it")
+                backbone.pooler.reset_parameters()
         if model.family in ("gpt2", "llama"):
             ensure_pad_token(model, tokenizer)
         return model
@@ -314,7 +323,8 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
         trainer.load_weights(Path(cfg.run_dir) / CHECKPOINTS / best["path"])  # collective under fsdp
         selected = f"step {best['step']}"
     model = trainer.export_model()  # the whole model (rank 0 gathers it under fsdp)
-    if not trainer.dist.is_main:  # rank 0 scores and saves; the others are done
+    trainer.dist.barrier()  # the last collective: rank 0 now scores and saves alone, however long that takes
+    if not trainer.dist.is_main:
         return {}
     parts.model = model.to(trainer.device)  # (fsdp's gathered copy is on the CPU: score on the training device)
     results: dict[str, Any] = {"run_dir": str(cfg.run_dir), "task": parts.task.name, "type": parts.task.type,

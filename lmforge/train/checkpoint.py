@@ -191,18 +191,26 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module,
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         loaded = {"model": model_sd, "optim": optim_sd}
-        # Partial: a trainable parameter that never had a gradient has no AdamW state in the checkpoint (its
-        # fresh, zero state here is what it had); every model weight is still required (checked below).
+        # Partial: a trainable parameter that never had a gradient has no AdamW state in the checkpoint; every
+        # model weight is still required (checked below), and parameter and optimizer entries share their names.
         dcp.load(loaded, checkpoint_id=str(path / SHARDED), planner=DefaultLoadPlanner(allow_partial_load=True))
-        _require_keys(path, model_sd)
+        stored = _require_keys(path, model_sd)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        # get_state_dict gave every parameter a placeholder state (zero moments, step 1); one that had none when
+        # saved must have none now, or its first AdamW step after the resume uses the wrong bias correction.
+        stateless = {name for name in optim_sd.get("state", {}) if not any(
+            k.startswith(f"optim.state.{name}.") for k in stored)}
+        for name, p in model.named_parameters():
+            if name in stateless:
+                optimizer.state.pop(p, None)
     state = from_plain(torch.load(path / "state.pt", map_location="cpu", weights_only=True))
     trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     return {**trainer_state, **state}
 
 
-def _require_keys(path: Path, model_sd: dict[str, Any]) -> None:
-    """Every model weight must be in the sharded checkpoint (the optimizer part may be partial)."""
+def _require_keys(path: Path, model_sd: dict[str, Any]) -> set[str]:
+    """Every model weight must be in the sharded checkpoint (the optimizer part may be partial); returns the
+    checkpoint's keys."""
     import torch.distributed.checkpoint as dcp
 
     stored = set(dcp.FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata)
@@ -210,6 +218,7 @@ def _require_keys(path: Path, model_sd: dict[str, Any]) -> None:
     if missing:
         raise ModelError(f"checkpoint '{path}' does not match the model (missing {', '.join(missing[:5])}); resume "
                          f"with the model config the run was started with")
+    return stored
 
 
 def load_model_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:

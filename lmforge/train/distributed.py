@@ -344,7 +344,11 @@ def wrap(loss_module: LossModule, dist: Dist, device: torch.device) -> nn.Module
         for block in blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=dist.cfg.reshard_after_forward, mp_policy=mp,
                         offload_policy=offload)
-        fully_shard(loss_module, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        # The root's input is the whole batch dict: FSDP would cast every float in it (loss weights, targets) to
+        # bf16; the blocks still cast the hidden states they receive.
+        root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=torch.float32,
+                                       cast_forward_inputs=False)
+        fully_shard(loss_module, mesh=mesh, mp_policy=root_mp, offload_policy=offload)
         return loss_module
     return loss_module
 
@@ -420,13 +424,13 @@ def rank_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 
 
 def shutdown() -> None:
-    """End this process's part in a job that succeeded (the CLI calls it after a command): a barrier, then
-    destroy the process group.  (After an error a rank just exits: torchrun then stops the others.)"""
+    """End this process's part in a job that succeeded (the CLI calls it after a command): destroy the process
+    group.  No barrier here: recipes end their last collective with one (``Dist.barrier``), after which rank 0 may
+    still score and save for longer than the group's timeout while the others have left.  (After an error a rank
+    just exits: torchrun then stops the others.)"""
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
-        if td.get_world_size() > 1:
-            td.barrier()
         td.destroy_process_group()
 
 

@@ -244,6 +244,10 @@ class Trainer:
         self.frozen = self._place_frozen_modules()
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        # the dtype the matmuls run in (MFU's peak): autocast's, else fsdp's bf16 parameters, else the weights'
+        bf16_params = fsdp and self.dist.cfg.param_dtype == "bf16"
+        self.compute_dtype = self.autocast_dtype or (torch.bfloat16 if bf16_params else next(
+            (p.dtype for p in model.parameters()), torch.float32))
         # fsdp shards the model in place: rank 0 keeps an unsharded copy to export the final weights into.
         self._export_shell = copy.deepcopy(model).cpu() if self.dist.strategy == "fsdp" and self.dist.is_main else None
         self.loss_module = LossModule(model, objective)
@@ -550,6 +554,7 @@ class Trainer:
                     progress.report(record)
                 if want_ckpt or (new_best and cfg.ckpt_every > 0):
                     self.save_checkpoint(new_best=new_best)
+                    window_start = time.perf_counter()  # nor is checkpointing
         finally:
             if logger is not None:
                 logger.close()
@@ -613,7 +618,7 @@ class Trainer:
         record["elapsed_s"] = round(self._elapsed(), 3)
         if self.device.type == "cuda":
             record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-        peak = device_peak_flops(self.device, self.autocast_dtype)
+        peak = device_peak_flops(self.device, self.compute_dtype)
         if peak and self.flops_per_token and record["tokens_per_s"] > 0:
             # tokens_per_s counts the global batch; the peak is per device, times the ranks.
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * self.dist.world_size)

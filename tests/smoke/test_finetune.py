@@ -68,8 +68,9 @@ def _finetune(run_dir, model, *extra):
                                           ("bert", "AutoModelForSequenceClassification")])
 def test_hf_checkpoint_classifier_end_to_end(hf_dirs, tmp_path, family, auto):
     data = hf_dirs / "data"
+    extra = ["head.reinit_pooler=true"] if family == "bert" else []  # a fresh pooler, still a plain HF model
     res = _finetune(tmp_path / "run", hf_dirs / family, "task.name=null", f"task.train={data / 'cls.jsonl'}",
-                    f"task.test={data / 'cls_test.jsonl'}")
+                    f"task.test={data / 'cls_test.jsonl'}", *extra)
     assert res["mode"] == "head" and set(res["test"]) >= {"accuracy", "macro_f1", "loss"}
     assert res["baselines"]["majority"]["accuracy"] == pytest.approx(0.5, abs=0.1)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -83,6 +84,9 @@ def test_hf_checkpoint_classifier_end_to_end(hf_dirs, tmp_path, family, auto):
     ref, info = getattr(transformers, auto).from_pretrained(tmp_path / "run" / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert ref.config.id2label == {0: "neg", 1: "pos"} and ref.config.pad_token_id == tok.pad_id
+    if family == "bert":  # re-initialised, not the pretrained pooler moved by 12 small steps
+        base = transformers.BertForPreTraining.from_pretrained(hf_dirs / "bert").bert.pooler.dense.weight
+        assert (ref.bert.pooler.dense.weight - base).abs().max() > 0.04  # Adam moves a weight <= ~12 x lr = 0.012
     from lmforge.data.task_objectives import ClassificationObjective
 
     obj = ClassificationObjective(tok, family, {"neg": 0, "pos": 1}, 64)
@@ -133,6 +137,9 @@ def test_bad_inputs_are_one_line_errors(hf_dirs, tmp_path):
     assert_clean_error(proc, "val.jsonl:2: field 'text' is empty")
     proc = cli("finetune", f"run_dir={tmp_path / 'c'}", f"model={hf_dirs / 'gpt2'}", "task.name=world-ner")
     assert_clean_error(proc, "token classification needs a bidirectional encoder")
+    proc = cli("finetune", f"run_dir={tmp_path / 'e'}", f"model={hf_dirs / 'gpt2'}", "task.name=null",
+               f"task.train={data / 'cls.jsonl'}", "head.reinit_pooler=true")
+    assert_clean_error(proc, "head.reinit_pooler applies to BERT sequence classifiers")
     proc = cli("finetune", f"run_dir={tmp_path / 'd'}", f"model={tmp_path / 'nothing'}")
     assert_clean_error(proc, "is neither a model directory")
 

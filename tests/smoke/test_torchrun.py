@@ -13,10 +13,11 @@ from tests.conftest import ROOT
 from tests.smoke.test_cli import TINY, assert_clean_error, tiny_run  # noqa: F401  (the 1-process run)
 
 
-def torchrun_cli(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun_cli(nproc: int, *args: str, timeout: int = 300, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    env.update(env_extra)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            "-m", "lmforge", *args], cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout)
 
@@ -24,7 +25,8 @@ def torchrun_cli(nproc: int, *args: str, timeout: int = 300) -> subprocess.Compl
 def test_fsdp_pretrain_equals_one_process(tiny_run, tmp_path):  # noqa: F811
     run_dir = tmp_path / "fsdp"
     proc = torchrun_cli(2, "pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={run_dir}", "max_steps=20",
-                        *TINY, "distributed.strategy=fsdp", "train.activation_checkpointing=true")
+                        *TINY, "distributed.strategy=fsdp", "train.activation_checkpointing=true",
+                        LMFORGE_PEAK_TFLOPS="0.5")  # a declared peak: MFU is reported on any device
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(results) == 1  # rank 0 prints the result, once
@@ -34,6 +36,15 @@ def test_fsdp_pretrain_equals_one_process(tiny_run, tmp_path):  # noqa: F811
     assert [r["step"] for r in ours] == [r["step"] for r in ref]
     for a, b in zip(ours, ref):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"], (a, b)
+    # tokens count the global batch (both ranks), as one process counts its batch; MFU = tokens/s · FLOPs per
+    # token over the peak of both devices
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in ref]
+    from lmforge.models import DecoderConfig, flops_per_token
+
+    cfg = json.loads((tiny_run / "model" / "config.json").read_text())
+    fpt = flops_per_token(DecoderConfig.from_hf(cfg), 32)  # TINY's data.seq_len
+    for r in ours:
+        assert abs(r["mfu"] - r["tokens_per_s"] * fpt / (0.5e12 * 2)) <= 1e-9 + 1e-6 * r["mfu"], r
     assert ours[-1]["rank_param_mb"] < 0.6 * sum(
         t.numel() * t.element_size() for t in load_file(tiny_run / "model" / "model.safetensors").values()) / 2**20
     # The exported HF dir holds the whole model (gathered from the shards) and matches the 1-process model.

@@ -83,6 +83,15 @@ def test_two_ranks_equal_one_process(parity, strategy, micro):
     assert want["losses"][-1] < want["losses"][0] - 0.5
 
 
+def test_accumulation_all_reduces_once_per_step(parity):
+    """ddp with 2 micro-batches per rank sends exactly as many gradient all-reduces as without accumulation
+    (``no_sync`` on all but the last micro-batch); the count covers the step-1 gradients and 20 steps."""
+    results = parity[0]
+    plain, accum = results[("ddp", None)]["allreduce_buckets"], results[("ddp", 2)]["allreduce_buckets"]
+    assert plain >= W.STEPS + 1  # at least one bucket per backward pass that syncs
+    assert accum == plain
+
+
 def test_fsdp_bf16_keeps_lora_in_fp32(parity):
     got = torch.load(parity[2] / "bf16_lora.pt", weights_only=False)
     assert got["compute"] == {"lora_A": "torch.float32", "frozen_up_proj": "torch.bfloat16"}
@@ -132,6 +141,8 @@ def test_checkpoints_resume_on_one_and_two_ranks(parity, tmp_path):
         for strategy, final in finals.items():
             r = got[strategy]
             assert r["world_size"] == nproc
+            if strategy == "fsdp":
+                assert r["unused_state"] is False  # no placeholder AdamW state for a parameter that never had any
             assert abs(r["last_loss"] - final["loss"]) <= 1e-5 * abs(final["loss"]), (strategy, nproc, r, final)
             lines = [json.loads(x) for x in (tmp_path / f"{strategy}-{nproc}" / "metrics.jsonl").read_text().splitlines()]
             assert [x["step"] for x in lines] == list(range(1, W.STEPS + 1))  # steps 11-20 once, not twice
