@@ -7,12 +7,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N`: the workers share the cores, so each (and every command it starts) takes one intra-op thread;
+    # N workers x several threads each would oversubscribe the cores and spin-wait.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Shards and world corpora go to a per-session cache, never the user's ~/.cache."""
     if "LMFORGE_CACHE" not in os.environ:
         os.environ["LMFORGE_CACHE"] = str(tmp_path_factory.mktemp("lmforge-cache"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
     yield
 
 

@@ -273,6 +273,8 @@ def stage_finetune(ctx: Context) -> None:
                          resume="auto", model=str(ctx.run_dir / "model"),
                          task=TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source)),
                          train=train)
+    if family == "bert":  # a fresh pooler: the NSP-trained one stalls fine-tuning for hundreds of steps (measured)
+        cfg.head.reinit_pooler = True
     result = finetune(cfg)
     ctx.results["finetune"] = {"task": task, "test": result.get("test"), "baselines": result.get("baselines")}
     ctx.report.add("Fine-tuning", finetune_section(result) + "\n\nRun dir: `finetune/` (its own report.md and "
