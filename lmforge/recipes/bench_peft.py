@@ -25,16 +25,19 @@ from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.io import atomic_write_json
 
 # method name in the table -> the fine-tuning overrides that select it
+# (a delta keeps BERT's pretrained pooler, frozen as in PEFT: a fine-tuning config's head.reinit_pooler is for full
+# fine-tuning only)
+_DELTA = ["head.reinit_pooler=false"]
 METHOD_ARGS: dict[str, list[str]] = {
     "full": [],
-    "lora": ["peft.method=lora"],
-    "dora": ["peft.method=dora"],
-    "houlsby": ["peft.method=adapter", "peft.adapter_type=houlsby"],
-    "pfeiffer": ["peft.method=adapter", "peft.adapter_type=pfeiffer"],
-    "bitfit": ["peft.method=bitfit"],
-    "ladder": ["peft.method=ladder"],
-    "prefix": ["peft.method=prefix"],
-    "prompt": ["peft.method=prompt"],
+    "lora": ["peft.method=lora", *_DELTA],
+    "dora": ["peft.method=dora", *_DELTA],
+    "houlsby": ["peft.method=adapter", "peft.adapter_type=houlsby", *_DELTA],
+    "pfeiffer": ["peft.method=adapter", "peft.adapter_type=pfeiffer", *_DELTA],
+    "bitfit": ["peft.method=bitfit", *_DELTA],
+    "ladder": ["peft.method=ladder", *_DELTA],
+    "prefix": ["peft.method=prefix", *_DELTA],
+    "prompt": ["peft.method=prompt", *_DELTA],
 }
 
 

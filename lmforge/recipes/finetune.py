@@ -192,6 +192,10 @@ def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.
                 if mode != "head" or model.family != "bert":
                     raise ConfigError(f"head.reinit_pooler applies to BERT sequence classifiers, not a {model.family} "
                                       f"{'token classifier' if mode == 'token_head' else 'model'}; remove it")
+                if cfg.peft.methods:
+                    raise ConfigError(f"head.reinit_pooler=true with peft.method={cfg.peft.method} would leave a random "
+                                      f"pooler frozen (delta tuning trains the classifier, not the pooler, as PEFT "
+                                      f"does); set head.reinit_pooler=false")
                 backbone.pooler.reset_parameters()
         if model.family in ("gpt2", "llama"):
             ensure_pad_token(model, tokenizer)

@@ -1,5 +1,8 @@
 """Each family's pipeline (pretrain → eval → samples → fine-tune) runs once per session and is shared by the
-acceptance tests that check its pretraining, its fine-tuning stage and the pretrained-vs-random comparison."""
+acceptance tests that check its pretraining, its fine-tuning stage and the pretrained-vs-random comparison.
+
+`.ci/run` runs this tier on two xdist workers (`-n 2 --dist loadgroup`, one intra-op thread each): every test that
+uses a family's pipeline is in that family's xdist group, so each pipeline runs once, on one worker."""
 
 import json
 
@@ -31,3 +34,10 @@ def pipeline_run(tmp_path_factory):
         return done[family]
 
     return run
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "pipeline_run" in getattr(item, "fixturenames", ()):
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            item.add_marker(pytest.mark.xdist_group(params.get("family", "gpt2")))

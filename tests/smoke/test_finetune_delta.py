@@ -81,6 +81,9 @@ def test_bad_delta_settings_are_one_line_errors(hf_dirs, tmp_path):  # noqa: F81
     proc = cli("finetune", f"run_dir={tmp_path / 'b'}", f"model={hf_dirs / 'gpt2'}", *common, "peft.method=lora",
                    "peft.target_modules=[q_proj]")
     assert_clean_error(proc, "matches no Linear layer")
+    proc = cli("finetune", f"run_dir={tmp_path / 'c'}", f"model={hf_dirs / 'bert'}", *common, "peft.method=lora",
+               "head.reinit_pooler=true")
+    assert_clean_error(proc, "would leave a random pooler frozen")
 
 
 def test_bench_peft_table_memory_and_sizes(hf_dirs, tmp_path):  # noqa: F811

@@ -261,9 +261,15 @@ def test_linear_few_rows_path_equals_f_linear(rows, bias):
     lin = Linear(48, 80, bias=bias)
     x = torch.randn(1, rows, 48)
     want = F.linear(x, lin.weight, lin.bias)
-    got = few_rows_linear(x, lin.weight, lin.bias)
-    assert got.shape == want.shape == (1, rows, 80) and got.is_contiguous()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for threads in (1, 2):  # one row takes a different product with one thread
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = few_rows_linear(x, lin.weight, lin.bias)
+        finally:
+            torch.set_num_threads(n)
+        assert got.shape == want.shape == (1, rows, 80) and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with torch.inference_mode():
         torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
