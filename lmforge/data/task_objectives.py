@@ -106,9 +106,10 @@ class ClassificationObjective(_Encoding, Objective):
     """
 
     def __init__(self, tokenizer: Any, family: str, label2id: dict[str, int], max_length: int,
-                 aux_lm_weight: float = 0.0) -> None:
+                 aux_lm_weight: float = 0.0, append_eos: bool = True) -> None:
         super().__init__(tokenizer, max_length)
         self.family, self.label2id, self.aux_lm_weight = family, dict(label2id), float(aux_lm_weight)
+        self.append_eos = bool(append_eos)  # decoders: the classifier reads EOS (True) or the text's last token
         if self.aux_lm_weight and family == "bert":
             raise ConfigError("head.aux_lm_weight is the GPT-1 auxiliary language-model loss and needs a decoder "
                               "(gpt2, llama); set it to 0 for bert")
@@ -118,8 +119,9 @@ class ClassificationObjective(_Encoding, Objective):
             if self.cls_id is None or self.sep_id is None:
                 raise ConfigError("the BERT tokenizer has no [CLS]/[SEP] tokens (cls_token/sep_token); classification "
                                   "input is '[CLS] text [SEP]'")
-        elif tokenizer.eos_id is None:
-            raise ConfigError("the tokenizer has no EOS token; decoder classification ends each input with EOS")
+        elif tokenizer.eos_id is None and self.append_eos:
+            raise ConfigError("the tokenizer has no EOS token; decoder classification ends each input with EOS "
+                              "(or set head.append_eos=false to read the text's last token)")
 
     def encode(self, rec: dict[str, Any]) -> dict[str, Any]:
         a, b = self.ids(rec["text"]), self.ids(rec["text_pair"]) if rec.get("text_pair") else None
@@ -128,7 +130,7 @@ class ClassificationObjective(_Encoding, Objective):
         else:
             sep = self.ids("\n")
             b = sep + b if b is not None else None
-            budget = self.max_length - 1
+            budget = self.max_length - int(self.append_eos)
         total = len(a) + (len(b) if b is not None else 0)
         if total > budget:  # longest first, as transformers' truncation="longest_first"
             self.truncated += 1
@@ -144,7 +146,7 @@ class ClassificationObjective(_Encoding, Objective):
                 ids += [*b, self.sep_id]
                 types += [1] * (len(b) + 1)
             return {"input_ids": ids, "token_type_ids": types, "label": self.label2id[rec["label"]]}
-        ids = [*a, *(b or []), self.tokenizer.eos_id]
+        ids = [*a, *(b or []), *([self.tokenizer.eos_id] if self.append_eos else [])]
         return {"input_ids": ids, "label": self.label2id[rec["label"]]}
 
     def collate(self, raw: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

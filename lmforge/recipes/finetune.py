@@ -52,6 +52,10 @@ class HeadConfig:
     """Classifier dropout (None: the backbone config's, as transformers does)."""
     aux_lm_weight: float = 0.0
     """Decoders, classification: weight λ of the auxiliary LM loss on the input (GPT-1 used 0.5)."""
+    append_eos: bool = True
+    """Decoders, classification: end each input with EOS and classify from it (GPT-1's "extract" token role), or
+    (false) classify from the text's own last token (transformers' classifier reads the last non-pad token, so the
+    exported model behaves the same either way)."""
     reinit_pooler: bool = False
     """BERT, sequence classification: start the pooler (``tanh(dense(h_[CLS]))``) afresh instead of from
     next-sentence pretraining (Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning").  The saved model is
@@ -211,7 +215,7 @@ def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.
 def _objective(cfg: FinetuneConfig, task: TaskData, mode: str, tokenizer: Any, family: str, max_len: int):
     if mode == "head":
         return ClassificationObjective(tokenizer, family, {l: i for i, l in enumerate(task.labels)}, max_len,
-                                       aux_lm_weight=cfg.head.aux_lm_weight)
+                                       aux_lm_weight=cfg.head.aux_lm_weight, append_eos=cfg.head.append_eos)
     if mode == "token_head":
         return TokenClassificationObjective(tokenizer, {l: i for i, l in enumerate(task.labels)}, max_len)
     if mode == "seq2seq":

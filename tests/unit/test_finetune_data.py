@@ -144,6 +144,14 @@ def test_classification_decoder_appends_eos_and_aux_labels(tok):
         ClassificationObjective(tok, "bert", {"a": 0}, 8, aux_lm_weight=0.5)
 
 
+def test_classification_decoder_without_eos_reads_the_texts_last_token(tok):
+    obj = ClassificationObjective(tok, "gpt2", {"a": 0, "b": 1}, max_length=32, append_eos=False)
+    rec = obj.encode({"text": "the inn was dirty", "label": "a"})
+    assert rec["input_ids"] == tok.encode("the inn was dirty", add_special_tokens=False)
+    short = ClassificationObjective(tok, "gpt2", {"a": 0}, max_length=3, append_eos=False)
+    assert len(short.encode({"text": "the inn was very dirty", "label": "a"})["input_ids"]) == 3  # no EOS slot
+
+
 def test_token_classification_first_subtoken_labels(bert_tok):
     obj = TokenClassificationObjective(bert_tok, {"O": 0, "B-PER": 1, "I-PER": 2}, max_length=64)
     ex = obj.encode({"tokens": ["Alva", "Dorn", "lives", "in", "Tovin."], "tags": ["B-PER", "I-PER", "O", "O", "O"]})
