@@ -86,7 +86,7 @@ class PipelineFinetuneConfig:
 
 
 # family -> (steps, peak lr) of the pipeline's fine-tuning stage; post-LN BERT diverges at 1e-3.
-FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"gpt2": (200, 1e-3), "llama": (200, 1e-3), "bert": (800, 2e-4),
+FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"gpt2": (200, 1e-3), "llama": (200, 1e-3), "bert": (400, 5e-4),
                                                    "t5": (400, 1e-3)}
 
 

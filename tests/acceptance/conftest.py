@@ -1,8 +1,10 @@
 """Each family's pipeline (pretrain → eval → samples → fine-tune) runs once per session and is shared by the
 acceptance tests that check its pretraining, its fine-tuning stage and the pretrained-vs-random comparison.
 
-`.ci/run` runs this tier on two xdist workers (`-n 2 --dist loadgroup`, one intra-op thread each): every test that
-uses a family's pipeline is in that family's xdist group, so each pipeline runs once, on one worker."""
+`.ci/run` runs this tier on two xdist workers (`-n 2 --dist loadgroup`, one intra-op thread each) with exactly two
+xdist groups, one per worker: the BERT pipeline and its comparison (the longest chain, ~17 min on a 2-core CI
+machine of 2026-12), and everything else (the GPT-2 and T5 pipelines, the benchmark scripts, the SIGKILL resume;
+~20 min).  Grouping by family alone let one worker draw both BERT and T5 while the other idled (73 min in all)."""
 
 import json
 
@@ -38,6 +40,7 @@ def pipeline_run(tmp_path_factory):
 
 def pytest_collection_modifyitems(items):
     for item in items:
+        family = None
         if "pipeline_run" in getattr(item, "fixturenames", ()):
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            item.add_marker(pytest.mark.xdist_group(params.get("family", "gpt2")))
+            family = getattr(getattr(item, "callspec", None), "params", {}).get("family", "gpt2")
+        item.add_marker(pytest.mark.xdist_group("bert" if family == "bert" else "rest"))

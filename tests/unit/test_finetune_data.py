@@ -132,7 +132,7 @@ def test_classification_encoding_bert_pairs_and_truncation(bert_tok):
 
 
 def test_classification_decoder_appends_eos_and_aux_labels(tok):
-    obj = ClassificationObjective(tok, "gpt2", {"a": 0, "b": 1}, max_length=32, aux_lm_weight=0.5)
+    obj = ClassificationObjective(tok, "gpt2", {"a": 0, "b": 1}, max_length=32, aux_lm_weight=0.5, append_eos=True)
     batch = obj.collate([obj.encode({"text": "the inn was dirty", "label": "a"}),
                          obj.encode({"text": "lovely", "label": "b"})])
     assert batch["input_ids"][1, batch["attention_mask"][1].sum() - 1] == tok.eos_id
