@@ -12,7 +12,7 @@ pretrained = the 900-step pipeline model: lr 2e-4 for 800 steps gave pretrained 
 [0.892, 0.852, 0.900] (gap 0.094, a CI failure); lr 5e-4 for 400 steps gives pretrained [0.996, 0.988, 0.976] in half
 the time (300 steps: random [0.600, 0.638, 0.500]).  GPT-2 classifies from the text's last token (`head.append_eos`
 false): with an appended EOS one seed of three crawled to 0.816 in 200 steps; without, [0.998, 0.988, 1.0] and
-random [0.742, 0.602, 0.500].""""""
+random [0.742, 0.602, 0.500]."""
 
 import json
 
