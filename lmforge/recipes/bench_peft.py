@@ -12,17 +12,20 @@ tokens/s, saved file size, and steps to reach 95% of the method's best validatio
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from lmforge.core.config import load_config, split_config_arg, to_dict
 from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.core.io import atomic_write_json
+from lmforge.core.io import atomic_write_json, atomic_write_text
 
 # method name in the table -> the fine-tuning overrides that select it
 # (a delta keeps BERT's pretrained pooler, frozen as in PEFT: a fine-tuning config's head.reinit_pooler is for full
@@ -57,6 +60,14 @@ class BenchPeftConfig:
     """Extra ``key=value`` fine-tuning overrides for every run (e.g. ``max_steps=100``, ``model=runs/x``)."""
     timeout_s: int = 3600
     """Per-run time limit."""
+    jobs: int = 1
+    """Runs at a time, each its own process.  With ``jobs > 1`` each run gets ``OMP_NUM_THREADS`` = CPU cores /
+    jobs (unless the environment sets it), so the per-step times in the table are those of a share of the
+    machine; compare methods within one table, not across tables run with different ``jobs``."""
+    reuse: bool = True
+    """A (method, seed) whose run directory already holds the results of the same command is read, not run again:
+    an interrupted bench, or one extended with more seeds or methods, picks up where it stopped.  A run directory
+    from a different command (or cut off before it finished) is replaced."""
 
 
 def _finetune_lr(cfg: BenchPeftConfig) -> float:
@@ -104,21 +115,31 @@ def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float) -> dict[st
     run_dir = Path(cfg.run_dir) / "runs" / f"{method}-seed{seed}"
     args = [sys.executable, "-m", "lmforge", "finetune", cfg.finetune, f"run_dir={run_dir}", f"seed={seed}",
             "resume=false", "measure_memory=true", f"train.lr={lr}", *cfg.overrides, *METHOD_ARGS[method]]
+    stamp = run_dir / "bench-command.json"  # written last: its presence means the run finished
+    command = json.dumps(args[1:])
+    reused = cfg.reuse and stamp.is_file() and stamp.read_text(encoding="utf-8") == command
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=cfg.timeout_s)
-    except subprocess.TimeoutExpired:
-        raise LmforgeError(f"bench peft: the {method} run (seed {seed}) took longer than timeout_s={cfg.timeout_s}; "
-                           f"raise timeout_s or lower max_steps in overrides") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise LmforgeError(f"bench peft: the {method} run (seed {seed}) failed: {tail}; its command: "
-                           f"{' '.join(args[1:])}")
+    if not reused:
+        if run_dir.exists():  # the bench's own run from another command, or one cut off: it is replaced
+            shutil.rmtree(run_dir)
+        env = dict(os.environ)
+        if cfg.jobs > 1 and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
+        try:
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=cfg.timeout_s, env=env)
+        except subprocess.TimeoutExpired:
+            raise LmforgeError(f"bench peft: the {method} run (seed {seed}) took longer than "
+                               f"timeout_s={cfg.timeout_s}; raise timeout_s or lower max_steps in overrides") from None
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise LmforgeError(f"bench peft: the {method} run (seed {seed}) failed: {tail}; its command: "
+                               f"{' '.join(args[1:])}")
+        atomic_write_text(stamp, command)
     res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     rows = _read_jsonl(run_dir / "metrics.jsonl")
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     saved = res["delta"]["adapter_bytes"] if "delta" in res else _dir_bytes(run_dir / "model")
-    return {"method": method, "seed": seed, "lr": lr, "wall_s": time.perf_counter() - t0,
+    return {"method": method, "seed": seed, "lr": lr, "wall_s": time.perf_counter() - t0, "reused": reused,
             "val_accuracy": res.get("validation", {}).get("accuracy"), "test_accuracy": res.get("test", {}).get("accuracy"),
             "trainable": res["trainable_params"], "total": res["total_params"], "memory": res.get("memory", {}),
             "s_per_step": _s_per_step(rows), "tokens_per_s": statistics.fmean(tps) if tps else None,
@@ -156,16 +177,24 @@ def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
     if not Path(cfg.finetune).is_file():
         raise ConfigError(f"finetune='{cfg.finetune}' is not a file; point it at a fine-tuning config "
                           f"(e.g. configs/finetune-gpt2-sentiment.yaml)")
+    if cfg.jobs < 1:
+        raise ConfigError(f"jobs={cfg.jobs} must be >= 1")
     full_lr = float(cfg.lr.get("full", _finetune_lr(cfg)))
-    runs = []
-    total = len(cfg.methods) * len(cfg.seeds)
-    for method in cfg.methods:
-        for seed in cfg.seeds:
-            lr = _method_lr(cfg, method, full_lr)
-            print(f"[{len(runs) + 1}/{total}] {method}, seed {seed}, lr {lr:g}", file=sys.stderr, flush=True)
-            runs.append(_one_run(cfg, method, seed, lr))
-            print(f"    test accuracy {runs[-1]['test_accuracy']}, {runs[-1]['wall_s']:.0f} s", file=sys.stderr,
-                  flush=True)
+    todo = [(m, s, _method_lr(cfg, m, full_lr)) for m in cfg.methods for s in cfg.seeds]
+    done = 0
+
+    def one(job: tuple[str, int, float]) -> dict[str, Any]:
+        nonlocal done
+        method, seed, lr = job
+        run = _one_run(cfg, method, seed, lr)
+        done += 1  # the GIL makes this safe enough for a progress line
+        how = "reused" if run["reused"] else f"{run['wall_s']:.0f} s"
+        print(f"[{done}/{len(todo)}] {method}, seed {seed}, lr {lr:g}: test accuracy {run['test_accuracy']} ({how})",
+              file=sys.stderr, flush=True)
+        return run
+
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:  # threads only wait on subprocesses
+        runs = list(pool.map(one, todo))  # in table order, whatever order they finish in
     rows = summarise(runs)
     out = {"run_dir": cfg.run_dir, "family": runs[0]["family"], "task": runs[0]["task"], "summary": rows,
            "runs": runs, "config": to_dict(cfg)}

@@ -94,11 +94,13 @@ def test_bench_peft_table_memory_and_sizes(hf_dirs, tmp_path):  # noqa: F811
     fast = "[" + ",".join(x for x in ("max_steps=6", "train.global_batch_size=8", "train.eval_every=3",
                                       "train.ckpt_every=3", "train.tensorboard=false", "eval_batch_size=16")) + "]"
     proc = run_cli("bench", "peft", f"run_dir={tmp_path / 'bench'}", f"finetune={cfg}",
-                   "methods=[full,lora,houlsby,bitfit]", "seeds=[0]", f"overrides={fast}", "lr={full: 0.001}")
+                   "methods=[full,lora,houlsby,bitfit]", "seeds=[0]", f"overrides={fast}", "lr={full: 0.001}",
+                   "jobs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "bench" / "bench.json").read_text())
     rows = {r["method"]: r for r in out["summary"]}
-    assert list(rows) == ["full", "lora", "houlsby", "bitfit"]
+    assert list(rows) == ["full", "lora", "houlsby", "bitfit"]  # table order, though two ran at a time
+    assert not any(r["reused"] for r in out["runs"])
     assert rows["full"]["lr"] == 0.001 and rows["lora"]["lr"] == pytest.approx(0.005)
     # trainable counts: full trains everything; each delta far less
     assert rows["full"]["trainable_pct"] == pytest.approx(100.0)
@@ -117,6 +119,13 @@ def test_bench_peft_table_memory_and_sizes(hf_dirs, tmp_path):  # noqa: F811
     report = (tmp_path / "bench" / "report.md").read_text()
     assert "houlsby" in report and "Test accuracy vs full fine-tuning" in report
     assert (tmp_path / "bench" / "bench.png").is_file()
+    # a second bench with the same commands reads the finished runs; a changed lr runs that method again
+    proc = run_cli("bench", "peft", f"run_dir={tmp_path / 'bench'}", f"finetune={cfg}", "methods=[full,lora]",
+                   "seeds=[0]", f"overrides={fast}", "lr={full: 0.001, lora: 0.002}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = {r["method"]: r for r in json.loads((tmp_path / "bench" / "bench.json").read_text())["runs"]}
+    assert again["full"]["reused"] and not again["lora"]["reused"]
+    assert again["full"]["test_accuracy"] == out["runs"][0]["test_accuracy"]
 
 
 def test_prompt_tuning_completion_on_gpt2_and_text_init_on_bert(hf_dirs, tmp_path):  # noqa: F811
