@@ -1,11 +1,12 @@
-"""`lmforge pretrain` and `finetune` under torchrun (2 gloo ranks, fsdp; per-block activation checkpointing in
-the pretraining run): the same runs as one process, and clean errors."""
+"""`lmforge pretrain` and `finetune` under torchrun (2 gloo ranks; fsdp with per-block activation checkpointing in
+the pretraining run, delta fine-tuning under fsdp and ddp): the same runs as one process, and clean errors."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -76,18 +77,22 @@ def test_batch_not_divisible_by_world_size(tmp_path):
 
 
 FT = ["max_steps=12", "task.n_train=200", "task.n_val=40", "task.n_test=40", "train.global_batch_size=8",
-      "train.warmup_steps=2", "train.eval_every=6", "train.ckpt_every=6", "train.log_every=1", "peft.method=lora",
-      "train.device=cpu"]
+      "train.warmup_steps=2", "train.eval_every=6", "train.ckpt_every=6", "train.log_every=1", "train.device=cpu"]
 
 
-def test_fsdp_lora_finetune_equals_one_process(tiny_run, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("strategy,method,saved", [("fsdp", "lora", "adapter_model.safetensors"),
+                                                   ("ddp", "adapter", "delta.safetensors")])
+def test_delta_finetune_equals_one_process(tiny_run, tmp_path, strategy, method, saved):  # noqa: F811
+    """LoRA under fsdp (PEFT's format) and a Houlsby adapter under ddp (lmforge's format): the delta is applied
+    before wrapping, trained, gathered and saved by rank 0 as one process would."""
     from tests.conftest import run_cli
 
     config = str(ROOT / "configs/finetune-gpt2-sentiment.yaml")
-    one = run_cli("finetune", config, f"model={tiny_run / 'model'}", f"run_dir={tmp_path / 'one'}", *FT)
+    ft = [*FT, f"peft.method={method}"]
+    one = run_cli("finetune", config, f"model={tiny_run / 'model'}", f"run_dir={tmp_path / 'one'}", *ft)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun_cli(2, "finetune", config, f"model={tiny_run / 'model'}", f"run_dir={tmp_path / 'two'}", *FT,
-                       "distributed.strategy=fsdp")
+    two = torchrun_cli(2, "finetune", config, f"model={tiny_run / 'model'}", f"run_dir={tmp_path / 'two'}", *ft,
+                       f"distributed.strategy={strategy}")
     assert two.returncode == 0, two.stderr[-3000:]
     assert len([ln for ln in two.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0 reports, once
     rows = {name: [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -100,10 +105,11 @@ def test_fsdp_lora_finetune_equals_one_process(tiny_run, tmp_path):  # noqa: F81
     res = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two")}
     assert res["two"]["selected"] == res["one"]["selected"]
     assert abs(res["two"]["test"]["loss"] - res["one"]["test"]["loss"]) <= 1e-4 * res["one"]["test"]["loss"]
-    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "one" / "adapter" / saved)
+    b = load_file(tmp_path / "two" / "adapter" / saved)
     assert set(a) == set(b) and a
     for k in a:
-        # 1e-3 here, not the unit test's 1e-4: B starts at exactly zero, so after 6 Adam steps it is small and the
-        # sign noise of coordinates whose gradient is ~0 weighs more (tests/unit/test_distributed.py holds 1e-4).
+        # 1e-3 here, not the unit test's 1e-4: LoRA's B (the adapter's up-projection) starts at exactly zero, so
+        # after 6 Adam steps it is small and the sign noise of coordinates whose gradient is ~0 weighs more
+        # (tests/unit/test_distributed.py holds 1e-4).
         assert float((a[k] - b[k]).norm() / a[k].norm().clamp(min=1e-12)) <= 1e-3, k
