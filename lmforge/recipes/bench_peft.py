@@ -11,6 +11,7 @@ tokens/s, saved file size, and steps to reach 95% of the method's best validatio
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -181,13 +182,12 @@ def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
         raise ConfigError(f"jobs={cfg.jobs} must be >= 1")
     full_lr = float(cfg.lr.get("full", _finetune_lr(cfg)))
     todo = [(m, s, _method_lr(cfg, m, full_lr)) for m in cfg.methods for s in cfg.seeds]
-    done = 0
+    finished = itertools.count(1)  # next() on a count is atomic: worker threads number their lines without a lock
 
     def one(job: tuple[str, int, float]) -> dict[str, Any]:
-        nonlocal done
         method, seed, lr = job
         run = _one_run(cfg, method, seed, lr)
-        done += 1  # the GIL makes this safe enough for a progress line
+        done = next(finished)
         how = "reused" if run["reused"] else f"{run['wall_s']:.0f} s"
         print(f"[{done}/{len(todo)}] {method}, seed {seed}, lr {lr:g}: test accuracy {run['test_accuracy']} ({how})",
               file=sys.stderr, flush=True)
