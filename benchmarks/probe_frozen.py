@@ -28,9 +28,10 @@ from lmforge.models.hf import load_model  # noqa: E402
 
 
 @torch.no_grad()
-def features(model, tokenizer, texts: list[str], encoder: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, d]`` summary-token states and ``[N, d]`` token means of the final hidden states."""
-    first, mean = [], []
+def features(model, tokenizer, texts: list[str], encoder: bool) -> tuple[torch.Tensor, ...]:
+    """``[N, d]`` summary-token states, ``[N, d]`` token means of the final hidden states, and for BERT the
+    frozen pooler's ``tanh(dense([CLS]))`` (what a sequence classifier with a frozen pooler reads)."""
+    first, mean, pooled = [], [], []
     for text in texts:
         ids = list(tokenizer.encode(text))
         if encoder and tokenizer.cls_id is not None and ids[:1] != [tokenizer.cls_id]:
@@ -38,7 +39,9 @@ def features(model, tokenizer, texts: list[str], encoder: bool) -> tuple[torch.T
         h = model(torch.tensor([ids]))[0]  # [T, d]
         first.append(h[0] if encoder else h[-1])
         mean.append(h.mean(0))
-    return torch.stack(first), torch.stack(mean)
+        if encoder:
+            pooled.append(model.pooled(h[None])[0])
+    return torch.stack(first), torch.stack(mean), *([torch.stack(pooled)] if encoder else [])
 
 
 def probe(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor, n_classes: int,
@@ -80,13 +83,14 @@ def main() -> None:
         feats = features(model, tokenizer, [template.format(text=r["text"]) for r in recs], encoder)
         return feats, torch.tensor([labels.index(r["label"]) for r in recs])
 
-    (f_tr, m_tr), y = split("train")
-    (f_te, m_te), yt = split("test")
+    (f_tr, m_tr, *p_tr), y = split("train")
+    (f_te, m_te, *p_te), yt = split("test")
     majority = max(float((yt == c).float().mean()) for c in range(len(labels)))
     summary = "[CLS]" if encoder else "last token"
     print(f"# {machine()} | {args.model} | {args.task} (train {len(y)}, test {len(yt)}) | template {args.template!r}")
     print(f"majority {majority:.3f} | probe on {summary} {probe(f_tr, y, f_te, yt, len(labels)):.3f} | "
-          f"on the token mean {probe(m_tr, y, m_te, yt, len(labels)):.3f}")
+          f"on the token mean {probe(m_tr, y, m_te, yt, len(labels)):.3f}"
+          + (f" | on the pooler output {probe(p_tr[0], y, p_te[0], yt, len(labels)):.3f}" if encoder else ""))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ class TaskConfig:
     """World tasks: examples per split."""
     world_seed: int = 0
     """World tasks: the world (the one ``world:SEED`` pretrains on)."""
+    counterfactual: float = 0.0
+    """world-qa-context: share of train records whose answer is swapped (in passage and target) for another
+    entity's value of the same relation, so fine-tuning cannot recall train answers and must read them;
+    validation and test keep the world's facts."""
     split_seed: int = 0
     """Seed of the splits (world tasks' entity split, the validation cut from user train files): fixed by default
     so runs with different training seeds see the same task."""
@@ -299,11 +303,13 @@ def load_task(cfg: TaskConfig) -> TaskData:
         if cfg.type not in ("auto", spec.type):
             raise ConfigError(f"task.type={cfg.type} but world task '{cfg.name}' is {spec.type}; set task.type=auto")
         raw = build_world_task(cfg.name, seed=cfg.split_seed, n_train=cfg.n_train, n_val=cfg.n_val,
-                               n_test=cfg.n_test, world_seed=cfg.world_seed)
+                               n_test=cfg.n_test, world_seed=cfg.world_seed, counterfactual=cfg.counterfactual)
         splits = {s: [normalise(r, spec.type, TaskConfig(), f"{cfg.name}/{s}[{i}]") for i, r in enumerate(raw[s])]
                   for s in SPLITS}
         labels = _check_labels(splits, spec.type, cfg.labels or list(spec.labels or []))
-        return TaskData(cfg.name, spec.type, splits, labels, spec.description, spec.closed_book, spec.held_out)
+        description = spec.description + (f"; {cfg.counterfactual:.0%} of train answers swapped for another entity's "
+                                          f"value (task.counterfactual)" if cfg.counterfactual else "")
+        return TaskData(cfg.name, spec.type, splits, labels, description, spec.closed_book, spec.held_out)
     if not cfg.train:
         raise ConfigError("no task: set task.name to a world task (e.g. world-sentiment) or task.train to a file")
     raw_train = _records(cfg.train)

@@ -186,6 +186,10 @@ def apply_delta(model: nn.Module, cfg: DeltaConfig, tokenizer: Any = None) -> De
         hit = [p for p, _ in model.named_modules() if p and matches(p, cfg.train_modules, _hf_alt(model, p))]
         if not hit:
             raise ConfigError(f"peft.train_modules={cfg.train_modules!r} matches no module of this model")
+        inside = [p for p in hit if "pooler" not in p.split(".")]
+        if "ladder" in methods and inside:
+            raise ConfigError(f"peft.train_modules matches '{inside[0]}', which the ladder's frozen backbone pass "
+                              f"runs without gradients; with ladder only BERT's pooler (after that pass) can train")
         for p in hit:
             model.get_submodule(p).requires_grad_(True)
     head = _head_name(model)

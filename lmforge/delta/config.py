@@ -19,7 +19,7 @@ DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": [
 class DeltaConfig:
     method: str = "none"
     """none | lora | dora | adapter | ladder | prefix | prompt | bitfit | modules, or several joined by '+' (e.g.
-    adapter+bitfit; ladder stands alone)."""
+    adapter+bitfit; ladder stands alone, or with modules outside the frozen pass: BERT's pooler)."""
     target_modules: Optional[Union[list[str], str]] = None
     """LoRA/DoRA targets: module names matched as PEFT does (a list: the full path or its last parts equal an
     entry, e.g. 'c_attn' or 'attn.c_attn'; a string: a regex the whole path matches, tried on lmforge's and
@@ -76,7 +76,7 @@ class DeltaConfig:
                                   f"(combine with '+', e.g. lora+bitfit)")
         if "none" in parts and len(parts) > 1:
             raise ConfigError(f"peft.method='{self.method}' combines 'none' with a method; drop 'none'")
-        if "ladder" in parts and len(parts) > 1:
+        if "ladder" in parts and set(parts) - {"ladder", "modules"}:
             raise ConfigError(f"peft.method='{self.method}': ladder side tuning stands alone (the backbone runs "
                               f"without gradients, so nothing inside it can train); drop the other methods")
         if "prefix" in parts and "prompt" in parts:

@@ -59,6 +59,10 @@ class BenchPeftConfig:
     and need larger steps, as the LoRA and adapter papers use)."""
     overrides: list[str] = field(default_factory=list)
     """Extra ``key=value`` fine-tuning overrides for every run (e.g. ``max_steps=100``, ``model=runs/x``)."""
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Further overrides for one method's runs, applied after ``overrides`` and the method's own selection (e.g.
+    ``{bitfit: [max_steps=2000]}``, or BERT's fresh pooler trained with a delta: ``[peft.method=bitfit+modules,
+    peft.train_modules=[pooler], head.reinit_pooler=true]``); the table keeps the method's name."""
     timeout_s: int = 3600
     """Per-run time limit."""
     jobs: int = 1
@@ -115,7 +119,8 @@ def _dir_bytes(d: Path) -> int:
 def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir) / "runs" / f"{method}-seed{seed}"
     args = [sys.executable, "-m", "lmforge", "finetune", cfg.finetune, f"run_dir={run_dir}", f"seed={seed}",
-            "resume=false", "measure_memory=true", f"train.lr={lr}", *cfg.overrides, *METHOD_ARGS[method]]
+            "resume=false", "measure_memory=true", f"train.lr={lr}", *cfg.overrides, *METHOD_ARGS[method],
+            *cfg.method_overrides.get(method, [])]
     stamp = run_dir / "bench-command.json"  # written last: its presence means the run finished
     command = json.dumps(args[1:])
     reused = cfg.reuse and stamp.is_file() and stamp.read_text(encoding="utf-8") == command
@@ -175,6 +180,10 @@ def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
     unknown = [m for m in cfg.methods if m not in METHOD_ARGS]
     if unknown:
         raise ConfigError(f"methods: {unknown} are not benchmarkable methods; valid: {', '.join(METHOD_ARGS)}")
+    stray = [m for m in cfg.method_overrides if m not in METHOD_ARGS]
+    if stray:
+        raise ConfigError(f"method_overrides: {stray[0]!r} is not a benchmarkable method; valid: "
+                          f"{', '.join(METHOD_ARGS)}")
     if not Path(cfg.finetune).is_file():
         raise ConfigError(f"finetune='{cfg.finetune}' is not a file; point it at a fine-tuning config "
                           f"(e.g. configs/finetune-gpt2-sentiment.yaml)")

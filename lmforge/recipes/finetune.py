@@ -60,7 +60,8 @@ class HeadConfig:
     reinit_pooler: bool = False
     """BERT, sequence classification: start the pooler (``tanh(dense(h_[CLS]))``) afresh instead of from
     next-sentence pretraining (Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning").  The saved model is
-    still a plain ``BertForSequenceClassification``."""
+    still a plain ``BertForSequenceClassification``.  With a delta method the fresh pooler must train too
+    (``peft.method=<method>+modules``, ``peft.train_modules=[pooler]``); a frozen random pooler is an error."""
 
 
 @dataclass
@@ -197,11 +198,7 @@ def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.
                 if mode != "head" or model.family != "bert":
                     raise ConfigError(f"head.reinit_pooler applies to BERT sequence classifiers, not a {model.family} "
                                       f"{'token classifier' if mode == 'token_head' else 'model'}; remove it")
-                if cfg.peft.methods:
-                    raise ConfigError(f"head.reinit_pooler=true with peft.method={cfg.peft.method} would leave a random "
-                                      f"pooler frozen (delta tuning trains the classifier, not the pooler, as PEFT "
-                                      f"does); set head.reinit_pooler=false")
-                backbone.pooler.reset_parameters()
+                backbone.pooler.reset_parameters()  # a delta must then train it (checked after apply_delta)
         if model.family in ("gpt2", "llama"):
             ensure_pad_token(model, tokenizer)
         return model
@@ -258,6 +255,12 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
             model.backbone.reset_parameters()
         model.reset_parameters()
     delta = apply_delta(model, cfg.peft, tokenizer)  # after init: the delta starts from the weights it adapts
+    if delta is not None and cfg.head.reinit_pooler and not all(
+            p.requires_grad for p in model.backbone.pooler.parameters()):
+        raise ConfigError(f"head.reinit_pooler=true with peft.method={cfg.peft.method} would leave a random pooler "
+                          f"frozen (delta tuning trains the classifier, not the pooler, as PEFT does); train it too "
+                          f"(peft.method={cfg.peft.method}+modules, peft.train_modules=[pooler]) or set "
+                          f"head.reinit_pooler=false")
     if delta is not None:
         print(delta.line(), file=sys.stderr, flush=True)
     model.train()

@@ -20,7 +20,8 @@ implementation for the device (multi-tensor ``foreach`` on accelerators, a per-t
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import fnmatch
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -28,37 +29,62 @@ from torch import nn
 from lmforge.core.errors import ConfigError
 
 
-def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` (fnmatch) matches the parameter ``name`` itself or a module path inside it:
+    ``classifier`` matches ``classifier.weight`` and ``model.classifier.bias``; ``*.bias`` every bias."""
+    return any(fnmatch.fnmatchcase(name, p) for p in (pattern, f"{pattern}.*", f"*.{pattern}", f"*.{pattern}.*"))
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 param_lr: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """Split trainable parameters into a decay group (ndim >= 2) and a no-decay group (ndim < 2).
 
+    ``param_lr`` (``train.param_lr``): ``{pattern: lr}``; parameters matching a pattern (the first that matches,
+    see :func:`_matches`) get their own groups with that learning rate (the schedule scales it like the base lr),
+    e.g. a task head that wants a lower rate than the delta it is trained with.  A pattern that matches no
+    trainable parameter is a ConfigError naming some that exist.
     Groups hold ``(name, parameter)`` pairs, so ``torch.optim`` records ``param_names`` in each group
     (and in the optimizer's state dict).  Empty groups are left out; a shared (tied) parameter is listed once.
     """
-    decay: list[tuple[str, nn.Parameter]] = []
-    no_decay: list[tuple[str, nn.Parameter]] = []
+    param_lr = dict(param_lr or {})
+    buckets: dict[tuple[bool, str | None], list[tuple[str, nn.Parameter]]] = {}
+    used: set[str] = set()
+    names: list[str] = []
     seen: set[int] = set()
     for name, p in named_params:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append((name, p))
+        names.append(name)
+        pattern = next((pat for pat in param_lr if _matches(name, pat)), None)
+        if pattern is not None:
+            used.add(pattern)
+        buckets.setdefault((p.ndim >= 2, pattern), []).append((name, p))
+    unused = [pat for pat in param_lr if pat not in used]
+    if unused:
+        raise ConfigError(f"train.param_lr: pattern {unused[0]!r} matches no trainable parameter; trainable ones "
+                          f"include {', '.join(names[:3] + names[-3:]) or '(none)'}")
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for pattern in [None, *param_lr]:
+        for decay in (True, False):
+            params = buckets.get((decay, pattern))
+            if params:
+                group: dict[str, Any] = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+                if pattern is not None:
+                    group["lr"] = float(param_lr[pattern])
+                groups.append(group)
     return groups
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
                     betas: tuple[float, float] | list[float] = (0.9, 0.95), eps: float = 1e-8,
-                    fused: str | bool = "auto") -> torch.optim.AdamW:
+                    fused: str | bool = "auto", param_lr: Mapping[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters with the decay/no-decay split above.
 
     ``fused``: ``"auto"`` (fused where the device has the kernel, else PyTorch's default), ``"true"``/``True``
     (fused; fails if the device has no fused kernel) or ``"false"``/``False`` (PyTorch's default).
     """
-    groups = param_groups(model.named_parameters(), weight_decay)
+    groups = param_groups(model.named_parameters(), weight_decay, param_lr)
     if not groups:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters (every parameter has "
                           f"requires_grad=False); unfreeze some or apply a delta method")

@@ -100,6 +100,10 @@ class TrainerConfig:
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     fused_adamw: Literal["auto", "true", "false"] = "auto"
     """Fused AdamW kernel: auto = where the device has one."""
+    param_lr: dict[str, float] = field(default_factory=dict)
+    """Per-parameter learning rates, ``{pattern: lr}`` (fnmatch on parameter names; ``classifier`` matches
+    ``classifier.weight`` and ``x.classifier.bias``): e.g. a task head that wants less than the delta's rate.
+    Scheduled like ``lr``; the first matching pattern wins; one that matches nothing is an error."""
     tensorboard: bool = True
     """Also write TensorBoard scalars under RUN_DIR/tb when tensorboard is installed."""
 
@@ -127,6 +131,9 @@ class TrainerConfig:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        for pattern, lr in self.param_lr.items():
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+                raise ConfigError(f"train.param_lr.{pattern} must be a learning rate > 0, got {lr!r}")
 
     @property
     def micro(self) -> int:
@@ -289,7 +296,7 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg, strategy = self.cfg, self.dist.strategy
         if strategy == "zero1":
-            groups = param_groups(self.model.named_parameters(), cfg.weight_decay)
+            groups = param_groups(self.model.named_parameters(), cfg.weight_decay, cfg.param_lr)
             if not groups:
                 raise ConfigError(f"{type(self.model).__name__} has no trainable parameters; unfreeze some or apply "
                                   f"a delta method")
@@ -298,7 +305,7 @@ class Trainer:
         fused = cfg.fused_adamw
         if strategy == "fsdp" and (self.device.type != "cuda" or self.dist.cfg.cpu_offload) and fused == "auto":
             fused = "false"  # sharded (DTensor) parameters on the CPU: PyTorch's CPU fused kernel does not take them
-        return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused)
+        return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused, cfg.param_lr)
 
     def _place_frozen_modules(self) -> dict[str, nn.Module]:
         frozen_fn = getattr(self.objective, "frozen_modules", None)

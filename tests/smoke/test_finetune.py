@@ -158,3 +158,23 @@ def test_pipeline_runs_a_finetune_stage(tmp_path):
     assert "## Fine-tuning" in report and "baseline: bag of words" in report
     assert json.loads((run_dir / "finetune" / "model" / "config.json").read_text())["architectures"] == [
         "GPT2ForSequenceClassification"]
+
+
+def test_probe_copy_script_runs_and_both_t5_implementations_start_equal(hf_dirs):
+    """benchmarks/probe_copy.py on the tiny random T5: the same seed gives the same batches, so the first step's
+    loss (before any update) is the same for lmforge's T5 and transformers' on the same weights."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    first = {}
+    for impl in ("lmforge", "transformers"):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_copy.py"), "--model",
+                               str(hf_dirs / "t5"), "--impl", impl, "--steps", "2", "--every", "1", "--batch", "4"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+        assert len(lines) == 2 and "first answer token accuracy" in lines[0]
+        first[impl] = float(lines[0].split("| loss ")[1].split()[0])
+    assert first["lmforge"] == pytest.approx(first["transformers"], abs=2e-3)

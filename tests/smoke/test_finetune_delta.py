@@ -86,6 +86,29 @@ def test_bad_delta_settings_are_one_line_errors(hf_dirs, tmp_path):  # noqa: F81
     assert_clean_error(proc, "would leave a random pooler frozen")
 
 
+def test_bert_delta_with_a_fresh_trained_pooler_and_its_own_head_lr(hf_dirs, tmp_path):  # noqa: F811
+    """head.reinit_pooler with a delta: the pooler restarts and trains (bitfit+modules), the classifier at its own
+    learning rate; every other weight stays byte-identical to the base, and the delta carries the pooler."""
+    from safetensors.torch import load_file
+
+    data = hf_dirs / "data"
+    run = tmp_path / "b"
+    res = _finetune(run, hf_dirs / "bert", "task.name=null", f"task.train={data / 'cls.jsonl'}",
+                    "peft.method=bitfit+modules", "peft.train_modules=[pooler]", "head.reinit_pooler=true",
+                    "train.param_lr.classifier=1e-3")
+    base = load_file(str(hf_dirs / "bert" / "model.safetensors"))
+    delta = load_file(str(run / "adapter" / "delta.safetensors"))
+    pooler = [k for k in delta if ".pooler." in k]
+    assert len(pooler) == 2 and res["delta"]["trainable"] == sum(v.numel() for v in delta.values())
+    tuned = load_file(str(run / "model" / "model.safetensors"))
+    name = next(k for k in base if k.endswith("pooler.dense.weight"))
+    assert not torch.equal(tuned[name], base[name])  # restarted (and trained), not the pretrained pooler
+    frozen = [k for k in base if k in tuned and not k.endswith("bias") and "pooler" not in k]
+    assert frozen and all(torch.equal(tuned[k], base[k]) for k in frozen)
+    saved = (run / "config.yaml").read_text()
+    assert "param_lr:" in saved and "classifier: 0.001" in saved
+
+
 def test_bench_peft_table_memory_and_sizes(hf_dirs, tmp_path):  # noqa: F811
     data = hf_dirs / "data"
     cfg = tmp_path / "ft.yaml"
@@ -121,10 +144,12 @@ def test_bench_peft_table_memory_and_sizes(hf_dirs, tmp_path):  # noqa: F811
     assert (tmp_path / "bench" / "bench.png").is_file()
     # a second bench with the same commands reads the finished runs; a changed lr runs that method again
     proc = run_cli("bench", "peft", f"run_dir={tmp_path / 'bench'}", f"finetune={cfg}", "methods=[full,lora]",
-                   "seeds=[0]", f"overrides={fast}", "lr={full: 0.001, lora: 0.002}")
+                   "seeds=[0]", f"overrides={fast}", "lr={full: 0.001, lora: 0.002}", "method_overrides={lora: [peft.r=4]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = {r["method"]: r for r in json.loads((tmp_path / "bench" / "bench.json").read_text())["runs"]}
     assert again["full"]["reused"] and not again["lora"]["reused"]
+    head = rows["lora"]["trainable"] - 2 * (rows["lora"]["trainable"] - again["lora"]["trainable"])
+    assert again["lora"]["trainable"] < rows["lora"]["trainable"] and head == 2 * 32  # r 8 -> 4 halves the branches; the score head stays
     assert again["full"]["test_accuracy"] == out["runs"][0]["test_accuracy"]
 
 

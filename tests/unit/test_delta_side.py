@@ -42,6 +42,21 @@ def test_ladder_starts_at_the_base_and_trains_only_the_side(family):
     assert grads and all(".ladder." in f".{n}" or n.startswith("classifier") for n in grads)
 
 
+def test_ladder_with_bert_pooler_trained_and_nothing_inside_the_frozen_pass():
+    model = SequenceClassifier(model_of("bert"), ["a", "b"])
+    s = apply_delta(model, DeltaConfig(method="ladder+modules", train_modules=["pooler"], ladder_reduction=4))
+    pooler = sum(p.numel() for p in model.backbone.pooler.parameters())
+    side = sum(p.numel() for p in model.backbone.ladder.parameters())
+    assert s.trainable == side + pooler + sum(p.numel() for p in model.classifier.parameters())
+    _loss(model).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.pooler.parameters())
+    with pytest.raises(ConfigError, match="runs without gradients; with ladder only BERT's pooler"):
+        apply_delta(SequenceClassifier(model_of("bert"), ["a", "b"]),
+                    DeltaConfig(method="ladder+modules", train_modules=["attention"], ladder_reduction=4))
+    with pytest.raises(ConfigError, match="stands alone"):
+        DeltaConfig(method="ladder+lora").methods
+
+
 def test_ladder_side_blocks_are_pruned_backbone_blocks():
     from lmforge.models.ladder import hidden_dims
 

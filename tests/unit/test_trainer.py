@@ -171,6 +171,27 @@ def test_weight_decay_groups_follow_parameter_rank():
     assert not build_optimizer(model, 1e-3, 0.1, fused="false").param_groups[0]["fused"]
 
 
+def test_param_lr_gives_matching_parameters_their_own_scheduled_rate():
+    from lmforge.train.schedule import LRScheduler
+
+    model = ToyLM()
+    groups = param_groups(model.named_parameters(), 0.1, {"lm_head": 1e-4, "*.bias": 5e-4})
+    by_name = {n: g for g in groups for n, _ in g["params"]}
+    assert "lr" not in by_name["fc.weight"] and "lr" not in by_name["norm.weight"]  # the base rate
+    assert by_name["lm_head.weight"]["lr"] == 1e-4 and by_name["lm_head.weight"]["weight_decay"] == 0.1
+    assert by_name["fc.bias"]["lr"] == 5e-4 and by_name["norm.bias"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = build_optimizer(model, 1e-3, 0.1, fused="false", param_lr={"lm_head": 1e-4})
+    sched = LRScheduler(opt, lambda step: 0.5)  # the schedule scales every group's own rate
+    assert sorted(g["lr"] for g in opt.param_groups) == [5e-5, 5e-4, 5e-4]
+    with pytest.raises(ConfigError, match="pattern 'classifier' matches no trainable parameter; trainable ones "
+                                          "include embed.weight"):
+        param_groups(model.named_parameters(), 0.1, {"classifier": 1e-3})
+    with pytest.raises(ConfigError, match="train.param_lr.head must be a learning rate > 0, got 0.0"):
+        from_dict(TrainerConfig, {"param_lr": {"head": 0}})
+    assert from_dict(TrainerConfig, {"param_lr": {"head": "1e-3"}}).param_lr == {"head": 1e-3}  # YAML's 1e-3 is a str
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 def test_fit_learns_and_logs(tmp_path, capsys):

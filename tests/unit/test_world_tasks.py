@@ -194,3 +194,24 @@ def test_qa_context_answers_occur_in_the_passage(built: dict) -> None:
     print(f"\nworld-qa-context baselines: {base}\nworld-qa-closed baselines: "
           f"{task_baselines('text2text', built['world-qa-closed'])}")
     assert base["majority_answer"]["exact_match"] < 0.1
+
+
+def test_qa_context_counterfactual_swaps_train_answers_only(built: dict) -> None:
+    """counterfactual=1: (nearly) every train answer is replaced, in the passage and the target, by another train
+    value; validation and test are untouched, and the swapped answer is still read off the passage."""
+    plain = built["world-qa-context"]
+    cf = build_world_task("world-qa-context", counterfactual=1.0)
+    assert cf["test"] == plain["test"] and cf["validation"] == plain["validation"]
+    swapped = [(a, b) for a, b in zip(plain["train"], cf["train"]) if a != b]
+    assert len(swapped) > 0.9 * len(plain["train"])
+    for a, b in swapped:
+        assert b["target"] != a["target"] and b["input"].split(" context: ")[0] == a["input"].split(" context: ")[0]
+        passage = b["input"].partition(" context: ")[2]
+        assert re.search(rf"(?<!\w){re.escape(b['target'])}(?!\w)", passage)
+        assert not re.search(rf"(?<!\w){re.escape(a['target'])}(?!\w)", passage)
+    half = build_world_task("world-qa-context", counterfactual=0.5)
+    assert 0.35 < sum(a != b for a, b in zip(plain["train"], half["train"])) / len(plain["train"]) < 0.65
+    with pytest.raises(ConfigError, match="counterfactual applies to world-qa-context only"):
+        build_world_task("world-topic", counterfactual=0.5)
+    with pytest.raises(ConfigError, match=r"counterfactual must be in \[0, 1\]"):
+        build_world_task("world-qa-context", counterfactual=1.5)

@@ -86,13 +86,21 @@ def world_task(name: str) -> WorldTask:
 
 
 def build_world_task(name: str, seed: int = 0, n_train: int = 2000, n_val: int = 300, n_test: int = 500,
-                     world_seed: int = 0) -> dict[str, list[dict]]:
+                     world_seed: int = 0, counterfactual: float = 0.0) -> dict[str, list[dict]]:
     """``{"train": [...], "validation": [...], "test": [...]}`` of exactly the requested sizes.
 
     Deterministic for its arguments; each split has its own random stream, so e.g. the test set does
-    not change when ``n_train`` does.
+    not change when ``n_train`` (or ``counterfactual``) does.  ``counterfactual`` (world-qa-context only): the
+    share of *train* records whose answer is swapped, in passage and target alike, for the same relation's value
+    of another train entity — the answer can then only be read, not recalled (validation and test keep the
+    world's facts).
     """
     world_task(name)
+    if not 0.0 <= counterfactual <= 1.0:
+        raise ConfigError(f"{name}: counterfactual must be in [0, 1], got {counterfactual!r}")
+    if counterfactual and name != "world-qa-context":
+        raise ConfigError(f"{name}: counterfactual applies to world-qa-context only (it swaps answers in passages); "
+                          f"set it to 0")
     sizes = {"train": n_train, "validation": n_val, "test": n_test}
     for arg, n in zip(("n_train", "n_val", "n_test"), sizes.values()):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -105,7 +113,11 @@ def build_world_task(name: str, seed: int = 0, n_train: int = 2000, n_val: int =
     for split in SPLITS:
         rng = random.Random(f"{name}:{seed}:{split}")
         out[split] = make(views[split], rng, sizes[split], f"{name} {split}")
-    return out
+    if counterfactual:
+        out["train"] = _counterfactual(views["train"], out["train"], counterfactual,
+                                       random.Random(f"{name}:{seed}:train:counterfactual"))
+    return {split: [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
+            for split, records in out.items()}
 
 
 # -- world and entity split -----------------------------------------------------------------------
@@ -356,9 +368,34 @@ def _make_qa_context(view: World, rng: random.Random, n: int, what: str) -> list
         if not rels:
             return None
         qa = ask(view, e, rng.choice(rels), rng)
-        return {"input": f"question: {qa.question} context: {passage}", "target": qa.short}
+        # "_relation" is for _counterfactual; build_world_task drops "_" keys
+        return {"input": f"question: {qa.question} context: {passage}", "target": qa.short,
+                "_relation": qa.relation}
 
     return _fill(n, make, what)
+
+
+def _counterfactual(view: World, records: list[dict], share: float, rng: random.Random) -> list[dict]:
+    """Swap the answer of about ``share`` of the QA records for another entity's value of the same relation,
+    everywhere it occurs (as whole words) in the passage; records whose swap cannot be made cleanly stay."""
+    pool: dict[str, list[str]] = {}
+    for e in view.entities:
+        for r, v in e.attrs.items():
+            pool.setdefault(r, []).append(str(v))
+    out = []
+    for rec in records:
+        rec = dict(rec)
+        question, _, passage = rec["input"].partition(" context: ")
+        old = rec["target"]
+        choices = [v for v in pool.get(rec["_relation"], []) if v != old and len(v.split()) <= 4]
+        if choices and rng.random() < share:
+            new = rng.choice(choices)
+            words = lambda v: re.compile(rf"(?<!\w){re.escape(v)}(?!\w)")  # noqa: E731
+            if not words(new).search(passage) and new not in question:
+                rec["input"] = f"{question} context: {words(old).sub(new, passage)}"
+                rec["target"] = new
+        out.append(rec)
+    return out
 
 
 # -- world-qa-closed ------------------------------------------------------------------------------
