@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True, help="output directory")
 
     # training commands
-    _add_training_command(sub, "pretrain", "pretrain a decoder language model (causal LM) — on the built-in world "
-                          "by default")
-    _add_training_command(sub, "pipeline", "tokenizer → pretrain → eval → samples on the built-in world, with a "
+    _add_training_command(sub, "pretrain", "pretrain a language model — GPT-2/Llama causal LM, BERT masked LM + "
+                          "next sentence, T5 span corruption — on the built-in world by default")
+    _add_training_command(sub, "pipeline", "tokenizer → pretrain → eval → samples → finetune on the built-in world, with a "
                           "report (RUN_DIR/report.md)", config_optional=True)
 
     ft = _add_training_command(

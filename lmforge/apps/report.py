@@ -145,7 +145,8 @@ def finetune_section(result: dict[str, Any]) -> str:
     if r.get("baselines"):
         body += ["", f"Baselines on the {r.get('baselines_split', 'test')} split:", "", markdown_table(_baseline_rows(r["baselines"]))]
     if r.get("test_examples"):
-        body += ["", "Test examples:", "", markdown_table(r["test_examples"])]
+        body += ["", "Test examples (every test prediction: `predictions-test.jsonl`):", "",
+                 markdown_table(r["test_examples"])]
     return "\n".join(body)
 
 

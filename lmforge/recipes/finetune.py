@@ -34,7 +34,7 @@ import torch
 
 from lmforge.core.config import load_config, split_config_arg, to_dict
 from lmforge.core.errors import ConfigError, ModelError
-from lmforge.core.io import atomic_write_json
+from lmforge.core.io import atomic_write_json, atomic_write_text
 from lmforge.core.seed import seed_everything
 from lmforge.data.task_objectives import (ClassificationObjective, CompletionObjective, ExampleSource,
                                           TextToTextObjective, TokenClassificationObjective)
@@ -44,6 +44,8 @@ from lmforge.train.checkpoint import CHECKPOINTS, read_best
 from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
 from lmforge.train.trainer import Trainer, TrainerConfig
+
+PREDICTIONS_FILE = "predictions-test.jsonl"  # RUN_DIR/: input, gold, prediction of every test example
 
 
 @dataclass
@@ -350,7 +352,10 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
     if parts.task.splits["test"]:
         test, preds = evaluate_split(parts, "test")
         results["test"] = test
-        results["test_examples"] = [_example_row(r, p) for r, p in zip(parts.task.splits["test"][:8], preds[:8])]
+        rows = [_example_row(r, p) for r, p in zip(parts.task.splits["test"], preds)]
+        results["test_examples"] = [{**row, "input": row["input"][:160]} for row in rows[:8]]
+        # every test prediction, for error analysis (the report shows the first 8)
+        atomic_write_text(Path(cfg.run_dir) / PREDICTIONS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
     splits = parts.source_task.splits
     scored = "test" if splits["test"] else "validation"
     results["baselines"] = task_baselines(parts.source_task.type, {**splits, "test": splits[scored]})
@@ -398,7 +403,7 @@ def _measure_memory(parts: FinetuneParts) -> dict[str, int]:
 def _example_row(rec: dict[str, Any], pred: Any) -> dict[str, Any]:
     gold = rec.get("label", rec.get("target", rec.get("tags")))
     text = rec.get("text", rec.get("input", " ".join(rec.get("tokens", []))))
-    return {"input": text[:160], "gold": gold if not isinstance(gold, list) else " ".join(gold),
+    return {"input": text, "gold": gold if not isinstance(gold, list) else " ".join(gold),
             "prediction": pred if not isinstance(pred, list) else " ".join(pred)}
 
 

@@ -115,7 +115,10 @@ def check_config_change(run_dir: Path, config_dict: dict[str, Any], mutable_keys
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
         raise RunError(f"'{saved_path}' is not valid YAML; restore it or start a new run_dir") from None
-    changed = [k for k in diff_configs(saved, config_dict) if not _is_mutable(k, mutable_keys)]
+    # A key the saved config lacks, now at an empty value ({} or []), is an option added by a newer lmforge
+    # at its "off" default (e.g. train.param_lr): the saved run ran without it, so it is no change.
+    changed = [k for k in diff_configs(saved, config_dict) if not _is_mutable(k, mutable_keys)
+               and not (_lookup(saved, k) == "<unset>" and _lookup(config_dict, k) in ({}, []))]
     if changed:
         detail = ", ".join(f"{k} ({_lookup(saved, k)!r} -> {_lookup(config_dict, k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

@@ -106,6 +106,13 @@ def test_t5_text2text_and_gpt2_completion(hf_dirs, tmp_path):
         assert res["mode"] == ("seq2seq" if family == "t5" else "completion")
         assert set(res["test"]) >= {"exact_match", "token_f1", "loss"}
         assert (tmp_path / family / "model" / "config.json").is_file()
+        # every test prediction is kept, and they are the ones the exact-match figure was computed from
+        preds = [json.loads(x) for x in (tmp_path / family / "predictions-test.jsonl").read_text().splitlines()]
+        gold = [json.loads(x) for x in qa.read_text().splitlines()]
+        assert [(p["input"], p["gold"]) for p in preds] == [(g["input"], g["target"]) for g in gold]
+        from lmforge.eval.task_metrics import exact_match
+
+        assert exact_match([p["prediction"] for p in preds], [p["gold"] for p in preds]) == res["test"]["exact_match"]
 
 
 def test_t5_does_classification_as_text(hf_dirs, tmp_path):

@@ -179,3 +179,13 @@ def test_cut_metrics_drops_later_and_torn_lines(tmp_path):
     path.write_text('{"step": 1, "loss": 3}\n{"step": 2, "loss": 2}\n{"step": 3, "loss": 1}\n{"step": 4, "lo')
     cut_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_resume_accepts_an_option_added_since_at_its_empty_default(tmp_path):
+    # A run saved before lmforge grew train.param_lr resumes when the option is at its off value ({}),
+    # and is still refused when the user sets it.
+    prepare_run_dir(tmp_path, CFG, "auto")
+    _save(tmp_path, 4)
+    with pytest.raises(RunError, match=r"train.param_lr \('<unset>' -> \{'head': 0.001\}\)"):
+        prepare_run_dir(tmp_path, _with(train__param_lr={"head": 1e-3}), "true")
+    assert prepare_run_dir(tmp_path, _with(train__param_lr={}), "true") is True
