@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--impl", choices=["lmforge", "transformers"], default="lmforge")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--optim", choices=["adamw", "adafactor"], default="adamw",
+                    help="adafactor: torch.optim.Adafactor, whose steps scale with each parameter's RMS (T5's optimizer)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
@@ -61,8 +63,12 @@ def main() -> None:
         return (list(tok.encode(f"question: What is the word? context: The word is {x}.")) + [tok.eos_id],
                 list(tok.encode(tok.word_prefix + x)) + [tok.eos_id])
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    print(f"# {machine()} | {args.model} ({args.impl}) | {len(words)} words | AdamW lr {args.lr}, batch {args.batch}")
+    if args.optim == "adafactor":
+        opt: torch.optim.Optimizer = torch.optim.Adafactor(model.parameters(), lr=args.lr)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    print(f"# {machine()} | {args.model} ({args.impl}) | {len(words)} words | {type(opt).__name__} lr {args.lr}, "
+          f"batch {args.batch}")
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
         batch = objective.collate([example() for _ in range(args.batch)])

@@ -47,6 +47,11 @@ class SpanConfig:
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     inputs_length: int = 128
+    full_text_fraction: float = 0.0
+    """Share of windows whose target is the whole original window (+ EOS) instead of the dropped spans: BART's
+    "text infilling" (Lewis et al. 2020; the T5 paper's "MASS-style" targets, Raffel et al. Table 4) -- the decoder
+    then learns to reproduce its input, a copying skill span corruption alone never rewards.  0 = T5's objective;
+    above 0 the targets are ``tokens_length + 1`` long (the span targets padded with -100), so steps cost more."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.noise_density < 1.0:
@@ -55,6 +60,8 @@ class SpanConfig:
             raise ValueError(f"mean_noise_span_length={self.mean_noise_span_length} must be >= 1, e.g. 3")
         if self.inputs_length < 2:
             raise ValueError(f"inputs_length={self.inputs_length} must be >= 2")
+        if not 0.0 <= self.full_text_fraction <= 1.0:
+            raise ValueError(f"full_text_fraction={self.full_text_fraction} must be in [0, 1], e.g. 0.5")
 
 
 # ---- length arithmetic -----------------------------------------------------------------------------
@@ -237,7 +244,8 @@ def check_sentinels(tokenizer: Any, n: int) -> None:
 
 class SpanCorruptionSource:
     """Batch source of span-corrupted packed windows: ``next_batch(n) -> {input_ids [n, inputs_length],
-    attention_mask (ones), labels [n, targets_length]}`` (int64).
+    attention_mask (ones), labels [n, targets_length]}`` (int64; ``tokens_length + 1`` long with
+    ``span.full_text_fraction`` > 0).
 
     Raw windows of ``tokens_length`` tokens come from :class:`PackedWindows` (``seq_len = tokens_length - 1``,
     so consecutive windows share one token); the noise masks from a numpy ``PCG64`` generator whose state is in
@@ -277,6 +285,13 @@ class SpanCorruptionSource:
         noise = random_spans_noise_mask(tokens.shape[0], tokens.shape[1], c.noise_density,
                                         c.mean_noise_span_length, rng)
         inputs, targets = corrupt_spans(tokens, noise, self.vocab_size, self.eos_id)
+        if c.full_text_fraction > 0:  # some rows reconstruct the whole window (see SpanConfig.full_text_fraction)
+            n, L = tokens.shape
+            full = np.concatenate([tokens, np.full((n, 1), self.eos_id, dtype=tokens.dtype)], axis=1)
+            spans = np.full_like(full, IGNORE_INDEX)
+            spans[:, :targets.shape[1]] = targets
+            whole = rng.random(n) < c.full_text_fraction
+            targets = np.where(whole[:, None], full, spans)
         input_ids = torch.from_numpy(inputs)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "labels": torch.from_numpy(targets)}

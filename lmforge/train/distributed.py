@@ -425,13 +425,30 @@ def rank_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 
 def shutdown() -> None:
     """End this process's part in a job that succeeded (the CLI calls it after a command): destroy the process
-    group.  No barrier here: recipes end their last collective with one (``Dist.barrier``), after which rank 0 may
-    still score and save for longer than the group's timeout while the others have left.  (After an error a rank
-    just exits: torchrun then stops the others.)"""
+    group, every rank together.  Recipes end their last collective with ``Dist.barrier``, after which rank 0 may
+    still score and save for longer than the group's timeout, so the others wait for its word on the rendezvous
+    store (no collective, no group timeout) rather than in a barrier: a rank that tore its gloo group down while
+    rank 0 was still working has aborted at exit ("terminate called without an active exception").  (After an error
+    a rank just exits: torchrun then stops the others.)"""
+    import datetime
+
     import torch.distributed as td
 
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
+    if not (td.is_available() and td.is_initialized()):
+        return
+    try:
+        store = td.distributed_c10d._get_default_store()
+        if td.get_rank() == 0:
+            store.set(_DONE_KEY, "1")
+        else:
+            store.wait([_DONE_KEY], datetime.timedelta(hours=24))
+        td.barrier()  # everyone is idle now: a short one, so the groups go down together
+    except Exception:  # noqa: BLE001 - no store, or rank 0 gone: leave as before
+        pass
+    td.destroy_process_group()
+
+
+_DONE_KEY = "lmforge/rank0_done"  # set by rank 0 in shutdown(), awaited by the other ranks
 
 
 def require_single_process(command: str) -> None:

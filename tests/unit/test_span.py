@@ -201,6 +201,28 @@ def test_source_batches_resume_exactly_and_val_is_fixed():
     assert len(v1) == 2 and all(torch.equal(x["labels"], y["labels"]) for x, y in zip(v1, v2))
 
 
+def test_full_text_targets_reconstruct_the_window_and_the_rest_stay_span_targets():
+    # BART-style text infilling rows: same corrupted inputs, the target is the whole raw window + EOS; the other
+    # rows keep T5's span targets, padded with -100 to the same length.
+    base = SpanCorruptionSource(stream(), SpanConfig(inputs_length=64), vocab_size=VOCAB, eos_id=EOS, seed=3)
+    mixed = SpanCorruptionSource(stream(), SpanConfig(inputs_length=64, full_text_fraction=0.5), vocab_size=VOCAB,
+                                 eos_id=EOS, seed=3)
+    raw = SpanCorruptionSource._raw(mixed.windows.next_batch(64))
+    plan = plan_spans(mixed.cfg)
+    noise_rng, mixed_rng = np.random.default_rng(7), np.random.default_rng(7)
+    want, got = base.corrupt(raw, noise_rng), mixed.corrupt(raw, mixed_rng)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert got["labels"].shape == (64, plan.tokens_length + 1)
+    whole = (got["labels"][:, plan.targets_length:] != -100).any(1)
+    assert 16 < int(whole.sum()) < 48  # about half, drawn per row
+    assert torch.equal(got["labels"][whole, :-1], torch.from_numpy(raw)[whole])
+    assert (got["labels"][whole, -1] == EOS).all()
+    assert torch.equal(got["labels"][~whole, :plan.targets_length], want["labels"][~whole])
+    assert (got["labels"][~whole, plan.targets_length:] == -100).all()
+    with pytest.raises(ValueError, match=r"full_text_fraction=1.5 must be in \[0, 1\]"):
+        SpanConfig(full_text_fraction=1.5)
+
+
 def test_source_errors():
     with pytest.raises(DataError, match="too few for one span-corruption window"):
         SpanCorruptionSource(stream(50), SpanConfig(inputs_length=64), vocab_size=VOCAB, eos_id=EOS)
