@@ -53,6 +53,14 @@ class SpanConfig:
     then learns to reproduce its input, a copying skill span corruption alone never rewards.  0 = T5's objective;
     above 0 the targets are ``tokens_length + 1`` long (the span targets padded with -100), so steps cost more."""
 
+    prefix_lm_fraction: float = 0.0
+    """Share of windows cut at a uniformly random point into a prefix (the input, padded and masked) and its
+    continuation (the target): the T5 paper's "prefix LM" objective (Raffel et al. 2020, Sec. 3.3), UL2's
+    sequential S-denoiser (Tay et al. 2022) and the "LM adaptation" of T5 checkpoints (Lester et al. 2021).  Every
+    target token is then predicted, and the decoder learns to continue text that the encoder read -- what
+    text-to-text fine-tuning asks of it -- instead of only to fill in sentinel-marked gaps.  Drawn beside
+    ``full_text_fraction`` (their sum must stay <= 1); targets are ``tokens_length + 1`` long when either is > 0."""
+
     def __post_init__(self) -> None:
         if not 0.0 < self.noise_density < 1.0:
             raise ValueError(f"noise_density={self.noise_density} must be in (0, 1), e.g. 0.15")
@@ -62,6 +70,11 @@ class SpanConfig:
             raise ValueError(f"inputs_length={self.inputs_length} must be >= 2")
         if not 0.0 <= self.full_text_fraction <= 1.0:
             raise ValueError(f"full_text_fraction={self.full_text_fraction} must be in [0, 1], e.g. 0.5")
+        if not 0.0 <= self.prefix_lm_fraction <= 1.0:
+            raise ValueError(f"prefix_lm_fraction={self.prefix_lm_fraction} must be in [0, 1], e.g. 0.5")
+        if self.full_text_fraction + self.prefix_lm_fraction > 1.0:
+            raise ValueError(f"full_text_fraction + prefix_lm_fraction = "
+                             f"{self.full_text_fraction + self.prefix_lm_fraction:g} exceeds 1; lower one of them")
 
 
 # ---- length arithmetic -----------------------------------------------------------------------------
@@ -181,6 +194,22 @@ def _collapse(tokens: np.ndarray, drop: np.ndarray, vocab_size: int, eos_id: int
     return np.concatenate([out, np.full((n, 1), eos_id, dtype=out.dtype)], axis=1)
 
 
+def prefix_lm_rows(tokens: np.ndarray, inputs_length: int, eos_id: int, rng: np.random.Generator, pad_id: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw windows ``[n, L]`` cut at ``s ~ U{1, ..., min(L, inputs_length) - 1}``: inputs ``w[:s] EOS`` right-padded
+    to ``inputs_length`` (``[n, inputs_length]``, with their attention mask), targets ``w[s:] EOS`` padded with
+    -100 to ``L + 1``."""
+    n, L = tokens.shape
+    cut = rng.integers(1, min(L, inputs_length), size=n)[:, None]  # prefix tokens; + EOS fits the inputs
+    pos = np.arange(inputs_length)[None, :]
+    src = np.concatenate([tokens, np.zeros((n, max(0, inputs_length - L)), dtype=tokens.dtype)], axis=1)
+    inputs = np.where(pos < cut, src[:, :inputs_length], np.where(pos == cut, eos_id, pad_id))
+    tpos = np.arange(L + 1)[None, :]
+    shifted = np.take_along_axis(tokens, np.minimum(tpos + cut, L - 1), axis=1)
+    targets = np.where(tpos < L - cut, shifted, np.where(tpos == L - cut, eos_id, IGNORE_INDEX))
+    return inputs.astype(tokens.dtype), (pos <= cut).astype(tokens.dtype), targets.astype(tokens.dtype)
+
+
 # ---- sentinels and tokenizers ----------------------------------------------------------------------
 
 def sentinel_token(i: int) -> str:
@@ -285,15 +314,22 @@ class SpanCorruptionSource:
         noise = random_spans_noise_mask(tokens.shape[0], tokens.shape[1], c.noise_density,
                                         c.mean_noise_span_length, rng)
         inputs, targets = corrupt_spans(tokens, noise, self.vocab_size, self.eos_id)
-        if c.full_text_fraction > 0:  # some rows reconstruct the whole window (see SpanConfig.full_text_fraction)
+        mask = np.ones_like(inputs)
+        if c.full_text_fraction > 0 or c.prefix_lm_fraction > 0:  # see SpanConfig: other targets for some rows
             n, L = tokens.shape
             full = np.concatenate([tokens, np.full((n, 1), self.eos_id, dtype=tokens.dtype)], axis=1)
             spans = np.full_like(full, IGNORE_INDEX)
             spans[:, :targets.shape[1]] = targets
-            whole = rng.random(n) < c.full_text_fraction
+            u = rng.random(n)
+            whole = u < c.full_text_fraction
             targets = np.where(whole[:, None], full, spans)
-        input_ids = torch.from_numpy(inputs)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            if c.prefix_lm_fraction > 0:
+                prefix = ~whole & (u < c.full_text_fraction + c.prefix_lm_fraction)
+                p_in, p_mask, p_tgt = prefix_lm_rows(tokens, inputs.shape[1], self.eos_id, rng)
+                inputs = np.where(prefix[:, None], p_in, inputs)
+                mask = np.where(prefix[:, None], p_mask, mask)
+                targets = np.where(prefix[:, None], p_tgt, targets)
+        return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(mask),
                 "labels": torch.from_numpy(targets)}
 
     @staticmethod

@@ -223,6 +223,35 @@ def test_full_text_targets_reconstruct_the_window_and_the_rest_stay_span_targets
         SpanConfig(full_text_fraction=1.5)
 
 
+def test_prefix_lm_rows_split_each_window_into_a_masked_prefix_and_its_continuation():
+    # T5's prefix-LM objective: input = the window's first s tokens + EOS (padded, masked), target = the rest + EOS.
+    cfg = SpanConfig(inputs_length=64, full_text_fraction=0.25, prefix_lm_fraction=0.5)
+    src = SpanCorruptionSource(stream(), cfg, vocab_size=VOCAB, eos_id=EOS, seed=3)
+    plan = plan_spans(cfg)
+    raw = SpanCorruptionSource._raw(src.windows.next_batch(256))
+    got = src.corrupt(raw, np.random.default_rng(5))
+    ids, mask, labels = got["input_ids"], got["attention_mask"], got["labels"]
+    assert ids.shape == (256, 64) and labels.shape == (256, plan.tokens_length + 1)
+    prefix = mask[:, -1] == 0  # span and full-text rows fill every input position
+    whole = ~prefix & (labels[:, plan.targets_length:] != -100).any(1)
+    assert 96 < int(prefix.sum()) < 160 and 32 < int(whole.sum()) < 96  # ~1/2 and ~1/4 of the rows
+    cuts = set()
+    for i in torch.nonzero(prefix).flatten().tolist():
+        s = int(mask[i].sum()) - 1  # prefix tokens; the EOS follows them
+        cuts.add(s)
+        window = torch.from_numpy(raw[i])
+        assert torch.equal(ids[i, :s], window[:s]) and ids[i, s] == EOS and (ids[i, s + 1:] == 0).all()
+        n = plan.tokens_length - s
+        assert torch.equal(labels[i, :n], window[s:]) and labels[i, n] == EOS and (labels[i, n + 1:] == -100).all()
+        assert 1 <= s <= 63
+    assert len(cuts) > 20  # the cut is drawn per row
+    assert (mask[~prefix] == 1).all()
+    with pytest.raises(ValueError, match=r"prefix_lm_fraction=-0.1 must be in \[0, 1\]"):
+        SpanConfig(prefix_lm_fraction=-0.1)
+    with pytest.raises(ValueError, match=r"full_text_fraction \+ prefix_lm_fraction = 1.2 exceeds 1"):
+        SpanConfig(full_text_fraction=0.6, prefix_lm_fraction=0.6)
+
+
 def test_source_errors():
     with pytest.raises(DataError, match="too few for one span-corruption window"):
         SpanCorruptionSource(stream(50), SpanConfig(inputs_length=64), vocab_size=VOCAB, eos_id=EOS)
