@@ -185,3 +185,43 @@ def test_probe_copy_script_runs_and_both_t5_implementations_start_equal(hf_dirs)
         assert len(lines) == 2 and "first answer token accuracy" in lines[0]
         first[impl] = float(lines[0].split("| loss ")[1].split()[0])
     assert first["lmforge"] == pytest.approx(first["transformers"], abs=2e-3)
+
+
+def test_probe_collapse_measures_cosine_and_block_norms(hf_dirs, tmp_path):
+    """benchmarks/probe_collapse.py: the cosine helper is right on known vectors, and on the tiny random T5 the
+    script prints one block norm per encoder block and a cosine far from 1 (a fresh encoder keeps tokens apart);
+    a collapsed encoder (one huge constant direction added to every token's residual stream) reads near 1."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from lmforge.models.hf import load_model
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("probe_collapse", ROOT / "benchmarks" / "probe_collapse.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.mean_offdiag_cosine(torch.eye(4)) == pytest.approx(0.0)
+    assert mod.mean_offdiag_cosine(torch.ones(3, 5)) == pytest.approx(1.0)
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_collapse.py"), "--model",
+                           str(hf_dirs / "t5"), "--n", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    model, tok = load_model(hf_dirs / "t5")
+    norms = line.split("block norms ")[1].split(" |")[0].split(" / ")
+    assert len(norms) == len(model.encoder.blocks)
+    fresh = float(line.rsplit("final output cosine ", 1)[1])
+    assert fresh < 0.8
+
+    with torch.no_grad():  # the failure it detects: every block writes the same large vector
+        for block in model.encoder.blocks:
+            block.ff.wo.weight.zero_()
+            block.ff.wo.weight[0, :] = 50.0
+    ids = torch.tensor([list(tok.encode("the price was not bad at all")) + [tok.eos_id]])
+    _, out = mod.encoder_trace(model, ids)
+    assert mod.mean_offdiag_cosine(out) > 0.95
+
+    bert = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_collapse.py"), "--model",
+                           str(hf_dirs / "bert")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bert.returncode == 2 and "this probe reads a T5 encoder" in bert.stderr
