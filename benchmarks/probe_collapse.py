@@ -39,15 +39,17 @@ def mean_offdiag_cosine(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def encoder_trace(model, ids: torch.Tensor) -> tuple[list[float], torch.Tensor]:
-    """Mean residual-stream norm after each encoder block and the final normed outputs ``[T, d]`` of one input."""
-    stack = model.encoder
-    x = model.shared(ids)
-    bias = stack.position_bias(ids.shape[1], ids.shape[1], 0, x.device)
-    norms = []
-    for block in stack.blocks:
-        x = block(x, bias, None, None, None)
-        norms.append(float(x[0].norm(dim=-1).mean()))
-    return norms, stack.final_layer_norm(x)[0]
+    """Mean residual-stream norm after each encoder block and the final normed outputs ``[T, d]`` of one input
+    (``model.encode`` itself runs; hooks read each block's output)."""
+    norms: list[float] = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: norms.append(float(out[0].norm(dim=-1).mean())))
+             for block in model.encoder.blocks]
+    try:
+        out = model.encode(ids, None)
+    finally:
+        for h in hooks:
+            h.remove()
+    return norms, out[0]
 
 
 def main(argv: list[str] | None = None) -> int:
