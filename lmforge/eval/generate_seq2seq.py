@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError
-from lmforge.eval.generate import (GenerationConfig, GenerationResult, _decoder, _StopChecker, choose_next,
-                                    collect_results)
+from lmforge.eval.sampling import (GenerationConfig, GenerationResult, StopChecker, choose_next, collect_results,
+                                   text_decoder)
 
 __all__ = ["generate_seq2seq", "generate_seq2seq_text"]
 
@@ -96,7 +96,7 @@ def _run(model, inputs, lens, cfg, eos_ids, pad_id, stream, tokenizer) -> list[G
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     eos_hit = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.full((B,), N, dtype=torch.long, device=device)
-    stop = _StopChecker(cfg.stop, _decoder(tokenizer)) if cfg.stop else None
+    stop = StopChecker(cfg.stop, text_decoder(tokenizer)) if cfg.stop else None
     stopped, done = set(), set()
     lists: list[list[int]] = [[] for _ in range(B)]
     for t in range(N):
