@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -52,114 +52,9 @@ from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, 
 from lmforge.train.optim import build_optimizer, param_groups
 from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, METRICS_FILE, cut_metrics, normalize_resume, prepare_run_dir
 from lmforge.train.schedule import build_scheduler
+from lmforge.train.trainer_config import TrainerConfig, resolve_precision
 
-
-@dataclass
-class TrainerConfig:
-    """The ``train:`` section of a run config.  ``max_steps``, ``seed``, ``run_dir`` and ``resume`` are
-    top-level keys of the run config and are passed to :class:`Trainer` directly."""
-
-    global_batch_size: int = 32
-    """Examples (rows) per optimizer step."""
-    micro_batch_size: Optional[int] = None
-    """Rows per forward/backward; accumulation = global // micro.  None: no accumulation."""
-    lr: float = 3e-4
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of ``lr`` (cosine, linear, wsd)."""
-    warmup_steps: int = 0
-    """Linear warmup from ~0 to ``lr`` over this many updates."""
-    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    """Decay after warmup; ``wsd`` = warmup, stable, then linear decay over the last ``decay_fraction``."""
-    decay_fraction: float = 0.2
-    """wsd only: fraction of ``max_steps`` spent decaying."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on >=2-D parameters (biases and norms never decay)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 = off."""
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
-    """Autocast dtype on CUDA (fp16 adds a GradScaler); auto = bf16 where supported, else fp32.  Other devices
-    train in fp32.  Weights (and checkpoints) stay fp32 either way."""
-    compile: bool = False
-    """torch.compile the model's forward."""
-    activation_checkpointing: bool = False
-    """Recompute block activations in backward (model.set_activation_checkpointing)."""
-    log_every: int = 10
-    """Write a metrics.jsonl line (and a progress line) every N steps and at the last step."""
-    eval_every: int = 0
-    """Run the evaluator every N steps (0 = only at the end); it always runs at the last step."""
-    eval_max_batches: int = 20
-    """Validation batches per evaluation (read by the recipe's evaluator)."""
-    ckpt_every: int = 500
-    """Checkpoint every N steps and at the last step; 0 = never checkpoint."""
-    keep_last: int = 3
-    """Keep the N newest checkpoints (plus the best by validation); 0 = keep all."""
-    device: str = "auto"
-    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
-    fused_adamw: Literal["auto", "true", "false"] = "auto"
-    """Fused AdamW kernel: auto = where the device has one."""
-    param_lr: dict[str, float] = field(default_factory=dict)
-    """Per-parameter learning rates, ``{pattern: lr}`` (fnmatch on parameter names; ``classifier`` matches
-    ``classifier.weight`` and ``x.classifier.bias``): e.g. a task head that wants less than the delta's rate.
-    Scheduled like ``lr``; the first matching pattern wins; one that matches nothing is an error."""
-    tensorboard: bool = True
-    """Also write TensorBoard scalars under RUN_DIR/tb when tensorboard is installed."""
-
-    def __post_init__(self) -> None:
-        if self.global_batch_size < 1:
-            raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
-        micro = self.micro_batch_size
-        if micro is not None:
-            if micro < 1:
-                raise ConfigError(f"train.micro_batch_size must be >= 1, got {micro}")
-            if self.global_batch_size % micro:
-                fits = max(d for d in range(1, min(micro, self.global_batch_size) + 1) if self.global_batch_size % d == 0)
-                raise ConfigError(
-                    f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                    f"train.micro_batch_size={micro}; set train.micro_batch_size to a divisor of it (e.g. {fits})")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"train.betas must be two numbers, e.g. [0.9, 0.95]; got {self.betas}")
-        for key in ("log_every",):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "ckpt_every", "keep_last", "warmup_steps", "eval_max_batches"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
-        for pattern, lr in self.param_lr.items():
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-                raise ConfigError(f"train.param_lr.{pattern} must be a learning rate > 0, got {lr!r}")
-
-    @property
-    def micro(self) -> int:
-        return self.micro_batch_size or self.global_batch_size
-
-    @property
-    def accumulation_steps(self) -> int:
-        return self.global_batch_size // self.micro
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32)."""
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            print(f"note: train.precision={precision} applies on CUDA only; training in fp32 on {device.type}",
-                  file=sys.stderr)
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if precision == "bf16":
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use train.precision=fp16 or auto")
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    return None
+__all__ = ["StepStats", "Trainer", "TrainerConfig", "resolve_precision"]
 
 
 @dataclass
