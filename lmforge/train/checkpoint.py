@@ -5,7 +5,7 @@ One directory per saved step (7-digit, zero-padded: ``step_0000100``) holding
 ==========================  ====================================================================
 ``model.safetensors``       the model's full state dict in its own dtype — fp32 master weights
                             under mixed precision (never a bf16/fp16 copy); tied weights once
-``optimizer.pt``            ``optimizer.state_dict()`` (AdamW moments, step counts)
+``optimizer.pt``            ``optimizer.state_dict()`` (AdamW moments or Adafactor factors, step counts)
 ``state.pt``                scheduler, grad scaler, RNG states (python, numpy, torch, cuda) and
                             the batch source's position (``train_source.state_dict()``)
 ``trainer_state.json``      step, tokens, elapsed time, best validation loss so far, last metrics

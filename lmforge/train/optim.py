@@ -78,16 +78,29 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
                     betas: tuple[float, float] | list[float] = (0.9, 0.95), eps: float = 1e-8,
-                    fused: str | bool = "auto", param_lr: Mapping[str, float] | None = None) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters with the decay/no-decay split above.
+                    fused: str | bool = "auto", param_lr: Mapping[str, float] | None = None,
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or, ``kind="adafactor"``, Adafactor) over ``model``'s trainable parameters with the
+    decay/no-decay split above.
 
     ``fused``: ``"auto"`` (fused where the device has the kernel, else PyTorch's default), ``"true"``/``True``
     (fused; fails if the device has no fused kernel) or ``"false"``/``False`` (PyTorch's default).
+
+    Adafactor (Shazeer & Stern 2018) is PyTorch's: each step moves a parameter by ``lr`` (capped at
+    ``1/sqrt(step)``) times the parameter's own RMS, with a factored (row x column) second moment and update
+    clipping at RMS 1.  The *relative* step matters for models initialised like T5, whose weights span two orders
+    of magnitude (embeddings N(0, 1), query projections N(0, 1/sqrt(d_model * d_kv)) ~ 0.01): AdamW moves every
+    element by ~``lr`` whatever its scale, so at T5's learning rates the small attention weights are overwritten
+    within a few dozen steps (see benchmarks/RESULTS.md, T5).
     """
     groups = param_groups(model.named_parameters(), weight_decay, param_lr)
     if not groups:
         raise ConfigError(f"{type(model).__name__} has no trainable parameters (every parameter has "
                           f"requires_grad=False); unfreeze some or apply a delta method")
+    if kind == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    if kind != "adamw":
+        raise ConfigError(f"train.optimizer must be adamw or adafactor, got {kind!r}")
     if len(betas) != 2:
         raise ConfigError(f"train.betas must be two numbers, e.g. [0.9, 0.95]; got {list(betas)}")
     if isinstance(fused, str):

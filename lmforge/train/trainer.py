@@ -190,6 +190,9 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg, strategy = self.cfg, self.dist.strategy
+        if cfg.optimizer != "adamw" and strategy in ("zero1", "fsdp"):
+            raise ConfigError(f"train.optimizer={cfg.optimizer} runs on one device or with distributed.strategy=ddp; "
+                              f"strategy {strategy} shards AdamW state — use train.optimizer=adamw or strategy=ddp")
         if strategy == "zero1":
             groups = param_groups(self.model.named_parameters(), cfg.weight_decay, cfg.param_lr)
             if not groups:
@@ -200,7 +203,8 @@ class Trainer:
         fused = cfg.fused_adamw
         if strategy == "fsdp" and (self.device.type != "cuda" or self.dist.cfg.cpu_offload) and fused == "auto":
             fused = "false"  # sharded (DTensor) parameters on the CPU: PyTorch's CPU fused kernel does not take them
-        return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused, cfg.param_lr)
+        return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused, cfg.param_lr,
+                               kind=cfg.optimizer)
 
     def _place_frozen_modules(self) -> dict[str, nn.Module]:
         frozen_fn = getattr(self.objective, "frozen_modules", None)

@@ -31,8 +31,12 @@ class TrainerConfig:
     """Decay after warmup; ``wsd`` = warmup, stable, then linear decay over the last ``decay_fraction``."""
     decay_fraction: float = 0.2
     """wsd only: fraction of ``max_steps`` spent decaying."""
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """adamw, or adafactor (Shazeer & Stern 2018; what T5 was pretrained with): factored second moments, no
+    first moment, update clipping, and steps *relative* to each parameter's RMS, so ``lr`` is the relative step
+    size (T5: 1e-2) and ``betas``/``eps``/``fused_adamw`` do not apply.  Single device and DDP only."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay on >=2-D parameters (biases and norms never decay)."""
+    """Decoupled weight decay on >=2-D parameters (biases and norms never decay)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
@@ -87,6 +91,8 @@ class TrainerConfig:
         for key in ("eval_every", "ckpt_every", "keep_last", "warmup_steps", "eval_max_batches"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ConfigError(f"train.optimizer must be adamw or adafactor, got {self.optimizer!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
         for pattern, lr in self.param_lr.items():

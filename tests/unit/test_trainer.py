@@ -192,6 +192,47 @@ def test_param_lr_gives_matching_parameters_their_own_scheduled_rate():
     assert from_dict(TrainerConfig, {"param_lr": {"head": "1e-3"}}).param_lr == {"head": 1e-3}  # YAML's 1e-3 is a str
 
 
+def test_adafactor_steps_relative_to_each_parameter_scale():
+    """train.optimizer=adafactor: a parameter 100x larger moves 100x further for the same gradient (AdamW moves
+    both by ~lr), which is what keeps T5's 0.01-scale query weights from being overwritten."""
+
+    def one_step(kind: str, scale: float) -> float:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 8, bias=False)
+        with torch.no_grad():
+            model.weight.mul_(scale)
+        opt = build_optimizer(model, 1e-2, 0.0, fused="false", kind=kind)
+        before = model.weight.detach().clone()
+        model.weight.grad = torch.linspace(-1, 1, 64).reshape(8, 8)
+        opt.step()
+        return float((model.weight.detach() - before).norm())
+
+    assert isinstance(build_optimizer(ToyLM(), 1e-2, 0.1, kind="adafactor"), torch.optim.Adafactor)
+    assert one_step("adafactor", 100.0) == pytest.approx(100 * one_step("adafactor", 1.0), rel=1e-3)
+    assert one_step("adamw", 100.0) == pytest.approx(one_step("adamw", 1.0), rel=1e-3)
+    with pytest.raises(ConfigError, match="'sgd' is not one of 'adamw', 'adafactor'"):
+        from_dict(TrainerConfig, {"optimizer": "sgd"})
+
+
+def test_adafactor_trains_and_resumes_exactly(tmp_path):
+    cfg = make_cfg(optimizer="adafactor", lr=3e-2, ckpt_every=4, schedule="constant")
+    full = make_trainer(tmp_path, "full", cfg=cfg, max_steps=30)
+    full.fit()
+    lines = read_metrics(tmp_path / "full")
+    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
+    objective = PlainCLM()
+    first = make_trainer(tmp_path, "killed", cfg=cfg, max_steps=30, objective=objective,
+                         source=ToySource(objective, fail_at=27))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    torch.manual_seed(5)
+    second = Trainer(ToyLM(), objective, ToySource(objective), cfg, run_dir=tmp_path / "killed", max_steps=30,
+                     seed=1, resume="true", progress=False)
+    second.fit()
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 def test_fit_learns_and_logs(tmp_path, capsys):
