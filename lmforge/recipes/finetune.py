@@ -397,7 +397,7 @@ def _measure_memory(parts: FinetuneParts) -> dict[str, int]:
              for k, v in parts.objective.collate(parts.examples["train"][:n]).items()}
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # RNG restored: a measured run trains as an unmeasured one
-        return measure_training_memory(parts.model, parts.objective, batch)
+        return measure_training_memory(parts.model, parts.objective, batch, optimizer=t.optimizer)
 
 
 def _example_row(rec: dict[str, Any], pred: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     parameters    every parameter's bytes (frozen ones included: they are resident)
     gradients     trainable parameters' bytes (one gradient each)
-    optimizer     AdamW's two moments per trainable element, in fp32
+    optimizer     AdamW's two moments per trainable element, in fp32; Adafactor's factored second moment (a row
+                  and a column vector per matrix, a full vector for vectors), in fp32
     activations   the peak bytes autograd holds for backward during one forward of a training batch, measured
                   with ``torch.autograd.graph.saved_tensors_hooks``: a storage counts while some saved tensor
                   of a live graph refers to it (views of one tensor count once; parameters saved by reference
@@ -25,15 +26,27 @@ def _storage_key(t: torch.Tensor) -> tuple[int, str]:
     return t.untyped_storage().data_ptr(), str(t.device)
 
 
-def measure_training_memory(model: nn.Module, objective: Any, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Bytes of parameters, gradients, optimizer state and saved activations for one training step on ``batch``
-    (the model's gradients are cleared afterwards; its weights are not changed)."""
+def optimizer_state_elements(p: torch.Tensor, optimizer: str = "adamw") -> int:
+    """Elements of optimizer state ``p`` carries (``train.optimizer``): AdamW two full moments; Adafactor, for a
+    ``[..., R, C]`` tensor, ``[..., R]`` row and ``[..., C]`` column statistics (a vector keeps a full one)."""
+    if optimizer == "adamw":
+        return 2 * p.numel()
+    if p.ndim < 2:
+        return p.numel()
+    lead = p.numel() // (p.shape[-2] * p.shape[-1])
+    return lead * (p.shape[-2] + p.shape[-1])
+
+
+def measure_training_memory(model: nn.Module, objective: Any, batch: dict[str, torch.Tensor],
+                            optimizer: str = "adamw") -> dict[str, int]:
+    """Bytes of parameters, gradients, optimizer state (``optimizer``: adamw or adafactor) and saved activations for
+    one training step on ``batch`` (the model's gradients are cleared afterwards; its weights are not changed)."""
     params = {id(p): p for p in model.parameters()}.values()
     param_keys = {_storage_key(p) for p in params}
     trainable = [p for p in params if p.requires_grad]
     out = {"parameters": sum(p.numel() * p.element_size() for p in params),
            "gradients": sum(p.numel() * p.element_size() for p in trainable),
-           "optimizer": sum(2 * p.numel() * 4 for p in trainable)}
+           "optimizer": sum(optimizer_state_elements(p, optimizer) * 4 for p in trainable)}
     live: dict[tuple[int, str], list[int]] = {}  # storage -> [references from saved tensors, bytes]
     usage = {"now": 0, "peak": 0}
 

@@ -214,6 +214,20 @@ def test_adafactor_steps_relative_to_each_parameter_scale():
         from_dict(TrainerConfig, {"optimizer": "sgd"})
 
 
+@pytest.mark.parametrize("kind", ["adamw", "adafactor"])
+def test_counted_optimizer_state_matches_what_the_optimizer_allocates(kind):
+    from lmforge.train.memory import optimizer_state_elements
+
+    model = ToyLM()
+    model.register_parameter("stack", nn.Parameter(torch.zeros(3, 4, 5)))  # a >2-D weight: factored per [4, 5]
+    opt = build_optimizer(model, 1e-2, 0.1, fused="false", kind=kind)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    allocated = sum(t.numel() for state in opt.state.values() for k, t in state.items() if k != "step")
+    assert allocated == sum(optimizer_state_elements(p, kind) for p in model.parameters())
+
+
 def test_adafactor_trains_and_resumes_exactly(tmp_path):
     cfg = make_cfg(optimizer="adafactor", lr=3e-2, ckpt_every=4, schedule="constant")
     full = make_trainer(tmp_path, "full", cfg=cfg, max_steps=30)
