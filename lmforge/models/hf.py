@@ -1,5 +1,6 @@
 """Hugging Face compatibility for decoder LMs: config.json <-> DecoderConfig, the one name/layout map
-per family, and loading/saving model directories.
+per family, and loading/saving decoder model directories (the files, and ``load_model`` / ``save_model`` for
+every family, are :mod:`lmforge.models.model_dir`'s; they are re-exported here, where callers have always found them).
 
 A model directory is a Hugging Face checkpoint (``config.json``, ``model.safetensors``, tokenizer files,
 ``generation_config.json``).  lmforge's module paths are its own and uniform across families
@@ -14,7 +15,6 @@ and qwen2 (llama with biases on q, k, v only: ``DecoderConfig.qkv_bias``).  Savi
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from lmforge.core.errors import ModelError
-from lmforge.core.io import atomic_dir
 from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.model_dir import (cast_state, is_model_dir, load_model, load_tokenizer_for, read_weights,  # noqa: F401
+                                      require_model_dir, save_model, unwrap_as, unwrap_model, write_model_dir)
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
 
@@ -116,7 +117,7 @@ def hf_weight_is_transposed(config: DecoderConfig, name: str) -> bool:
 
 def state_dict_to_hf(model: DecoderLM) -> dict[str, torch.Tensor]:
     """The model's weights under HF key names and layouts (tied head left out, as HF saves it)."""
-    model = _unwrap(model)
+    model = unwrap_as(model, DecoderLM, "save_decoder")
     config = model.config
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
@@ -342,125 +343,12 @@ def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
     return out
 
 
-# ---- model directories ---------------------------------------------------------------------------
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The lmforge model inside torch.compile / DDP wrappers."""
-    for attr in ("_orig_mod", "module"):
-        while hasattr(model, attr) and not hasattr(model, "config"):
-            model = getattr(model, attr)
-    return model
-
-
-def _unwrap(model: torch.nn.Module) -> DecoderLM:
-    model = unwrap_model(model)
-    if not isinstance(model, DecoderLM):
-        raise ModelError(f"save_decoder expects a DecoderLM, got {type(model).__name__}")
-    return model
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"'{path}' is not readable JSON: {e}") from None
-
-
-def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
-def _read_weights(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    def load_bin(p: Path) -> dict[str, torch.Tensor]:
-        try:
-            return torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickles with code in them, corrupt files
-            raise ModelError(f"cannot read '{p}' as a weights-only PyTorch checkpoint: {e}") from None
-
-    def load_st(p: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(p))
-        except Exception as e:
-            raise ModelError(f"cannot read '{p}' as safetensors: {e}") from None
-
-    for single, index, loader in (("model.safetensors", "model.safetensors.index.json", load_st),
-                                  ("pytorch_model.bin", "pytorch_model.bin.index.json", load_bin)):
-        if (d / single).is_file():
-            return loader(d / single)
-        if (d / index).is_file():
-            weight_map = _read_json(d / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ModelError(f"'{d / index}' has no 'weight_map' mapping")
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (d / shard).is_file():
-                    raise ModelError(f"'{d / index}' lists shard '{shard}', which is missing from '{d}'")
-                state.update(loader(d / shard))
-            return state
-    raise ModelError(f"'{d}' has a config.json but no weights (expected model.safetensors, "
-                     f"model.safetensors.index.json or pytorch_model.bin)")
-
+# ---- model directories (the files themselves: lmforge.models.model_dir) ---------------------------
 
 def load_config(path: str | Path) -> DecoderConfig:
     """The DecoderConfig of a model directory (reads config.json only)."""
     d = Path(path)
-    return DecoderConfig.from_hf(_require_model_dir(d), source=str(d))
-
-
-def load_tokenizer_for(d: Path, vocab_size: int) -> Any:
-    """The tokenizer saved in model dir ``d`` (None without tokenizer.json); one with more ids than the model
-    has embedding rows is refused.  Shared by every family's loader."""
-    if not (d / "tokenizer.json").is_file():
-        return None
-    from lmforge.core.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.load(d)
-    if tokenizer.vocab_size > vocab_size:
-        raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
-                         f"{vocab_size} embedding rows (vocab_size); use the tokenizer the model was trained with")
-    return tokenizer
-
-
-def cast_state(state: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype | None
-               ) -> dict[str, torch.Tensor]:
-    """Move a state dict to ``device``; floating tensors to ``dtype`` unless it is None (keep stored dtype)."""
-    return {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
-            for k, v in state.items()}
-
-
-def _require_model_dir(d: Path) -> dict[str, Any]:
-    if not (d / "config.json").is_file():
-        why = ": the path does not exist" if not d.exists() else (": it is a file" if d.is_file() else " in it")
-        raise ModelError(f"'{d}' is not a model directory: no config.json{why} (pass a directory written by lmforge "
-                         f"or a Hugging Face checkpoint)")
-    return _read_json(d / "config.json")
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
-               ) -> tuple[torch.nn.Module, Any]:
-    """Any supported model directory -> ``(model in eval mode, Tokenizer or None)``, by ``model_type``:
-    decoders (gpt2, llama, qwen2, mistral) here, bert in :mod:`lmforge.models.hf_bert`, t5 in
-    :mod:`lmforge.models.hf_t5`, and ``*ForSequenceClassification`` / ``*ForTokenClassification`` dirs
-    in :mod:`lmforge.models.hf_task` (imported lazily: they import helpers from this module)."""
-    d = Path(path)
-    hf_config = _require_model_dir(d)
-    model_type = hf_config.get("model_type")
-    if any(isinstance(a, str) and a.endswith(("ForSequenceClassification", "ForTokenClassification"))
-           for a in hf_config.get("architectures") or []):
-        from lmforge.models.hf_task import load_task_model
-
-        return load_task_model(d, device=device, dtype=dtype)
-    if model_type == "bert":
-        from lmforge.models.hf_bert import load_bert
-
-        return load_bert(d, device=device, dtype=dtype)
-    if model_type == "t5":
-        from lmforge.models.hf_t5 import load_t5
-
-        return load_t5(d, device=device, dtype=dtype)
-    return load_decoder(d, device=device, dtype=dtype)
+    return DecoderConfig.from_hf(require_model_dir(d), source=str(d))
 
 
 def load_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
@@ -474,61 +362,13 @@ def load_decoder(path: str | Path, device: torch.device | str = "cpu", dtype: to
     d = Path(path)
     config = load_config(d)
     tokenizer = load_tokenizer_for(d, config.vocab_size)
-    state = state_dict_from_hf(_read_weights(d), config, source=str(d))
+    state = state_dict_from_hf(read_weights(d), config, source=str(d))
     state = cast_state(state, device, dtype)
     with torch.device("meta"):
         model = DecoderLM(config)
     model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
     model.tie_weights()
     return model.eval(), tokenizer
-
-
-def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config: dict[str, Any], dtype: torch.dtype,
-                    tokenizer: Any = None, vocab_size: int | None = None, model_max_length: int | None = None,
-                    generation_config: dict[str, Any] | None = None) -> Path:
-    """Write a HF checkpoint dir atomically (tmp dir, then rename): ``config.json`` (+ ``dtype``),
-    ``model.safetensors`` (CPU, contiguous), ``generation_config.json`` when given and the tokenizer's files.
-    Every family's saver ends here, so the layout and the tokenizer check live in one place."""
-    from safetensors.torch import save_file
-
-    if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
-                         f"embedding rows; build the model with vocab_size >= the tokenizer's")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    name = str(dtype).removeprefix("torch.")
-    hf_config = {**hf_config, "dtype": name, "torch_dtype": name}
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        if generation_config is not None:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n",
-                                                        encoding="utf-8")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp, model_max_length=model_max_length)
-    return path
-
-
-def save_model(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
-               generation_config: dict[str, Any] | None = None) -> Path:
-    """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family;
-    classifiers (:mod:`lmforge.models.task`) as transformers' task models."""
-    from lmforge.models.task import SequenceClassifier, TokenClassifier
-
-    if isinstance(unwrap_model(model), (SequenceClassifier, TokenClassifier)):
-        from lmforge.models.hf_task import save_task_model
-
-        return save_task_model(model, path, tokenizer=tokenizer)
-    family = getattr(getattr(unwrap_model(model), "config", None), "family", None)
-    if family == "bert":
-        from lmforge.models.hf_bert import save_bert
-
-        return save_bert(model, path, tokenizer=tokenizer)
-    if family == "t5":
-        from lmforge.models.hf_t5 import save_t5
-
-        return save_t5(model, path, tokenizer=tokenizer)
-    return save_decoder(model, path, tokenizer=tokenizer, generation_config=generation_config)
 
 
 def save_decoder(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
@@ -539,7 +379,7 @@ def save_decoder(model: torch.nn.Module, path: str | Path, tokenizer: Any = None
     (HF key names/layouts, tied head stored once as HF does), ``generation_config.json`` (token ids plus
     ``generation_config``), and the tokenizer's files when ``tokenizer`` is given.
     """
-    model = _unwrap(model)
+    model = unwrap_as(model, DecoderLM, "save_decoder")
     config = model.config
     gen = {k: v for k, v in dict(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                                  pad_token_id=config.pad_token_id).items() if v is not None}

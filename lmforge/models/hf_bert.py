@@ -35,6 +35,8 @@ import torch
 
 from lmforge.core.errors import ModelError
 from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.model_dir import (cast_state, load_tokenizer_for, read_weights, require_model_dir, unwrap_as,
+                                      write_model_dir)
 
 # (lmforge module prefix, HF module prefix in BertForPreTraining); a path keeps everything below it.
 _PREFIXES = [
@@ -89,7 +91,7 @@ def lmforge_module_name(hf_name: str) -> str:
 
 def state_dict_to_hf(model: EncoderLM) -> dict[str, torch.Tensor]:
     """Weights under ``BertForPreTraining`` key names (the tied decoder weight left out, as HF saves)."""
-    model = _unwrap(model)
+    model = unwrap_as(model, EncoderLM, "save_bert")
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         if key == "predictions.decoder.weight" and model.config.tie_embeddings:
@@ -231,23 +233,10 @@ def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
 
 # ---- model directories ---------------------------------------------------------------------------
 
-def _unwrap(model: torch.nn.Module) -> EncoderLM:
-    for attr in ("_orig_mod", "module"):  # torch.compile, DDP
-        while hasattr(model, attr) and not isinstance(model, EncoderLM):
-            model = getattr(model, attr)
-    if not isinstance(model, EncoderLM):
-        raise ModelError(f"save_bert expects an EncoderLM, got {type(model).__name__}")
-    return model
-
-
 def load_bert_config(path: str | Path) -> EncoderConfig:
     """The EncoderConfig of a model directory (reads config.json only)."""
-    from lmforge.models.hf import _read_json, load_config
-
     d = Path(path)
-    if not (d / "config.json").is_file():
-        load_config(d)  # raises the shared "not a model directory" message
-    return EncoderConfig.from_hf(_read_json(d / "config.json"), source=str(d))
+    return EncoderConfig.from_hf(require_model_dir(d), source=str(d))
 
 
 def load_bert(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
@@ -258,12 +247,10 @@ def load_bert(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     ``dtype=None`` keeps the stored dtype.  Head weights the directory lacks are initialised as
     transformers would (a warning names them).  The tokenizer loads when ``tokenizer.json`` exists.
     """
-    from lmforge.models.hf import _read_weights, cast_state, load_tokenizer_for
-
     d = Path(path)
     config = load_bert_config(d)
     tokenizer = load_tokenizer_for(d, config.vocab_size)
-    state, missing = state_dict_from_hf(_read_weights(d), config, source=str(d))
+    state, missing = state_dict_from_hf(read_weights(d), config, source=str(d))
     state = cast_state(state, device, dtype)
     if missing:
         warnings.warn(f"'{d}' has no weights for {len(missing)} head parameter(s) "
@@ -283,9 +270,7 @@ def load_bert(path: str | Path, device: torch.device | str = "cpu", dtype: torch
 def save_bert(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> Path:
     """Write ``model`` as a HF BERT directory (atomically: tmp dir, then rename): ``config.json``
     (``BertForPreTraining``), ``model.safetensors`` and, when given, the tokenizer's files."""
-    from lmforge.models.hf import write_model_dir
-
-    model = _unwrap(model)
+    model = unwrap_as(model, EncoderLM, "save_bert")
     config = model.config
     return write_model_dir(path, state_dict_to_hf(model), config.to_hf(), model.dtype, tokenizer=tokenizer,
                            vocab_size=config.vocab_size,

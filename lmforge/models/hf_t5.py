@@ -23,6 +23,8 @@ import torch
 
 from lmforge.core.errors import ModelError
 from lmforge.models.encdec import EncoderDecoderLM, T5Config
+from lmforge.models.model_dir import (cast_state, load_tokenizer_for, read_weights, require_model_dir, unwrap_as,
+                                      write_model_dir)
 
 __all__ = ["load_t5", "save_t5"]
 
@@ -237,15 +239,10 @@ def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.d
             ) -> tuple[EncoderDecoderLM, Any]:
     """Load a HF/lmforge T5 directory -> ``(model in eval mode, Tokenizer or None)``; ``dtype=None`` keeps
     the stored dtype.  A tokenizer with more ids than the model has embedding rows is refused."""
-    from lmforge.models.hf import _read_json, _read_weights, cast_state, load_tokenizer_for  # lazy: hf.py imports us
-
     d = Path(path)
-    if not (d / "config.json").is_file():
-        raise ModelError(f"'{d}' is not a model directory: no config.json (pass a directory written by lmforge "
-                         f"or a Hugging Face checkpoint)")
-    config = config_from_hf(_read_json(d / "config.json"), source=str(d))
+    config = config_from_hf(require_model_dir(d), source=str(d))
     tokenizer = load_tokenizer_for(d, config.vocab_size)
-    hf_state = _read_weights(d)
+    hf_state = read_weights(d)
     config = resolve_tie(config, hf_state)
     state = state_dict_from_hf(hf_state, config, source=str(d))
     state = cast_state(state, device, dtype)
@@ -256,23 +253,12 @@ def load_t5(path: str | Path, device: torch.device | str = "cpu", dtype: torch.d
     return model.eval(), tokenizer
 
 
-def _unwrap(model: torch.nn.Module) -> EncoderDecoderLM:
-    for attr in ("_orig_mod", "module"):  # torch.compile, DDP
-        while hasattr(model, attr) and not isinstance(model, EncoderDecoderLM):
-            model = getattr(model, attr)
-    if not isinstance(model, EncoderDecoderLM):
-        raise ModelError(f"save_t5 expects an EncoderDecoderLM, got {type(model).__name__}")
-    return model
-
-
 def save_t5(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
             generation_config: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as a HF T5 checkpoint directory, atomically: ``config.json`` (architectures
     ``T5ForConditionalGeneration``), ``model.safetensors``, ``generation_config.json`` (decoder start, EOS,
     pad ids plus ``generation_config``) and the tokenizer's files when given."""
-    from lmforge.models.hf import write_model_dir
-
-    model = _unwrap(model)
+    model = unwrap_as(model, EncoderDecoderLM, "save_t5")
     c = model.config
     gen = dict(decoder_start_token_id=c.start_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
     gen.update(generation_config or {})

@@ -27,6 +27,8 @@ from torch import nn
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.models import hf as hf_decoder
 from lmforge.models import hf_bert
+from lmforge.models.model_dir import (cast_state, load_tokenizer_for, read_json, read_weights, require_model_dir,
+                                      unwrap_model, write_model_dir)
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.encoder import EncoderLM
 from lmforge.models.task import SequenceClassifier, TokenClassifier, normalise_labels
@@ -47,7 +49,7 @@ def task_of_config(hf_config: dict[str, Any]) -> str | None:
 def is_task_dir(path: str | Path) -> str | None:
     """The task of a model directory (see :func:`task_of_config`); None for LMs and non-model paths."""
     f = Path(path) / "config.json"
-    return task_of_config(hf_decoder._read_json(f)) if f.is_file() else None
+    return task_of_config(read_json(f)) if f.is_file() else None
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def save_task_model(model: nn.Module, path: str | Path, tokenizer: Any = None) -
     """Write a :class:`SequenceClassifier` / :class:`TokenClassifier` as a HF checkpoint directory
     (atomically) that transformers' ``AutoModelFor{Sequence,Token}Classification`` loads with no missing
     or unexpected key; the tokenizer's files too when given."""
-    model = hf_decoder.unwrap_model(model)
+    model = unwrap_model(model)
     if not isinstance(model, (SequenceClassifier, TokenClassifier)):
         raise ModelError(f"save_task_model expects a SequenceClassifier or TokenClassifier, got "
                          f"{type(model).__name__}")
@@ -92,7 +94,7 @@ def save_task_model(model: nn.Module, path: str | Path, tokenizer: Any = None) -
                       "ensure_pad_token(model, tokenizer) before saving", stacklevel=2)
     state, hf_config = _task_state_and_config(model)
     max_len = (tokenizer.model_max_length or config.max_seq_len) if tokenizer is not None else None
-    return hf_decoder.write_model_dir(path, state, hf_config, model.dtype, tokenizer=tokenizer,
+    return write_model_dir(path, state, hf_config, model.dtype, tokenizer=tokenizer,
                                       vocab_size=config.vocab_size, model_max_length=max_len)
 
 
@@ -144,7 +146,7 @@ def load_task_model(path: str | Path, device: torch.device | str = "cpu", dtype:
     """A sequence/token classification directory (lmforge's or transformers' ``save_pretrained``) ->
     ``(classifier in eval mode, Tokenizer or None)``.  ``dtype=None`` keeps the stored dtype."""
     d = Path(path)
-    hf_config = hf_decoder._require_model_dir(d)
+    hf_config = require_model_dir(d)
     where = f"config.json of '{d}'"
     task = task_of_config(hf_config)
     model_type = hf_config.get("model_type")
@@ -160,7 +162,7 @@ def load_task_model(path: str | Path, device: torch.device | str = "cpu", dtype:
     if hf_config.get("problem_type") not in (None, "single_label_classification"):
         raise ModelError(f"{where}: field 'problem_type' = {hf_config['problem_type']!r} is not supported "
                          f"(supported: 'single_label_classification')")
-    weights = hf_decoder._read_weights(d)
+    weights = read_weights(d)
     bert = model_type == "bert"
     head_name = "classifier" if bert else "score"
     head = {k.partition(".")[2]: weights.pop(k) for k in list(weights) if k.startswith(head_name + ".")}
@@ -194,13 +196,13 @@ def load_task_model(path: str | Path, device: torch.device | str = "cpu", dtype:
         with torch.device("meta"):
             backbone = DecoderLM(config)
         drop = None
-    tokenizer = hf_decoder.load_tokenizer_for(d, config.vocab_size)
+    tokenizer = load_tokenizer_for(d, config.vocab_size)
     try:
         model = cls(backbone, labels, dropout=drop)
     except ConfigError as e:
         raise ModelError(f"{where}: {e}") from None
     full = {**{f"backbone.{k}": v for k, v in state.items()}, **{f"{head_name}.{k}": v for k, v in head.items()}}
-    full = hf_decoder.cast_state(full, device, dtype)
+    full = cast_state(full, device, dtype)
     model.load_state_dict(full, strict=False, assign=True)
     backbone.tie_weights()
     _materialise_missing(backbone, device, dtype or model.head.weight.dtype, str(d))

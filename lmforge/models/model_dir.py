@@ -1,0 +1,196 @@
+"""Model directories, whatever the family: reading and writing the files of a Hugging Face checkpoint, and
+``load_model`` / ``save_model``, which pick the family's converter by ``config.json`` (or by the model's class).
+
+A model directory holds ``config.json``, ``model.safetensors`` (or sharded safetensors, or ``pytorch_model.bin``),
+``generation_config.json`` where the family has one, and the tokenizer's files.  The converters -- decoders in
+:mod:`lmforge.models.hf`, BERT in :mod:`lmforge.models.hf_bert`, T5 in :mod:`lmforge.models.hf_t5`, classifiers
+in :mod:`lmforge.models.hf_task` -- map names and configs and call the helpers here for the files, so the layout,
+the atomic write and the tokenizer checks live in one place.  This module imports no family at load time (the
+converters import it), which keeps the dispatch below free of import cycles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from lmforge.core.errors import ModelError
+from lmforge.core.io import atomic_dir
+
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The lmforge model inside torch.compile / DDP wrappers."""
+    for attr in ("_orig_mod", "module"):
+        while hasattr(model, attr) and not hasattr(model, "config"):
+            model = getattr(model, attr)
+    return model
+
+
+def unwrap_as(model: torch.nn.Module, cls: type[M], who: str) -> M:
+    """The ``cls`` inside torch.compile / DDP wrappers (peeled until one is found: a compiled module forwards
+    ``config`` to the model it wraps); anything else is an error naming ``who`` (the saver)."""
+    for attr in ("_orig_mod", "module"):
+        while hasattr(model, attr) and not isinstance(model, cls):
+            model = getattr(model, attr)
+    if not isinstance(model, cls):
+        raise ModelError(f"{who} expects a{'n' if cls.__name__[0] in 'AEIOU' else ''} {cls.__name__}, "
+                         f"got {type(model).__name__}")
+    return model
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"'{path}' is not readable JSON: {e}") from None
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def require_model_dir(d: Path) -> dict[str, Any]:
+    """``config.json`` of model dir ``d``; a path without one is one line saying what it is instead."""
+    if not (d / "config.json").is_file():
+        why = ": the path does not exist" if not d.exists() else (": it is a file" if d.is_file() else " in it")
+        raise ModelError(f"'{d}' is not a model directory: no config.json{why} (pass a directory written by lmforge "
+                         f"or a Hugging Face checkpoint)")
+    return read_json(d / "config.json")
+
+
+def read_weights(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of model dir ``d``, with the checkpoint's own (HF) names: ``model.safetensors``, sharded
+    safetensors (``model.safetensors.index.json``) or ``pytorch_model.bin`` (read with ``weights_only``)."""
+    from safetensors.torch import load_file
+
+    def load_bin(p: Path) -> dict[str, torch.Tensor]:
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickles with code in them, corrupt files
+            raise ModelError(f"cannot read '{p}' as a weights-only PyTorch checkpoint: {e}") from None
+
+    def load_st(p: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise ModelError(f"cannot read '{p}' as safetensors: {e}") from None
+
+    for single, index, loader in (("model.safetensors", "model.safetensors.index.json", load_st),
+                                  ("pytorch_model.bin", "pytorch_model.bin.index.json", load_bin)):
+        if (d / single).is_file():
+            return loader(d / single)
+        if (d / index).is_file():
+            weight_map = read_json(d / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelError(f"'{d / index}' has no 'weight_map' mapping")
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (d / shard).is_file():
+                    raise ModelError(f"'{d / index}' lists shard '{shard}', which is missing from '{d}'")
+                state.update(loader(d / shard))
+            return state
+    raise ModelError(f"'{d}' has a config.json but no weights (expected model.safetensors, "
+                     f"model.safetensors.index.json or pytorch_model.bin)")
+
+
+def load_tokenizer_for(d: Path, vocab_size: int) -> Any:
+    """The tokenizer saved in model dir ``d`` (None without tokenizer.json); one with more ids than the model
+    has embedding rows is refused.  Shared by every family's loader."""
+    if not (d / "tokenizer.json").is_file():
+        return None
+    from lmforge.core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(d)
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
+                         f"{vocab_size} embedding rows (vocab_size); use the tokenizer the model was trained with")
+    return tokenizer
+
+
+def cast_state(state: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype | None
+               ) -> dict[str, torch.Tensor]:
+    """Move a state dict to ``device``; floating tensors to ``dtype`` unless it is None (keep stored dtype)."""
+    return {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+            for k, v in state.items()}
+
+
+def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config: dict[str, Any], dtype: torch.dtype,
+                    tokenizer: Any = None, vocab_size: int | None = None, model_max_length: int | None = None,
+                    generation_config: dict[str, Any] | None = None) -> Path:
+    """Write a HF checkpoint dir atomically (tmp dir, then rename): ``config.json`` (+ ``dtype``),
+    ``model.safetensors`` (CPU, contiguous), ``generation_config.json`` when given and the tokenizer's files.
+    Every family's saver ends here, so the layout and the tokenizer check live in one place."""
+    from safetensors.torch import save_file
+
+    if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
+                         f"embedding rows; build the model with vocab_size >= the tokenizer's")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    name = str(dtype).removeprefix("torch.")
+    hf_config = {**hf_config, "dtype": name, "torch_dtype": name}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n",
+                                                        encoding="utf-8")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp, model_max_length=model_max_length)
+    return path
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
+               ) -> tuple[torch.nn.Module, Any]:
+    """Any supported model directory -> ``(model in eval mode, Tokenizer or None)``, by ``model_type``:
+    decoders (gpt2, llama, qwen2, mistral) in :mod:`lmforge.models.hf`, bert in :mod:`lmforge.models.hf_bert`, t5
+    in :mod:`lmforge.models.hf_t5`, and ``*ForSequenceClassification`` / ``*ForTokenClassification`` dirs in
+    :mod:`lmforge.models.hf_task`."""
+    d = Path(path)
+    hf_config = require_model_dir(d)
+    model_type = hf_config.get("model_type")
+    if any(isinstance(a, str) and a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+           for a in hf_config.get("architectures") or []):
+        from lmforge.models.hf_task import load_task_model
+
+        return load_task_model(d, device=device, dtype=dtype)
+    if model_type == "bert":
+        from lmforge.models.hf_bert import load_bert
+
+        return load_bert(d, device=device, dtype=dtype)
+    if model_type == "t5":
+        from lmforge.models.hf_t5 import load_t5
+
+        return load_t5(d, device=device, dtype=dtype)
+    from lmforge.models.hf import load_decoder
+
+    return load_decoder(d, device=device, dtype=dtype)
+
+
+def save_model(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
+               generation_config: dict[str, Any] | None = None) -> Path:
+    """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family;
+    classifiers (:mod:`lmforge.models.task`) as transformers' task models."""
+    from lmforge.models.task import SequenceClassifier, TokenClassifier
+
+    if isinstance(unwrap_model(model), (SequenceClassifier, TokenClassifier)):
+        from lmforge.models.hf_task import save_task_model
+
+        return save_task_model(model, path, tokenizer=tokenizer)
+    family = getattr(getattr(unwrap_model(model), "config", None), "family", None)
+    if family == "bert":
+        from lmforge.models.hf_bert import save_bert
+
+        return save_bert(model, path, tokenizer=tokenizer)
+    if family == "t5":
+        from lmforge.models.hf_t5 import save_t5
+
+        return save_t5(model, path, tokenizer=tokenizer)
+    from lmforge.models.hf import save_decoder
+
+    return save_decoder(model, path, tokenizer=tokenizer, generation_config=generation_config)
