@@ -1,4 +1,5 @@
-"""Atomic file writes: nothing already saved is lost if a run dies mid-write.
+"""Atomic file writes: nothing already saved is lost if a run dies mid-write.  And :func:`read_json`, whose
+failure is one line naming the file.
 
 Every file lmforge writes goes to a temporary name in the same directory and is renamed into place
 (``os.replace`` is atomic on POSIX), so a reader sees either the old file or the new one.
@@ -43,6 +44,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, fix: str = "") -> Any:
+    """The JSON value in ``path``; an unreadable or malformed file raises ``error`` with one line naming the file,
+    the reason and (``fix``) what to do."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"'{path}' is not a readable JSON file ({e}){'; ' + fix if fix else ''}") from None
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.core.errors import ConfigError, DataError
-from lmforge.core.io import atomic_write_json, atomic_write_text
+from lmforge.core.io import atomic_write_json, atomic_write_text, read_json
 
 DEFAULT_EOS = "<|endoftext|>"
 DEFAULT_PAD = "<|pad|>"
@@ -60,10 +60,7 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"'{path}' is not a readable JSON file ({e}); re-save the tokenizer") from None
+    return read_json(path, DataError, "re-save the tokenizer")
 
 
 class Tokenizer:

@@ -19,6 +19,7 @@ import torch
 
 from lmforge.core.errors import ModelError
 from lmforge.core.io import atomic_dir
+from lmforge.core.io import read_json as io_read_json
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -44,10 +45,7 @@ def unwrap_as(model: torch.nn.Module, cls: type[M], who: str) -> M:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"'{path}' is not readable JSON: {e}") from None
+    return io_read_json(path, ModelError, "re-save the model directory")
 
 
 def is_model_dir(path: str | Path) -> bool:
