@@ -49,7 +49,7 @@ from lmforge.train.logging import MetricsLogger, Progress
 from lmforge.train.batching import batch_rows, split_batch, to_device
 from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
                                        rank_memory, wrap)
-from lmforge.train.optim import build_optimizer, param_groups
+from lmforge.train.optim import build_optimizer, freeze_parameters, param_groups
 from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, METRICS_FILE, cut_metrics, normalize_resume, prepare_run_dir
 from lmforge.train.schedule import build_scheduler
 from lmforge.train.trainer_config import TrainerConfig, resolve_precision
@@ -105,6 +105,7 @@ class Trainer:
         if not isinstance(max_steps, int) or max_steps < 0:
             raise ConfigError(f"max_steps must be a non-negative integer, got {max_steps!r}")
         self.cfg = cfg
+        freeze_parameters(model, cfg.freeze)  # before DDP/FSDP wrap and the optimizer see requires_grad
         self.objective = objective
         self.train_source = train_source
         self.evaluator = evaluator

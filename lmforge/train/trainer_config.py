@@ -66,6 +66,10 @@ class TrainerConfig:
     """Per-parameter learning rates, ``{pattern: lr}`` (fnmatch on parameter names; ``classifier`` matches
     ``classifier.weight`` and ``x.classifier.bias``): e.g. a task head that wants less than the delta's rate.
     Scheduled like ``lr``; the first matching pattern wins; one that matches nothing is an error."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters that stay as loaded (``requires_grad`` off before the optimizer is built), by the same patterns as
+    ``param_lr``: e.g. ``[shared]`` keeps a T5's tied embedding / LM head, so the output rows of tokens the task
+    never targets (a held-out entity's name) are not trained away.  A pattern that matches nothing is an error."""
     tensorboard: bool = True
     """Also write TensorBoard scalars under RUN_DIR/tb when tensorboard is installed."""
 

@@ -228,6 +228,20 @@ def test_counted_optimizer_state_matches_what_the_optimizer_allocates(kind):
     assert allocated == sum(optimizer_state_elements(p, kind) for p in model.parameters())
 
 
+def test_freeze_keeps_matching_parameters_as_loaded(tmp_path):
+    model = seeded_model()
+    before = model.embed.weight.detach().clone()
+    trainer = make_trainer(tmp_path, "frozen", model=model, cfg=make_cfg(freeze=["embed"]), max_steps=5)
+    trainer.fit()
+    assert torch.equal(model.embed.weight, before) and not model.embed.weight.requires_grad
+    optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert id(model.embed.weight) not in optimised and id(model.fc.weight) in optimised
+    assert not torch.equal(model.fc.weight, seeded_model().fc.weight)  # the rest trains
+    with pytest.raises(ConfigError, match="train.freeze: pattern 'shared' matches no parameter; parameters include "
+                                          "embed.weight"):
+        make_trainer(tmp_path, "nomatch", cfg=make_cfg(freeze=["shared"]))
+
+
 def test_adafactor_trains_and_resumes_exactly(tmp_path):
     cfg = make_cfg(optimizer="adafactor", lr=3e-2, ckpt_every=4, schedule="constant")
     full = make_trainer(tmp_path, "full", cfg=cfg, max_steps=30)
