@@ -59,10 +59,6 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
-def _read_json(path: Path) -> Any:
-    return read_json(path, DataError, "re-save the tokenizer")
-
-
 class Tokenizer:
     """A tokenizer: encode/decode text, plus the ids of its special tokens.
 
@@ -174,7 +170,7 @@ class Tokenizer:
             for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later wins
                 f = cfg_dir / name
                 if f.is_file():
-                    data = _read_json(f)
+                    data = read_json(f, DataError, "re-save the tokenizer")
                     if not isinstance(data, dict):
                         raise DataError(f"'{f}' must hold a JSON object; re-save the tokenizer")
                     config.update(data)

@@ -35,23 +35,18 @@ def _matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in (pattern, f"{pattern}.*", f"*.{pattern}", f"*.{pattern}.*"))
 
 
-def freeze_parameters(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+def freeze_parameters(model: nn.Module, patterns: Iterable[str]) -> None:
     """``requires_grad_(False)`` on every parameter of ``model`` that a pattern matches (``train.freeze``, patterns
-    as in :func:`_matches`); returns the names frozen.  A pattern that matches no parameter is a ConfigError naming
-    some that exist."""
-    patterns = list(patterns)
+    as in :func:`_matches`).  A pattern that matches no parameter is a ConfigError naming some that exist."""
     named = list(model.named_parameters())
-    frozen = []
     for pattern in patterns:
         hit = [(n, p) for n, p in named if _matches(n, pattern)]
         if not hit:
             names = [n for n, _ in named]
             raise ConfigError(f"train.freeze: pattern {pattern!r} matches no parameter; parameters include "
                               f"{', '.join(names[:3] + names[-3:]) or '(none)'}")
-        for n, p in hit:
+        for _, p in hit:
             p.requires_grad_(False)
-            frozen.append(n)
-    return frozen
 
 
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
