@@ -85,9 +85,10 @@ class PipelineFinetuneConfig:
     n_train: int = 8000
 
 
-# family -> (steps, peak lr) of the pipeline's fine-tuning stage; post-LN BERT diverges at 1e-3.
+# family -> (steps, peak lr) of the pipeline's fine-tuning stage; post-LN BERT diverges at 1e-3.  T5 follows
+# configs/finetune-t5-qa.yaml: Adafactor's relative step (1e-2), the tied embedding / LM head frozen.
 FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"gpt2": (200, 1e-3), "llama": (200, 1e-3), "bert": (400, 5e-4),
-                                                   "t5": (400, 1e-3)}
+                                                   "t5": (400, 1e-2)}
 
 
 @dataclass
@@ -269,10 +270,13 @@ def stage_finetune(ctx: Context) -> None:
     train = dataclasses.replace(_finetune_train_defaults(), lr=lr, global_batch_size=f.global_batch_size,
                                 warmup_steps=min(40, steps // 10), eval_every=every, ckpt_every=every,
                                 device=ctx.cfg.train.device, tensorboard=ctx.cfg.train.tensorboard)
+    if family == "t5":  # AdamW at T5's scale overwrites the small attention weights; frozen head: held-out names
+        train = dataclasses.replace(train, optimizer="adafactor", freeze=["shared"])
+    # counterfactual answers: the model must read the passage, not recall the train entities' answers
+    task_cfg = TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source),
+                          counterfactual=1.0 if task == "world-qa-context" else 0.0)
     cfg = FinetuneConfig(run_dir=str(ctx.run_dir / "finetune"), seed=ctx.cfg.seed, max_steps=steps,
-                         resume="auto", model=str(ctx.run_dir / "model"),
-                         task=TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source)),
-                         train=train)
+                         resume="auto", model=str(ctx.run_dir / "model"), task=task_cfg, train=train)
     if family == "bert":  # a fresh pooler: the NSP-trained one stalls fine-tuning for hundreds of steps (measured)
         cfg.head.reinit_pooler = True
     result = finetune(cfg)

@@ -1,12 +1,13 @@
 """Each family's pipeline (pretrain → eval → samples → fine-tune) runs once per session and is shared by the
 acceptance tests that check its pretraining, its fine-tuning stage and the pretrained-vs-random comparison.
 
-`.ci/run` runs this tier as two pytest processes side by side, one intra-op thread each: `-m bert` (the BERT
-pipeline and its comparison, the longest chain, ~24 min on a 2-core machine of 2026-12) and `-m "not bert"`
-(the GPT-2 and T5 pipelines, the benchmark scripts, the SIGKILL resume; ~20 min).  Two processes, not xdist's
-`--dist loadgroup`: with pytest 9.2 and pytest-xdist 3.8 the group marks are ignored (xdist's worker renames
-`item._nodeid`, which pytest 9.2 no longer reads), the tests fell back to one unit per module, and both workers
-built the BERT pipeline (73 min in all)."""
+`.ci/run` runs this tier as two pytest processes side by side, one intra-op thread each, split by the pipeline a
+test uses (each test that takes `pipeline_run` is marked with its family: `bert`, `gpt2`, `t5`):
+`-m "bert or gpt2"` (the BERT and GPT-2 pipelines and their comparisons; ~24 + ~14 min on a 2-core machine of
+2026-12) and `-m "not (bert or gpt2)"` (the T5 pipeline and its comparison, the benchmark scripts, the SIGKILL
+resume).  Two processes, not xdist's `--dist loadgroup`: with pytest 9.2 and pytest-xdist 3.8 the group marks are
+ignored (xdist's worker renames `item._nodeid`, which pytest 9.2 no longer reads), the tests fell back to one unit
+per module, and both workers built the BERT pipeline (73 min in all)."""
 
 import json
 
@@ -17,7 +18,7 @@ from tests.conftest import ROOT, run_cli
 # family -> pipeline arguments; gpt2 is the README's default pipeline.
 PIPELINES = {
     "gpt2": [],
-    # the comparison in test_finetune_learns.py fine-tunes the bert model itself; t5's stage is smoke-tested
+    # the comparisons in test_finetune_learns.py fine-tune these models themselves (no pipeline fine-tuning stage)
     # 900 pretraining steps: with 600, one CI run's pretrained fine-tunes were still climbing at step 800
     # (seed 2: val 0.86 -> test 0.884) and the 3-seed mean fell to 0.942 under the 0.95 bar
     "bert": [str(ROOT / "configs/tiny-bert.yaml"), "max_steps=900", "finetune.enabled=false"],
@@ -43,5 +44,6 @@ def pipeline_run(tmp_path_factory):
 def pytest_collection_modifyitems(items):
     for item in items:
         if "pipeline_run" in getattr(item, "fixturenames", ()):
-            if getattr(getattr(item, "callspec", None), "params", {}).get("family") == "bert":
-                item.add_marker(pytest.mark.bert)
+            # a `family` parameter names the pipeline; tests without one use the README's default (gpt2)
+            family = getattr(getattr(item, "callspec", None), "params", {}).get("family", "gpt2")
+            item.add_marker(getattr(pytest.mark, family))

@@ -2,11 +2,11 @@
 architecture fine-tuned from random initialisation with the same steps, data and seeds (3 seeds each).
 
 Bars (issue 5): pretrained tiny GPT and BERT reach >= 95% test accuracy on world sentiment (a task where a
-bag-of-words model scores <= 85%); random init scores >= 10 points lower (mean over the 3 seeds).  T5 on
-open-book world QA reaches its 90% exact-match bar with configs/finetune-t5-qa.yaml on a 1200-step text-infilling
-pretrained model (benchmarks/RESULTS.md, T5 section), but that recipe -- ~30 min of pretraining and six 1000-step
-fine-tunes at one thread -- does not fit CI's hour, so it is not asserted here yet; the T5 fine-tuning path is
-exercised by tests/smoke/test_finetune.py.
+bag-of-words model scores <= 85%); random init scores >= 10 points lower (mean over the 3 seeds).  T5 on open-book
+world QA reaches its 90% exact-match bar after 1200 pretraining and 1000 fine-tuning steps
+(`python benchmarks/repro_t5_qa.py`, ~90 min on 2 cores; benchmarks/RESULTS.md, T5 section): more than CI's hour,
+so CI runs the same script on the 300-step pipeline model with 300 fine-tuning steps and checks the 10-point gap
+with a lower exact-match floor.
 
 BERT starts its classifier from a fresh pooler (`head.reinit_pooler`, configs/finetune-bert-sentiment.yaml): with
 the NSP-trained one the pretrained runs stalled at chance for 100-300 steps.  Calibration at one thread (as here),
@@ -17,12 +17,14 @@ false): with an appended EOS one seed of three crawled to 0.816 in 200 steps; wi
 random [0.742, 0.602, 0.500]."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from tests.conftest import ROOT, run_cli
 
-CONFIGS = {"gpt2": "finetune-gpt2-sentiment.yaml", "bert": "finetune-bert-sentiment.yaml", "t5": "finetune-t5-qa.yaml"}
+CONFIGS = {"gpt2": "finetune-gpt2-sentiment.yaml", "bert": "finetune-bert-sentiment.yaml"}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
@@ -43,3 +45,30 @@ def test_pretrained_beats_random_init(pipeline_run, tmp_path, family):
     report = (out / "report.md").read_text()
     assert "pretrained (3 seeds)" in report and "random (3 seeds)" in report and "baseline: majority" in report
     assert pre["mean"] - rnd["mean"] >= 0.10
+
+
+T5_CI_STEPS, T5_CI_MIN_EM = 300, 0.35
+
+
+@pytest.mark.parametrize("family", ["t5"])
+def test_t5_pretrained_beats_random_init(pipeline_run, tmp_path, family):
+    """The CI-sized T5 comparison, run by the script that checks the full bar.  Calibration (one thread, another run
+    beside it, the 300-step model of configs/tiny-t5.yaml): 300 fine-tuning steps, test EM pretrained [0.442, 0.470,
+    0.476], random [0.196, 0.226, 0.224] (gap 0.247); 200 steps, seed 0: 0.294 vs 0.078."""
+    run_dir, _ = pipeline_run(family)
+    out = tmp_path / "repro"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/repro_t5_qa.py"), f"--run-dir={out}",
+                           f"--model={run_dir / 'model'}", f"--finetune-steps={T5_CI_STEPS}",
+                           f"--min-em={T5_CI_MIN_EM}", "--min-gap=0.10", "train.tensorboard=false"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3000)
+    lines = proc.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), proc.stderr[-3000:]
+    res = json.loads(lines[-1])
+    print(f"\nt5 {res['task']} test {res['metric']} after {T5_CI_STEPS} steps: pretrained {res['pretrained']} (mean "
+          f"{res['pretrained_mean']:.3f}), random {res['random']} (mean {res['random_mean']:.3f}); "
+          f"baselines {res['baselines']}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert res["metric"] == "exact_match" and len(res["pretrained"]) == len(res["random"]) == 3
+    assert res["pretrained_mean"] >= T5_CI_MIN_EM and res["gap"] >= 0.10
+    report = (out / "compare" / "report.md").read_text()
+    assert "pretrained (3 seeds)" in report and "random (3 seeds)" in report and "baseline: majority" in report

@@ -167,6 +167,28 @@ def test_pipeline_runs_a_finetune_stage(tmp_path):
         "GPT2ForSequenceClassification"]
 
 
+def test_pipeline_t5_finetune_stage_uses_the_qa_recipe(tmp_path):
+    """The T5 pipeline's fine-tuning stage is configs/finetune-t5-qa.yaml's recipe (Adafactor, frozen tied head,
+    counterfactual answers): with AdamW and a trained head the QA fine-tune falls below random init (RESULTS.md)."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    run_dir = tmp_path / "pipe"
+    proc = run_cli("pipeline", str(ROOT / "configs/tiny-t5.yaml"), f"run_dir={run_dir}", "max_steps=4",
+                   "data.world_bytes=300000", "tokenizer.train_bytes=150000", "model.vocab_size=612",
+                   "model.d_model=32", "model.d_kv=8", "model.num_heads=2", "model.d_ff=64", "model.num_layers=1",
+                   "span.inputs_length=32", "train.global_batch_size=4", "train.eval_every=2", "train.ckpt_every=2",
+                   "train.eval_max_batches=1", "train.warmup_steps=1", "samples.max_new_tokens=4",
+                   "finetune.max_steps=2", "finetune.n_train=64", "finetune.global_batch_size=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["finetune"]["task"] == "world-qa-context" and "exact_match" in summary["finetune"]["test"]
+    cfg = yaml.safe_load((run_dir / "finetune" / "config.yaml").read_text())
+    assert (cfg["train"]["optimizer"], cfg["train"]["freeze"], cfg["train"]["lr"]) == ("adafactor", ["shared"], 1e-2)
+    assert cfg["task"]["counterfactual"] == 1.0
+
+
 def test_probe_copy_script_runs_and_both_t5_implementations_start_equal(hf_dirs):
     """benchmarks/probe_copy.py on the tiny random T5: the same seed gives the same batches, so the first step's
     loss (before any update) is the same for lmforge's T5 and transformers' on the same weights."""

@@ -226,3 +226,16 @@ def test_sharded_checkpoint_refused_without_fsdp(tmp_path):
     (ckpt / COMPLETE).write_text("ok\n")
     with pytest.raises(RunError, match="sharded .* distributed.strategy=fsdp"):
         load_checkpoint(ckpt, model=W.make_model())
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "fsdp"])
+def test_adafactor_is_refused_where_optimizer_state_is_sharded(strategy):
+    """zero1 and fsdp shard AdamW's per-element state; Adafactor's factored rows/columns are not sharded by them."""
+    from types import SimpleNamespace
+
+    from lmforge.train.trainer import Trainer
+    from lmforge.train.trainer_config import TrainerConfig
+
+    trainer = SimpleNamespace(cfg=TrainerConfig(optimizer="adafactor"), dist=Dist(strategy, rank=0, world_size=2))
+    with pytest.raises(ConfigError, match=rf"train.optimizer=adafactor .* strategy {strategy} shards AdamW state"):
+        Trainer._build_optimizer(trainer)

@@ -304,7 +304,7 @@ def test_seq2seq_loss_is_summed_ce_with_the_output_scaling(ff):
     out = obj.loss(model, batch)
     assert int(out.count) == obj.target_count(batch) == 8
     # reference: T5ForConditionalGeneration's math -- decoder stack, rescale by d_model**-0.5 (v1.0), head
-    from lmforge.models.encdec import padding_bias
+    from lmforge.models.t5_layers import padding_bias
 
     dec_in = model.shift_right(batch["labels"])
     T = dec_in.shape[1]
