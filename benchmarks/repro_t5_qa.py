@@ -11,8 +11,8 @@ Steps, both run through the CLI in processes of their own:
 2. ``lmforge finetune configs/finetune-t5-qa.yaml --compare model=...`` -- pretrained vs random init, seeds 0-2,
    test exact match, the task's baselines, and ``report.md`` with them side by side.
 
-It prints one JSON line (per-seed figures, means, the gap) and exits 1 when the pretrained mean is below
-``--min-em`` (0.90) or random init is fewer than ``--min-gap`` (0.10) below it.  CI runs a smaller version of step 2
+It prints one JSON line (per-seed figures, means, the gap, ``bar_met``) and exits 1 when the pretrained mean is
+below ``--min-em`` (0.90) or random init is fewer than ``--min-gap`` (0.10) below it; 2 when a step fails.  CI runs a smaller version of step 2
 (tests/acceptance/test_finetune_learns.py, with its own bars); the figures of full runs are in
 benchmarks/RESULTS.md (T5 section).
 """
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
@@ -37,13 +38,18 @@ def lmforge(*args: str) -> None:
     print("$ " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, cwd=ROOT)
     if proc.returncode != 0:
-        sys.exit(f"repro_t5_qa: `{' '.join(cmd[2:])}` failed (exit {proc.returncode}); see its output above")
+        fail(f"`{' '.join(cmd[2:])}` failed (exit {proc.returncode}); see its output above")
+
+
+def fail(msg: str) -> NoReturn:
+    print(f"repro_t5_qa: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", default="runs/repro-t5-qa", help="pretraining in RUN_DIR/pretrain, "
-                    "the comparison in RUN_DIR/compare (both must be new or absent)")
+    ap.add_argument("--run-dir", default="runs/repro-t5-qa", help="pretraining in RUN_DIR/pretrain (resumed if "
+                    "it was cut short), the comparison in RUN_DIR/compare (must not exist yet)")
     ap.add_argument("--model", help="an already pretrained T5 model dir: skip step 1")
     ap.add_argument("--pretrain-steps", type=int, default=1200)
     ap.add_argument("--finetune-steps", type=int, help="default: configs/finetune-t5-qa.yaml's max_steps (1000)")
@@ -54,7 +60,7 @@ def main() -> None:
 
     run_dir = Path(args.run_dir).resolve()
     t0 = time.perf_counter()
-    model = args.model
+    model = str(Path(args.model).resolve()) if args.model else None  # the commands run in the repository root
     if model is None:
         lmforge("pretrain", str(ROOT / "configs/tiny-t5.yaml"), f"max_steps={args.pretrain_steps}",
                 f"run_dir={run_dir / 'pretrain'}", "resume=auto")
@@ -64,11 +70,16 @@ def main() -> None:
     lmforge("finetune", str(ROOT / "configs/finetune-t5-qa.yaml"), "--compare", f"model={model}",
             f"run_dir={run_dir / 'compare'}", *steps, *args.overrides)
     res = json.loads((run_dir / "compare" / "compare.json").read_text())
-    pre, rnd = res["summary"]
+    rows = {row["init"]: row for row in res["summary"]}
+    if set(rows) != {"pretrained", "random"}:
+        fail(f"{run_dir / 'compare' / 'compare.json'} has test scores for {sorted(rows)}; both pretrained and random "
+             f"are needed (do not set compare.random_init=false)")
+    pre, rnd = rows["pretrained"], rows["random"]
     out = {"task": res["task"], "metric": res["metric"], "model": model,
            "pretrained": pre["values"], "pretrained_mean": pre["mean"],
            "random": rnd["values"], "random_mean": rnd["mean"], "gap": pre["mean"] - rnd["mean"],
-           "baselines": res["baselines"], "pretrain_s": round(t1 - t0, 1), "compare_s": round(time.perf_counter() - t1, 1),
+           "baselines": res["baselines"], "pretrain_s": round(t1 - t0, 1),
+           "compare_s": round(time.perf_counter() - t1, 1),
            "report": str(run_dir / "compare" / "report.md"), "machine": machine()}
     out["bar_met"] = pre["mean"] >= args.min_em and out["gap"] >= args.min_gap
     print(json.dumps(out))

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # training commands
     _add_training_command(sub, "pretrain", "pretrain a language model — GPT-2/Llama causal LM, BERT masked LM + "
-                          "next sentence, T5 span corruption — on the built-in world by default")
+                          "next sentence, T5 span corruption (+ text infilling) — on the built-in world by "
+                          "default")
     _add_training_command(sub, "pipeline", "tokenizer → pretrain → eval → samples → finetune on the built-in world, with a "
                           "report (RUN_DIR/report.md)", config_optional=True)
 

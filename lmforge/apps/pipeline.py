@@ -187,7 +187,8 @@ def eval_encdec(ctx: Context) -> None:
     base = majority_baseline(batches)
     ctx.results["eval"] = {"val_target_acc": r.get("val_target_acc"), "majority_target_acc": base,
                            "val_loss": r.get("val_loss")}
-    rows = [{"metric": "span-corruption target-token accuracy", "model": r.get("val_target_acc"), "baseline": base,
+    rows = [{"metric": "target-token accuracy (the pretraining targets: spans, and whole windows if "
+                       "span.full_text_fraction > 0)", "model": r.get("val_target_acc"), "baseline": base,
              "baseline is": "most frequent target token"},
             {"metric": "target-token loss (nats)", "model": r.get("val_loss"), "baseline": "", "baseline is": ""}]
     ctx.report.add("Evaluation", markdown_table(rows) + "\n\nOn the validation split (fixed corruption), "

@@ -7,10 +7,10 @@ head consumes: final RMS norm, dropout and -- when ``config.scales_output`` (v1.
 rescaling T5 applies before its tied head.  So ``lm_head(decode(...))`` are the logits, and objectives can run
 :func:`lmforge.models.heads.chunked_cross_entropy` on ``decode``'s output as they do for decoder LMs.
 
-T5's attention differs from GPT's in three ways, all here: no ``1/sqrt(d)`` score scaling (folded into the
-init of ``q``), a learned bias per head added to the scores from the bucketed distance ``key - query``
-(computed once per stack from ``relative_attention_bias`` and shared by all layers; bidirectional buckets in
-the encoder, causal ones in the decoder), and RMS norms without mean subtraction or bias.
+T5's attention differs from GPT's in three ways, all in :mod:`lmforge.models.t5_layers`: no ``1/sqrt(d)``
+score scaling (folded into the init of ``q``), a learned bias per head added to the scores from the bucketed
+distance ``key - query`` (computed once per stack from ``relative_attention_bias`` and shared by all layers;
+bidirectional buckets in the encoder, causal ones in the decoder), and RMS norms without mean subtraction or bias.
 
 Module tree (lmforge paths; leaf names are Hugging Face's; :mod:`lmforge.models.hf_t5` maps them)::
 

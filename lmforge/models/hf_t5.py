@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from lmforge.core.errors import ModelError
-from lmforge.models.encdec import EncoderDecoderLM, T5Config
+from lmforge.models.encdec import EncoderDecoderLM
+from lmforge.models.t5_layers import T5Config
 from lmforge.models.model_dir import (cast_state, load_tokenizer_for, read_weights, require_model_dir, unwrap_as,
                                       write_model_dir)
 

@@ -32,7 +32,8 @@ from lmforge.data.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab, 
 from lmforge.models.decoder import DecoderConfig, DecoderLM
 from lmforge.data.span import (Seq2SeqObjective, SpanConfig, SpanCorruptionSource, add_sentinels, evaluate_span,
                                t5_special_tokens)
-from lmforge.models.encdec import EncoderDecoderLM, T5Config
+from lmforge.models.encdec import EncoderDecoderLM
+from lmforge.models.t5_layers import T5Config
 from lmforge.models.encoder import EncoderConfig, EncoderLM
 from lmforge.models.heads import chunked_cross_entropy
 from lmforge.models.flops import flops_per_token

@@ -2,7 +2,7 @@
 acceptance tests that check its pretraining, its fine-tuning stage and the pretrained-vs-random comparison.
 
 `.ci/run` runs this tier as two pytest processes side by side, one intra-op thread each, split by the pipeline a
-test uses (each test that takes `pipeline_run` is marked with its family: `bert`, `gpt2`, `t5`):
+test uses (each test that takes `pipeline_run` is parametrized with `family` and marked with it: `bert`, `gpt2`, `t5`):
 `-m "bert or gpt2"` (the BERT and GPT-2 pipelines and their comparisons; ~24 + ~14 min on a 2-core machine of
 2026-12) and `-m "not (bert or gpt2)"` (the T5 pipeline and its comparison, the benchmark scripts, the SIGKILL
 resume).  Two processes, not xdist's `--dist loadgroup`: with pytest 9.2 and pytest-xdist 3.8 the group marks are
@@ -44,6 +44,9 @@ def pipeline_run(tmp_path_factory):
 def pytest_collection_modifyitems(items):
     for item in items:
         if "pipeline_run" in getattr(item, "fixturenames", ()):
-            # a `family` parameter names the pipeline; tests without one use the README's default (gpt2)
-            family = getattr(getattr(item, "callspec", None), "params", {}).get("family", "gpt2")
+            # the `family` parameter names the pipeline, and with it the .ci/run process the test runs in
+            family = getattr(getattr(item, "callspec", None), "params", {}).get("family")
+            if family not in PIPELINES:
+                raise pytest.UsageError(f"{item.nodeid}: a test that takes pipeline_run is parametrized with "
+                                        f"`family` (one of {', '.join(PIPELINES)}) so that .ci/run can place it")
             item.add_marker(getattr(pytest.mark, family))

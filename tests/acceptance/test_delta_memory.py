@@ -8,11 +8,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
-def test_ladder_lowest_full_highest(pipeline_run, tmp_path):
-    run_dir, _ = pipeline_run("gpt2")
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_ladder_lowest_full_highest(pipeline_run, tmp_path, family):
+    run_dir, _ = pipeline_run(family)
     out = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_peft_memory.py"), "--finetune",
                            str(ROOT / "configs" / "finetune-gpt2-sentiment.yaml"), "--out", str(out),

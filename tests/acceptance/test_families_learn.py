@@ -1,6 +1,7 @@
 """Tiny BERT and T5 pretrain on the built-in world on CPU with the same command and learn: masked-token,
 next-sentence and T5 target-token accuracies (span corruption + text infilling, configs/tiny-t5.yaml) well above
-their baselines (majority class from the same validation batches; 0.5 for NSP).  The GPT family is covered by test_pipeline.py."""
+their baselines (majority class from the same validation batches; 0.5 for NSP).  The GPT family is covered by
+test_pipeline.py."""
 
 import json
 

@@ -3,10 +3,12 @@
 Acceptance bar: validation perplexity <= 0.1 x the unigram perplexity of the same validation text, and a
 report.md with curves and samples.  The wall time is printed (and recorded in the report), not asserted."""
 
+import pytest
 
 
-def test_pipeline_end_to_end(pipeline_run):
-    run_dir, summary = pipeline_run("gpt2")
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_pipeline_end_to_end(pipeline_run, family):
+    run_dir, summary = pipeline_run(family)
     print(f"\npipeline wall time {summary['wall_s']:.0f} s; val ppl {summary['val_perplexity']:.3f}, "
           f"unigram {summary['unigram_perplexity']:.1f}, ratio {summary['ratio_to_unigram']:.4f}")
     assert summary["ratio_to_unigram"] <= 0.1

@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 from lmforge.core.errors import ModelError  # noqa: E402
 from lmforge.eval.generate import GenerationConfig  # noqa: E402
 from lmforge.eval.generate_seq2seq import generate_seq2seq  # noqa: E402
-from lmforge.models.encdec import EncoderDecoderLM, T5Config  # noqa: E402
-from lmforge.models.t5_layers import relative_position_bucket  # noqa: E402
+from lmforge.models.encdec import EncoderDecoderLM  # noqa: E402
+from lmforge.models.t5_layers import T5Config, relative_position_bucket  # noqa: E402
 from lmforge.models.hf_t5 import config_from_hf, load_t5, save_t5, t5_hf_module_name  # noqa: E402
 
 ATTN = "eager"

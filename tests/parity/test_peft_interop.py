@@ -18,7 +18,8 @@ peft = pytest.importorskip("peft")
 
 from lmforge.delta import DeltaConfig, apply_delta, load_delta, save_delta  # noqa: E402
 from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
-from lmforge.models.encdec import EncoderDecoderLM, T5Config  # noqa: E402
+from lmforge.models.encdec import EncoderDecoderLM  # noqa: E402
+from lmforge.models.t5_layers import T5Config  # noqa: E402
 from lmforge.models.encoder import EncoderConfig, EncoderLM  # noqa: E402
 from lmforge.models.hf import load_model, save_model  # noqa: E402
 from lmforge.models.task import SequenceClassifier  # noqa: E402

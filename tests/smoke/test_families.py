@@ -1,5 +1,5 @@
 """`lmforge pretrain` picks the objective from the model family: a few steps of tiny BERT (MLM+NSP) and T5
-(span corruption) through the CLI, their models in transformers, and the encoder/encoder-decoder commands."""
+(span corruption + text infilling, configs/tiny-t5.yaml) through the CLI, their models in transformers, and the encoder/encoder-decoder commands."""
 
 import json
 

@@ -14,7 +14,8 @@ from lmforge.core.errors import ConfigError, ModelError
 from lmforge.delta import (DeltaConfig, LoRALinear, apply_delta, load_delta, lora_layers, lora_targets, merge_delta,
                            save_delta)
 from lmforge.models.decoder import DecoderConfig, DecoderLM
-from lmforge.models.encdec import EncoderDecoderLM, T5Config
+from lmforge.models.encdec import EncoderDecoderLM
+from lmforge.models.t5_layers import T5Config
 from lmforge.models.encoder import EncoderConfig, EncoderLM
 from lmforge.models.layers import Linear
 from lmforge.models.task import SequenceClassifier

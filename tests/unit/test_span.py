@@ -288,7 +288,8 @@ def test_t5_tokenizer_puts_sentinels_last(tmp_path):
 # ---- the objective ----------------------------------------------------------------------------------------
 
 def tiny_t5(vocab: int = 128, **kw):
-    from lmforge.models.encdec import EncoderDecoderLM, T5Config
+    from lmforge.models.encdec import EncoderDecoderLM
+    from lmforge.models.t5_layers import T5Config
 
     torch.manual_seed(0)
     return EncoderDecoderLM(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,

@@ -10,8 +10,8 @@ from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError
 from lmforge.eval.generate import GenerationConfig
 from lmforge.eval.generate_seq2seq import generate_seq2seq
-from lmforge.models.encdec import EncoderDecoderLM, T5Config
-from lmforge.models.t5_layers import relative_position_bucket
+from lmforge.models.encdec import EncoderDecoderLM
+from lmforge.models.t5_layers import T5Config, relative_position_bucket
 
 V = 64
 

@@ -11,7 +11,8 @@ import torch
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.core.tokenizer import Tokenizer
 from lmforge.models.decoder import DecoderConfig, DecoderLM
-from lmforge.models.encdec import EncoderDecoderLM, T5Config
+from lmforge.models.encdec import EncoderDecoderLM
+from lmforge.models.t5_layers import T5Config
 from lmforge.models.encoder import EncoderConfig, EncoderLM
 from lmforge.models.hf import load_model, save_model
 from lmforge.models.hf_task import is_task_dir, load_task_model
