@@ -3,9 +3,9 @@ acceptance tests that check its pretraining, its fine-tuning stage and the pretr
 
 `.ci/run` runs this tier as two pytest processes side by side, one intra-op thread each, split by the pipeline a
 test uses (each test that takes `pipeline_run` is parametrized with `family` and marked with it: `bert`, `gpt2`, `t5`):
-`-m "bert or gpt2"` (the BERT and GPT-2 pipelines and their comparisons; ~24 + ~14 min on a 2-core machine of
-2026-12) and `-m "not (bert or gpt2)"` (the T5 pipeline and its comparison, the benchmark scripts, the SIGKILL
-resume).  Two processes, not xdist's `--dist loadgroup`: with pytest 9.2 and pytest-xdist 3.8 the group marks are
+`-m "bert or gpt2"` (the BERT and GPT-2 pipelines and their comparisons; 36 min on a 2-core machine of 2026-12)
+and `-m "not (bert or gpt2)"` (the T5 pipeline and its comparison, the benchmark scripts, the SIGKILL resume;
+30 min).  Two processes, not xdist's `--dist loadgroup`: with pytest 9.2 and pytest-xdist 3.8 the group marks are
 ignored (xdist's worker renames `item._nodeid`, which pytest 9.2 no longer reads), the tests fell back to one unit
 per module, and both workers built the BERT pipeline (73 min in all)."""
 
