@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.cache import KVCache
 from lmforge.models.layers import (CausalSelfAttention, Embedding, GeluMLP, LayerNorm, Linear, RMSNorm,
-                                   RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, reset_children)
+                                   RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, need, reset_children)
 from lmforge.models.ladder import LadderCache, LadderSide
 from lmforge.models.prompt import Prefix, PrefixCache, SoftPrompt, prefilled
 
@@ -79,10 +79,6 @@ class DecoderConfig:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(msg)
-
         need(self.family in ("gpt2", "llama"), f"family={self.family!r} is not one of 'gpt2', 'llama'")
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.models.layers import Embedding, LayerNorm, Linear, reset_children
+from lmforge.models.layers import Embedding, LayerNorm, Linear, need, reset_children
 from lmforge.models.ladder import LadderSide
 from lmforge.models.prompt import Prefix, SoftPrompt
 
@@ -71,10 +71,6 @@ class EncoderConfig:
     pad_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(msg)
-
         need(self.family == "bert", f"family={self.family!r} is not 'bert'")
         for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len", "type_vocab_size"):
             need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")

@@ -23,6 +23,13 @@ from lmforge.models.cache import KVCache
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
+def need(cond: bool, msg: str) -> None:
+    """A model config's check in ``__post_init__``: ValueError(msg) unless ``cond`` (``core.config`` reports it as
+    a one-line ConfigError)."""
+    if not cond:
+        raise ValueError(msg)
+
+
 def reset_children(module: nn.Module) -> None:
     """Call ``reset_parameters()`` on each child in registration order, descending into children that
     have none (containers such as ``nn.ModuleList``)."""

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.cache import KVCache
-from lmforge.models.layers import Embedding, Linear, reset_children
+from lmforge.models.layers import Embedding, Linear, need, reset_children
 from lmforge.models.prompt import PrefixCache
 
 
@@ -60,10 +60,6 @@ class T5Config:
     decoder_start_token_id: Optional[int] = None
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(msg)
-
         need(self.family == "t5", f"family={self.family!r} is not 't5'")
         need(self.feed_forward_proj in ("relu", "gated-gelu"),
              f"feed_forward_proj={self.feed_forward_proj!r} is not one of 'relu', 'gated-gelu'")

@@ -35,6 +35,11 @@ def _matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in (pattern, f"{pattern}.*", f"*.{pattern}", f"*.{pattern}.*"))
 
 
+def _some(names: list[str]) -> str:
+    """The first and last three names, for an error that says what exists."""
+    return ", ".join(names[:3] + names[-3:]) or "(none)"
+
+
 def freeze_parameters(model: nn.Module, patterns: Iterable[str]) -> None:
     """``requires_grad_(False)`` on every parameter of ``model`` that a pattern matches (``train.freeze``, patterns
     as in :func:`_matches`).  A pattern that matches no parameter is a ConfigError naming some that exist."""
@@ -42,9 +47,8 @@ def freeze_parameters(model: nn.Module, patterns: Iterable[str]) -> None:
     for pattern in patterns:
         hit = [(n, p) for n, p in named if _matches(n, pattern)]
         if not hit:
-            names = [n for n, _ in named]
             raise ConfigError(f"train.freeze: pattern {pattern!r} matches no parameter; parameters include "
-                              f"{', '.join(names[:3] + names[-3:]) or '(none)'}")
+                              f"{_some([n for n, _ in named])}")
         for _, p in hit:
             p.requires_grad_(False)
 
@@ -77,7 +81,7 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     unused = [pat for pat in param_lr if pat not in used]
     if unused:
         raise ConfigError(f"train.param_lr: pattern {unused[0]!r} matches no trainable parameter; trainable ones "
-                          f"include {', '.join(names[:3] + names[-3:]) or '(none)'}")
+                          f"include {_some(names)}")
     groups = []
     for pattern in [None, *param_lr]:
         for decay in (True, False):
