@@ -25,32 +25,23 @@ How each format becomes documents:
 
 Documents that are empty or whitespace-only (and null values) are skipped.  Text is read as UTF-8
 (a leading byte-order mark is dropped).  Every user mistake raises :class:`DataError` with a one-line
-message naming the file, the line and the fix.
+message naming the file, the line and the fix.  The per-format readers are in :mod:`lmforge.data.readers`.
 """
 
 from __future__ import annotations
 
-import csv
 import glob as globlib
-import gzip
 import hashlib
-import io
 import json
 import os
-import sys
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_path
+from lmforge.data.readers import SUPPORTED_EXTS, file_ext, reader_for
 
 WORLD_BYTES = 12_000_000
-TEXT_EXTS = (".txt",)
-JSON_EXTS = (".jsonl", ".json")
-CSV_EXTS = (".csv", ".tsv")
-PARQUET_EXTS = (".parquet",)
-_BASE_EXTS = TEXT_EXTS + JSON_EXTS + CSV_EXTS + PARQUET_EXTS
-SUPPORTED_EXTS = _BASE_EXTS + tuple(e + ".gz" for e in TEXT_EXTS + JSON_EXTS + CSV_EXTS)
 _SUPPORTED_LIST = ", ".join(SUPPORTED_EXTS) + ", a folder, a glob, a datasets save_to_disk folder or 'world'"
 
 
@@ -61,14 +52,6 @@ def cache_root() -> Path:
 
 
 # ---------------------------------------------------------------------------------------- resolving
-def _ext(path: Path) -> str:
-    name = path.name.lower()
-    for ext in sorted(SUPPORTED_EXTS, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    return path.suffix.lower()
-
-
 def _is_hf_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file()
                               or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()))
@@ -124,7 +107,7 @@ def _walk(folder: Path) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             p = Path(dirpath) / name
-            if not name.startswith(".") and _ext(p) in SUPPORTED_EXTS:
+            if not name.startswith(".") and file_ext(p) in SUPPORTED_EXTS:
                 out.append(p)
     return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
@@ -155,7 +138,7 @@ def _resolve(spec: str | os.PathLike, world_bytes: int = WORLD_BYTES,
         for m in matches:
             if m.is_dir():
                 continue
-            if _ext(m) in SUPPORTED_EXTS:
+            if file_ext(m) in SUPPORTED_EXTS:
                 files.append(m)
         if not files:
             what = f"matched {len(matches)} path(s) but no supported file" if matches else "matched no files"
@@ -177,7 +160,7 @@ def _resolve(spec: str | os.PathLike, world_bytes: int = WORLD_BYTES,
             raise DataError(f"data folder '{path_str}' holds no supported files; supported: "
                             f"{', '.join(SUPPORTED_EXTS)} (or a datasets save_to_disk folder)")
         return _Resolved(spec, "files", files, path)
-    if _ext(path) not in SUPPORTED_EXTS:
+    if file_ext(path) not in SUPPORTED_EXTS:
         raise DataError(f"data file '{path_str}' has unsupported type '{path.suffix or path.name}'; "
                         f"supported: {_SUPPORTED_LIST}")
     return _Resolved(spec, "files", [path], path.parent)
@@ -206,157 +189,8 @@ def _resolve_hf(spec: str, path: Path, split: str | None) -> _Resolved:
     return _Resolved(spec, "hf_dataset", files, path, dataset_dir=path)
 
 
-# ---------------------------------------------------------------------------------------- readers
-def _open_binary(path: Path) -> IO[bytes]:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
-    if lineno == 1 and text.startswith("\ufeff"):
-        text = text[1:]
-    return text
-
-
-def _read_txt(path: Path, field: str) -> Iterator[str]:
-    block: list[str] = []
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            line = _decode_line(raw, path, lineno).rstrip("\r\n")
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "\n".join(block)
-                block = []
-    if block:
-        yield "\n".join(block)
-
-
-def _doc_from_record(obj: Any, path: Path, lineno: int, field: str) -> str | None:
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object with a '{field}' field, got "
-                        f"{type(obj).__name__}; each line must be one JSON object")
-    if field not in obj:
-        keys = ", ".join(map(str, list(obj)[:20])) or "none"
-        raise DataError(f"{path}:{lineno}: no field '{field}' (keys present: {keys}); choose the text field "
-                        f"with --field / data.field")
-    value = obj[field]
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise DataError(f"{path}:{lineno}: field '{field}' is a {type(value).__name__}, not a string; "
-                        f"choose a text field with --field / data.field")
-    return value
-
-
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    maybe_array = not _ext(path).startswith(".jsonl")  # a .json file may be a JSON array
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            line = _decode_line(raw, path, lineno)
-            if not line.strip():
-                continue
-            if maybe_array:
-                maybe_array = False
-                if line.lstrip().startswith("["):
-                    break
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line "
-                                f"must be one JSON object") from None
-            doc = _doc_from_record(obj, path, lineno, field)
-            if doc is not None:
-                yield doc
-        else:
-            return
-    yield from _read_json_array(path, field)
-
-
-def _read_json_array(path: Path, field: str) -> Iterator[str]:
-    with _open_binary(path) as f:
-        raw = f.read()
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); a .json file must "
-                        f"be a JSON array of objects or one JSON object per line") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: a .json file must be a JSON array of objects or one JSON object per line")
-    for i, obj in enumerate(data):
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}: item {i} is a {type(obj).__name__}, not an object with a '{field}' field")
-        if field not in obj:
-            keys = ", ".join(map(str, list(obj)[:20])) or "none"
-            raise DataError(f"{path}: item {i} has no field '{field}' (keys present: {keys}); choose the text "
-                            f"field with --field / data.field")
-        value = obj[field]
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise DataError(f"{path}: item {i} field '{field}' is a {type(value).__name__}, not a string; "
-                            f"choose a text field with --field / data.field")
-        yield value
-
-
-def _read_csv(path: Path, field: str) -> Iterator[str]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    delimiter = "\t" if _ext(path).startswith(".tsv") else ","
-    with _open_binary(path) as fb:
-        text = io.TextIOWrapper(fb, encoding="utf-8-sig", newline="")
-        reader = csv.reader(text, delimiter=delimiter)
-        try:
-            header = next(reader, None)
-            if header is None:
-                return
-            if field not in header:
-                cols = ", ".join(header[:30]) or "none"
-                raise DataError(f"{path}:1: no column '{field}' (columns: {cols}); choose the text column "
-                                f"with --field / data.field")
-            col = header.index(field)
-            for row in reader:
-                if not row:
-                    continue
-                if col < len(row):
-                    yield row[col]
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 (byte {e.start}); save the file "
-                            f"as UTF-8") from None
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the quoting on that line") from None
-
-
-def _read_parquet(path: Path, field: str) -> Iterator[str]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"reading '{path}' needs pyarrow; install it with 'pip install pyarrow'") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) and OSError variants
-        raise DataError(f"'{path}' is not a readable Parquet file ({str(e).splitlines()[0]})") from None
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise DataError(f"{path}: no column '{field}' (columns: {', '.join(names[:30])}); choose the text "
-                        f"column with --field / data.field")
-    for batch in pf.iter_batches(batch_size=2048, columns=[field]):
-        column = batch.column(0)
-        for value in column.to_pylist():
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"{path}: column '{field}' holds {type(value).__name__} values, not strings; "
-                                f"choose a text column with --field / data.field")
-            yield value
-
-
+# ---------------------------------------------------------------------------------------- reading
+# files: lmforge.data.readers (one reader per format); datasets folders here, beside their resolving
 def _read_hf(res: _Resolved, field: str) -> Iterator[str]:
     try:
         import datasets
@@ -382,15 +216,6 @@ def _read_hf(res: _Resolved, field: str) -> Iterator[str]:
             yield value
 
 
-_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_jsonl, ".csv": _read_csv,
-            ".tsv": _read_csv, ".parquet": _read_parquet}
-
-
-def _reader(path: Path):
-    ext = _ext(path)
-    return _READERS[ext[:-3] if ext.endswith(".gz") else ext]
-
-
 # ---------------------------------------------------------------------------------------- public API
 def iter_documents(spec: str | os.PathLike, field: str = "text", max_docs: int | None = None, *,
                    world_bytes: int = WORLD_BYTES, cache_dir: str | os.PathLike | None = None) -> Iterator[str]:
@@ -412,7 +237,7 @@ def _iter_resolved(res: _Resolved, field: str, max_docs: int | None) -> Iterator
     if res.kind == "hf_dataset":
         streams = [_read_hf(res, field)]
     else:
-        streams = (_reader(f)(f, field) for f in res.files)
+        streams = (reader_for(f)(f, field) for f in res.files)
     for stream in streams:
         for doc in stream:
             if not doc or doc.isspace():

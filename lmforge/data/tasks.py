@@ -109,17 +109,17 @@ class TaskData:
 def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, record)`` for each row of a .jsonl/.json/.csv/.tsv/.parquet file; ``where`` is ``file:line``
     (``file:item N`` for JSON arrays and Parquet rows) for error messages."""
-    from lmforge.data.sources import _decode_line, _ext, _open_binary
+    from lmforge.data.readers import decode_line, file_ext, open_binary
 
     p = Path(path)
     if not p.is_file():
         why = "does not exist" if not p.exists() else "is not a file"
         raise DataError(f"task file '{p}' {why}; pass a .jsonl, .json, .csv, .tsv or .parquet file")
-    ext = _ext(p)
+    ext = file_ext(p)
     if ext.startswith(".jsonl") or ext.startswith(".json"):
-        with _open_binary(p) as f:
+        with open_binary(p) as f:
             raw = f.read()
-        text = _decode_line(raw, p, 1)
+        text = decode_line(raw, p, 1)
         if ext.startswith(".json") and not ext.startswith(".jsonl") and text.lstrip().startswith("["):
             try:
                 rows = json.loads(text)
@@ -139,7 +139,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield _as_record(obj, f"{p}:{lineno}")
     elif ext.startswith(".csv") or ext.startswith(".tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with _open_binary(p) as fb:
+        with open_binary(p) as fb:
             reader = csv.DictReader(io.TextIOWrapper(fb, encoding="utf-8-sig", newline=""),
                                     delimiter="\t" if ext.startswith(".tsv") else ",")
             try:
