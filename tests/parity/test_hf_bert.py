@@ -279,9 +279,3 @@ def test_module_name_map():
         "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     with pytest.raises(ModelError):
         hf_module_name("lm_head")
-
-
-def test_report_max_abs_diff():
-    """Not a check: prints the largest differences seen above (run with -s)."""
-    for k, v in sorted(MAX_ABS_DIFF.items()):
-        print(f"max |lmforge - transformers| {k}: {v:.2e}")

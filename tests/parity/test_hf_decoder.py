@@ -340,9 +340,3 @@ def test_module_name_map():
             for name, _ in DecoderLM(cfg).named_modules():
                 if name and name != "rotary":
                     assert lmforge_module_name(cfg, hf_module_name(cfg, name)) == name
-
-
-def test_report_max_abs_diff():
-    """Not a check: prints the largest differences seen above (run with -s)."""
-    for k, v in sorted(MAX_ABS_DIFF.items()):
-        print(f"max |lmforge - transformers| {k}: {v:.2e}")

@@ -152,9 +152,3 @@ def test_hf_to_lmforge(tmp_path, kind):
     assert model.id2label == LABELS and model.label2id == {n: i for i, n in LABELS.items()}
     assert not model.training and not any(p.is_meta for p in model.parameters())
     _compare(f"hf->lm {kind}", model, hf, kind)
-
-
-def test_report_max_abs_diff():
-    """Runs last: prints the measured max |diff| per comparison (pytest -s shows it)."""
-    for key, diff in sorted(MAX_ABS_DIFF.items()):
-        print(f"{key:24s} {diff:.3g}")
