@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from lmforge.data.loader import PackedWindows  # noqa: E402
-from lmforge.data.objectives import CausalLMObjective  # noqa: E402
+from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
 from lmforge.data.shards import build_shards, train_tokenizer  # noqa: E402
 from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
 from lmforge.models.heads import chunked_cross_entropy  # noqa: E402

@@ -16,11 +16,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lmforge.data.objectives import IGNORE_INDEX
-from lmforge.data.task_objectives import batches
+from lmforge.data.examples import batches
 from lmforge.eval.generate import GenerationConfig, generate
 from lmforge.eval.generate_seq2seq import generate_seq2seq
 from lmforge.eval.task_metrics import accuracy, exact_match, macro_f1, seqeval_f1, token_f1
+from lmforge.objectives.base import IGNORE_INDEX
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -87,7 +87,7 @@ def test_hf_checkpoint_classifier_end_to_end(hf_dirs, tmp_path, family, auto):
     if family == "bert":  # re-initialised, not the pretrained pooler moved by 12 small steps
         base = transformers.BertForPreTraining.from_pretrained(hf_dirs / "bert").bert.pooler.dense.weight
         assert (ref.bert.pooler.dense.weight - base).abs().max() > 0.04  # Adam moves a weight <= ~12 x lr = 0.012
-    from lmforge.data.task_objectives import ClassificationObjective
+    from lmforge.objectives.classification import ClassificationObjective
 
     obj = ClassificationObjective(tok, family, {"neg": 0, "pos": 1}, 64)
     batch = obj.collate([obj.encode({"text": t, "label": "pos"}) for t in TEXTS[:3] + ["good"]])

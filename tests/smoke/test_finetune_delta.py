@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 
 
 def _batch(tok, family):
-    from lmforge.data.task_objectives import ClassificationObjective
+    from lmforge.objectives.classification import ClassificationObjective
 
     obj = ClassificationObjective(tok, family, {"neg": 0, "pos": 1}, 64)
     return obj.collate([obj.encode({"text": t, "label": "pos"}) for t in TEXTS[:3] + ["good"]])

@@ -49,7 +49,7 @@ IDS = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
 
 def train_steps(model: nn.Module, steps: int = 3, weight_decay: float = 0.0) -> None:
     """A few AdamW steps of causal-LM training on IDS (for freezing checks)."""
-    from lmforge.data.objectives import CausalLMObjective
+    from lmforge.objectives.causal_lm import CausalLMObjective
     from lmforge.train.optim import build_optimizer
 
     opt = build_optimizer(model, lr=1e-2, weight_decay=weight_decay)
@@ -316,7 +316,7 @@ def test_frozen_weights_stay_byte_identical_through_training(tmp_path):
 
 
 def test_counted_memory_orders_methods():
-    from lmforge.data.objectives import CausalLMObjective
+    from lmforge.objectives.causal_lm import CausalLMObjective
     from lmforge.train.memory import measure_training_memory
 
     obj = CausalLMObjective(pad_id=0)
