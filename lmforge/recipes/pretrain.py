@@ -29,15 +29,17 @@ from lmforge.data.loader import PackedWindows
 from lmforge.data.objectives import CausalLMObjective
 from lmforge.data.shards import ShardSet, build_shards, train_tokenizer
 from lmforge.data.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab, evaluate_mlm
-from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.decoder_config import DecoderConfig
 from lmforge.data.span import (Seq2SeqObjective, SpanConfig, SpanCorruptionSource, add_sentinels, evaluate_span,
                                t5_special_tokens)
 from lmforge.models.encdec import EncoderDecoderLM
 from lmforge.models.t5_layers import T5Config
-from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.heads import chunked_cross_entropy
 from lmforge.models.flops import flops_per_token
-from lmforge.models.hf import save_model
+from lmforge.models.io import save_model
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
 from lmforge.train.trainer import Trainer, TrainerConfig

@@ -20,7 +20,8 @@ from lmforge.data.mlm import (MLMBatchSource, MLMConfig, MLMObjective, MLMVocab,
 from lmforge.data.world import World, generate_documents
 from lmforge.eval.fill_mask import fill_mask
 from lmforge.eval.pseudo_perplexity import pseudo_perplexity
-from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
