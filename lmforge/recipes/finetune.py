@@ -233,7 +233,7 @@ def select_metric(task_type: str, mode: str) -> str:
 
 
 def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     dist, device = setup_distributed(cfg.distributed, cfg.train.device)
     if dist.enabled:
@@ -326,7 +326,7 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
     """Train, restore the best checkpoint, score the test split once, save; return the results (also
     written to ``RUN_DIR/results.json``)."""
     from lmforge.eval.baselines import task_baselines
-    from lmforge.models.hf import save_model
+    from lmforge.models.io import save_model
 
     t0 = time.perf_counter()
     parts = build(cfg, progress)

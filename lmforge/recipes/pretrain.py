@@ -28,12 +28,14 @@ from lmforge.data.loader import PackedWindows
 from lmforge.data.shards import ShardSet, build_shards, train_tokenizer
 from lmforge.data.span import add_sentinels, t5_special_tokens
 from lmforge.eval.pretrain_eval import evaluate_causal_lm, evaluate_mlm, evaluate_span
-from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.encdec import EncoderDecoderLM
 from lmforge.models.t5_layers import T5Config
-from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.flops import flops_per_token
-from lmforge.models.hf import save_model
+from lmforge.models.io import save_model
 from lmforge.objectives.causal_lm import CausalLMObjective
 from lmforge.objectives.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab
 from lmforge.objectives.seq2seq import Seq2SeqObjective

@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge.core.errors import ModelError  # noqa: E402
-from lmforge.models.encoder import EncoderConfig, EncoderLM  # noqa: E402
+from lmforge.models.encoder import EncoderLM  # noqa: E402
+from lmforge.models.encoder_config import EncoderConfig  # noqa: E402
 from lmforge.models.hf_bert import (hf_module_name, lmforge_module_name, load_bert, save_bert,  # noqa: E402
                                     state_dict_to_hf)
 

@@ -10,8 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge.core.errors import ModelError  # noqa: E402
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
-from lmforge.models.hf import load_config, load_model, save_model  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
+from lmforge.models.hf import load_config  # noqa: E402
+from lmforge.models.io import load_model, save_model  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -12,9 +12,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
-from lmforge.models.encoder import EncoderConfig, EncoderLM  # noqa: E402
-from lmforge.models.hf import load_model, save_model  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
+from lmforge.models.encoder import EncoderLM  # noqa: E402
+from lmforge.models.encoder_config import EncoderConfig  # noqa: E402
+from lmforge.models.io import load_model, save_model  # noqa: E402
 from lmforge.models.hf_task import is_task_dir  # noqa: E402
 from lmforge.models.task import SequenceClassifier, TokenClassifier  # noqa: E402
 

@@ -13,10 +13,12 @@ from torch import nn
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.delta import (DeltaConfig, LoRALinear, apply_delta, load_delta, lora_layers, lora_targets, merge_delta,
                            save_delta)
-from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.encdec import EncoderDecoderLM
 from lmforge.models.t5_layers import T5Config
-from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.layers import Linear
 from lmforge.models.task import SequenceClassifier
 
@@ -375,7 +377,7 @@ def test_review_edge_cases(tmp_path):
 
 
 def test_merge_rebuilds_a_token_classifier(tmp_path):
-    from lmforge.models.hf import load_model, save_model
+    from lmforge.models.io import load_model, save_model
     from lmforge.models.task import TokenClassifier
     from lmforge.recipes.merge import merge
 
