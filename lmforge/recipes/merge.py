@@ -7,16 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from lmforge.core.errors import ModelError
 from lmforge.delta import load_delta, merge_delta, read_delta_meta
+from lmforge.models.hf import load_model, save_model
+from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
+from lmforge.recipes.finetune import resolve_model_dir
 
 
 def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) -> Any:
     """Wrap ``base`` in the classifier the delta was trained with (its head is part of the delta)."""
-    from safetensors import safe_open
-
-    from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
-
     task_type = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS"}.get(meta.get("model_class", ""))
     if task_type is None and (adapter / "adapter_config.json").is_file():
         task_type = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
@@ -49,9 +50,6 @@ def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) 
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_base: bool = True) -> Path:
-    from lmforge.models.hf import load_model, save_model
-    from lmforge.recipes.finetune import resolve_model_dir
-
     base_dir, adapter = resolve_model_dir(str(base_dir)), Path(adapter_dir)
     base, tokenizer = load_model(base_dir)
     meta = read_delta_meta(adapter)
