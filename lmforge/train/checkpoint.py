@@ -79,6 +79,12 @@ def read_best(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint directory ``best.json`` names, or None."""
+    best = read_best(run_dir)
+    return Path(run_dir) / CHECKPOINTS / str(best["path"]) if best is not None else None
+
+
 def write_best(run_dir: str | Path, step: int, value: float, metric: str = "val_loss") -> None:
     """Name the best checkpoint so far: ``{"step", metric: value, "path"}`` (metric default ``val_loss``)."""
     atomic_write_json(Path(run_dir) / CHECKPOINTS / BEST,

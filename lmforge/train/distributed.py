@@ -42,7 +42,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from lmforge.core.errors import ConfigError
+from lmforge.core.errors import ConfigError, LmforgeError, RunError
 from lmforge.train.batching import slice_rows
 
 STRATEGIES = ("auto", "none", "ddp", "zero1", "fsdp")
@@ -148,8 +148,6 @@ class Dist:
         if not self.enabled or self.world_size == 1:
             return batch
         if rows % self.world_size:
-            from lmforge.core.errors import RunError
-
             raise RunError(f"the batch source returned {rows} rows, which {self.world_size} ranks cannot split "
                            f"evenly; next_batch(n) must return exactly n rows")
         per = rows // self.world_size
@@ -186,8 +184,6 @@ class Dist:
         a user error on rank 0 never leaves the other ranks waiting in a collective)."""
         if not (self.enabled and self.world_size > 1):
             return fn()
-        from lmforge.core.errors import LmforgeError
-
         outcome: tuple[Any, ...] = ("ok", None)
         if self.is_main:
             try:
