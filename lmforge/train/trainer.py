@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from lmforge.core.config import to_dict
 from lmforge.core.device import resolve_device
@@ -208,8 +209,6 @@ class Trainer:
         self.loss_module = LossModule(model, objective)
         self.wrapped: nn.Module = wrap(self.loss_module, self.dist, self.device) if self.dist.enabled else self.loss_module
         if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
             if meta:
                 model.to_empty(device=self.device)  # allocates this rank's shards only
             set_model_state_dict(model, full_weights, options=StateDictOptions(full_state_dict=True,
@@ -574,8 +573,6 @@ class Trainer:
         gathered into rank 0's unsharded copy (a collective: every rank calls it; ranks other than 0 get None)."""
         if self.dist.strategy != "fsdp":
             return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.dist.is_main:
             return None
