@@ -2,7 +2,7 @@
 ``c_proj``, no biases) in place of SwiGLU, stored as model_type ``toy`` (llama's config.json and names otherwise).
 
 Everything a new decoder family provides, in one file: a config class (a ``DecoderConfig`` with its own
-``family`` and config.json form), a model class (``DecoderLM`` with its own block), its checkpoint table
+``family``, config.json form and MLP size for the parameter counts), a model class (``DecoderLM`` with its own block), its checkpoint table
 (``DecoderCheckpoint``) and the ``Family`` that ties them to what the other layers ask.  Importing it registers it.
 """
 
@@ -23,6 +23,10 @@ from lmforge.models.layers import GeluMLP
 @dataclass
 class ToyConfig(DecoderConfig):
     family: Literal["toy"] = "toy"
+
+    @property
+    def mlp_matrices(self) -> int:  # GELU's c_fc and c_proj in place of SwiGLU's three (parameter/FLOP counts)
+        return 2
 
     def to_hf(self) -> dict[str, Any]:
         return {**super().to_hf(), "model_type": "toy", "architectures": ["ToyForCausalLM"]}

@@ -9,10 +9,11 @@ Stages run in order and each contributes a section to ``RUN_DIR/report.md`` and 
 5. finetune — the pretrained model fine-tuned on a world task (sentiment; T5: reading-comprehension QA)
    beside the task's majority and bag-of-words baselines.
 
-Any model family pretrains (``model.family``: gpt2, llama, bert, t5); the eval and samples stages follow the
-family: perplexity vs a unigram model for decoders, masked-token / next-sentence accuracy for bert and
-target-token accuracy for t5 beside majority-class baselines, and greedy continuations, fill-mask
-predictions or span infilling as samples.
+Any model family pretrains (``model.family``: gpt2, llama, bert, t5, or a registered one); the eval and samples
+stages follow the family's pretraining objective: perplexity vs a unigram model for causal LMs (gpt2, llama),
+masked-token / next-sentence accuracy for masked LMs (bert) and target-token accuracy for span corruption (t5)
+beside majority-class baselines, and greedy continuations, fill-mask predictions or span infilling as samples.
+The fine-tuning stage's settings follow the family's kind (decoder, encoder, encoder-decoder).
 
 Later issues append stages (delta tuning, SFT, alignment) to :data:`STAGES`.
 """
@@ -37,6 +38,7 @@ from lmforge.eval.fill_mask import fill_mask
 from lmforge.eval.generate import GenerationConfig, generate_text
 from lmforge.eval.generate_seq2seq import generate_seq2seq_text
 from lmforge.eval.perplexity import bits_per_byte, perplexity_of_tokens, unigram_perplexity
+from lmforge.models.families import family_of, get_family
 from lmforge.recipes import pretrain as pretrain_recipe
 from lmforge.recipes.finetune import FinetuneConfig, finetune, finetune_train_defaults
 from lmforge.recipes.pretrain import PretrainConfig, paradigm_parts
@@ -49,17 +51,19 @@ DEFAULT_PROMPTS = [
 ]
 
 
-FAMILY_PROMPTS = {
-    "bert": ["There once was a [MASK] named Lanen Kraidal.", "The town is led by its [MASK].", "12 + 7 = [MASK]"],
-    "t5": ["There once was a <extra_id_0> named Lanen Kraidal who lived in <extra_id_1>.",
-           "Q: Who is the mayor of <extra_id_0>?"],
+# by pretraining objective; any other (causal_lm) continues DEFAULT_PROMPTS
+OBJECTIVE_PROMPTS = {
+    "mlm_nsp": ["There once was a [MASK] named Lanen Kraidal.", "The town is led by its [MASK].", "12 + 7 = [MASK]"],
+    "span": ["There once was a <extra_id_0> named Lanen Kraidal who lived in <extra_id_1>.",
+             "Q: Who is the mayor of <extra_id_0>?"],
 }
 
 
 @dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=list)
-    """Empty: prompts suited to the model family (continuations, [MASK] sentences, T5 sentinels)."""
+    """Empty: prompts suited to the family's pretraining objective (continuations, [MASK] sentences, T5
+    sentinels)."""
     max_new_tokens: int = 48
     temperature: float = 0.0
 
@@ -84,7 +88,8 @@ class PipelineFinetuneConfig:
 
     enabled: bool = True
     task: str = "auto"
-    """A world task; auto: world-sentiment (gpt2, llama, bert) or world-qa-context (t5)."""
+    """A world task; auto: world-sentiment (decoders and encoders: gpt2, llama, bert) or world-qa-context
+    (encoder-decoders: t5)."""
     max_steps: Optional[int] = None
     lr: Optional[float] = None
     """None: the family's calibrated setting (:data:`FINETUNE_DEFAULTS`, as in configs/finetune-*.yaml)."""
@@ -92,10 +97,11 @@ class PipelineFinetuneConfig:
     n_train: int = 8000
 
 
-# family -> (steps, peak lr) of the pipeline's fine-tuning stage; post-LN BERT diverges at 1e-3.  T5 follows
-# configs/finetune-t5-qa.yaml: Adafactor's relative step (1e-2), the tied embedding / LM head frozen.
-FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"gpt2": (200, 1e-3), "llama": (200, 1e-3), "bert": (400, 5e-4),
-                                                   "t5": (400, 1e-2)}
+# family kind -> (steps, peak lr) of the pipeline's fine-tuning stage, calibrated on the built-in families (gpt2 and
+# llama; bert: post-LN BERT diverges at 1e-3; t5 follows configs/finetune-t5-qa.yaml: Adafactor's relative step
+# (1e-2), the tied embedding / LM head frozen).  A registered family starts from its kind's.
+FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"decoder": (200, 1e-3), "encoder": (400, 5e-4),
+                                                   "encoder-decoder": (400, 1e-2)}
 
 
 @dataclass
@@ -148,12 +154,9 @@ def majority_baseline(batches) -> float:
 
 
 def stage_eval(ctx: Context) -> None:
-    family = ctx.parts.model.config.family
-    if family == "bert":
-        return eval_encoder(ctx)
-    if family == "t5":
-        return eval_encdec(ctx)
-    return eval_decoder(ctx)
+    """By the pretraining objective: its own validation metrics beside a baseline; a causal LM's perplexity."""
+    objective = family_of(ctx.parts.model).pretrain_objective
+    return {"mlm_nsp": eval_encoder, "span": eval_encdec}.get(objective, eval_decoder)(ctx)
 
 
 def _val_source(ctx: Context):
@@ -220,10 +223,10 @@ def eval_decoder(ctx: Context) -> None:
 def stage_samples(ctx: Context) -> None:
     s = ctx.cfg.samples
     model, tok = ctx.parts.model.eval(), ctx.parts.tokenizer
-    family = model.config.family
-    prompts = s.prompts or FAMILY_PROMPTS.get(family, DEFAULT_PROMPTS)
+    family = family_of(model)
+    prompts = s.prompts or OBJECTIVE_PROMPTS.get(family.pretrain_objective, DEFAULT_PROMPTS)
     lines = []
-    if family == "bert":
+    if family.pretrain_objective == "mlm_nsp":  # a masked LM does not generate: it fills in [MASK]s
         with torch.inference_mode():
             preds = [fill_mask(model, tok, p, top_k=3) for p in prompts]
         ctx.results["samples"] = [{"prompt": p, "predictions": pr} for p, pr in zip(prompts, preds)]
@@ -234,7 +237,7 @@ def stage_samples(ctx: Context) -> None:
         return
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=ctx.cfg.seed)
     with torch.inference_mode():
-        if family == "t5":
+        if family.kind == "encoder-decoder":
             gen.max_new_tokens = min(gen.max_new_tokens, 24)
             results = generate_seq2seq_text(model, tok, prompts, gen)
             texts = [f"{p}\n→ {tok.decode(r.tokens)}" for p, r in zip(prompts, results)]
@@ -251,22 +254,25 @@ def stage_finetune(ctx: Context) -> None:
     f = ctx.cfg.finetune
     if not f.enabled:
         return
-    family = ctx.cfg.model.family
-    task = f.task if f.task != "auto" else ("world-qa-context" if family == "t5" else "world-sentiment")
-    steps, lr = FINETUNE_DEFAULTS[family]
+    family = get_family(ctx.cfg.model.family)
+    seq2seq = family.kind == "encoder-decoder"
+    task = f.task if f.task != "auto" else ("world-qa-context" if seq2seq else "world-sentiment")
+    steps, lr = FINETUNE_DEFAULTS[family.kind]
     steps, lr = f.max_steps or steps, f.lr or lr
     every = max(1, steps // 4)
     train = dataclasses.replace(finetune_train_defaults(), lr=lr, global_batch_size=f.global_batch_size,
                                 warmup_steps=min(40, steps // 10), eval_every=every, ckpt_every=every,
                                 device=ctx.cfg.train.device, tensorboard=ctx.cfg.train.tensorboard)
-    if family == "t5":  # AdamW at T5's scale overwrites the small attention weights; frozen head: held-out names
+    if seq2seq:  # AdamW at T5's scale overwrites the small attention weights; frozen head: held-out names
         train = dataclasses.replace(train, optimizer="adafactor", freeze=["shared"])
     # counterfactual answers: the model must read the passage, not recall the train entities' answers
     task_cfg = TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source),
                           counterfactual=1.0 if task == "world-qa-context" else 0.0)
     cfg = FinetuneConfig(run_dir=str(ctx.run_dir / "finetune"), seed=ctx.cfg.seed, max_steps=steps,
                          resume="auto", model=str(ctx.run_dir / "model"), task=task_cfg, train=train)
-    if family == "bert":  # a fresh pooler: the NSP-trained one stalls fine-tuning for hundreds of steps (measured)
+    # a fresh pooler (BERT's, which the pooled classifier reads): the NSP-trained one stalls fine-tuning for hundreds
+    # of steps (measured)
+    if family.classifier == "pooled":
         cfg.head.reinit_pooler = True
     result = finetune(cfg)
     ctx.results["finetune"] = {"task": task, "test": result.get("test"), "baselines": result.get("baselines")}

@@ -4,6 +4,10 @@ A config is a (nested) dataclass.  :func:`load_config` reads YAML, applies comma
 as ``train.lr=3e-4`` and builds the dataclass, checking every key and value: an unknown key fails with
 the valid keys and the closest match, a value of the wrong type fails naming the key and the expected
 type.  :func:`save_config` writes the resolved config (every default filled in) next to a run.
+
+A section whose dataclass depends on one of its own keys (``model.family: bert`` -> BERT's config) is either a
+union of dataclasses told apart by their ``family`` Literals, or ``Annotated[Any, choice]`` with a
+:class:`SectionChoice` that a higher layer provides (the model-family registry: core knows no model classes).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import difflib
 import os
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -39,18 +43,61 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class SectionChoice:
+    """Field metadata, ``Annotated[Any, choice]``: the section's dataclass is picked, when a config is read, by the
+    value of its key ``key`` (``default`` when absent) through :meth:`resolve`.  Subclasses implement the three
+    methods; :meth:`names` and :meth:`classes` word the errors."""
+
+    key: str = "family"
+    default: Any = None
+
+    def resolve(self, tag: Any) -> type | None:
+        """The dataclass for ``tag``, None when unknown."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """The known values of ``key``."""
+        raise NotImplementedError
+
+    def classes(self) -> list[type]:
+        """The dataclasses the section may be."""
+        raise NotImplementedError
+
+
+class _UnionChoice(SectionChoice):
+    """A union of config dataclasses as a choice, by their ``family`` Literals; no family key: the first class."""
+
+    def __init__(self, classes: list[type]) -> None:
+        self._classes = classes
+
+    def resolve(self, tag: Any) -> type | None:
+        if tag is None:
+            return self._classes[0]
+        return next((cls for cls in self._classes if tag in _family_values(cls)), None)
+
+    def names(self) -> list[str]:
+        return [str(f) for cls in self._classes for f in _family_values(cls)]
+
+    def classes(self) -> list[type]:
+        return list(self._classes)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against type ``tp`` (converting where unambiguous) or raise ConfigError."""
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        inner, *meta = get_args(tp)
+        choice = next((m for m in meta if isinstance(m, SectionChoice)), None)
+        return _coerce(value, inner, where) if choice is None else _coerce_choice(value, choice, where)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
         classes = [a for a in args if dataclasses.is_dataclass(a)]
         if len(classes) > 1 and isinstance(value, dict):
-            return _coerce_tagged(value, classes, where)
+            return _coerce_choice(value, _UnionChoice(classes), where)
         errors = []
         # Try the most specific types first so that "3" stays a str for `int | str` only if it is not an int.
         for arg in args:
@@ -119,23 +166,27 @@ def _family_values(cls: type) -> tuple[Any, ...]:
     return get_args(hint) if get_origin(hint) is Literal else ()
 
 
-def _coerce_tagged(value: dict[str, Any], classes: list[type], where: str) -> Any:
-    """A union of config dataclasses is told apart by its ``family`` key (e.g. model.family: gpt2 | bert | t5);
-    without one, the first class's default family applies."""
-    family = value.get("family")
-    if family is None:
-        return from_dict(classes[0], value, prefix=where + ".")
-    for cls in classes:
-        if family in _family_values(cls):
-            return from_dict(cls, value, prefix=where + ".")
-    known = [str(f) for cls in classes for f in _family_values(cls)]
-    raise ConfigError(f"config key '{where}.family': {family!r} is not one of {', '.join(known)}"
-                      f"{_closest(str(family), known)}")
+def _coerce_choice(value: Any, choice: SectionChoice, where: str) -> Any:
+    """A section whose dataclass ``choice`` picks by one of its keys (e.g. model.family: gpt2 | bert | t5)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # built by code, not read from YAML
+        cls = choice.resolve(getattr(value, choice.key, None))
+        if cls is not None and isinstance(value, cls):
+            return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{where}': {value!r} is not a valid "
+                          f"{' | '.join(cls.__name__ for cls in choice.classes())}")
+    tag = value.get(choice.key)
+    cls = choice.resolve(choice.default if tag is None else tag)
+    if cls is None:
+        known = [str(n) for n in choice.names()]
+        raise ConfigError(f"config key '{where}.{choice.key}': {tag!r} is not one of {', '.join(known)}"
+                          f"{_closest(str(tag), known)}")
+    return from_dict(cls, value, prefix=where + ".")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a dict, rejecting unknown keys by name."""
-    hints = get_type_hints(cls)
+    hints = get_type_hints(cls, include_extras=True)  # extras: a SectionChoice in Annotated[...]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in data.items():

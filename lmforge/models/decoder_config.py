@@ -113,6 +113,18 @@ class DecoderConfig:
         return -(-8 * self.d_model // (3 * 64)) * 64  # ceil(8d/3) rounded up to a multiple of 64
 
     @property
+    def architecture(self) -> Literal["gpt2", "llama"]:
+        """The built-in layout the config describes: gpt2's, or llama's, which a variant family builds on
+        (parameter and FLOP counts ask this, not the family name)."""
+        return "gpt2" if self.family == "gpt2" else "llama"
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of a block's MLP: 2 (GELU: ``c_fc``, ``c_proj``) for gpt2, 3 (SwiGLU: gate, up, down)
+        for llama; a variant family with another MLP overrides it."""
+        return 2 if self.architecture == "gpt2" else 3
+
+    @property
     def has_attention_bias(self) -> bool:
         return self.family == "gpt2" or bool(self.attention_bias)
 

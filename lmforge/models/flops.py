@@ -46,10 +46,11 @@ def count_params(model: nn.Module, non_embedding: bool = True, trainable_only: b
 
 
 def config_params(config: DecoderConfig, non_embedding: bool = True) -> int:
-    """Parameter count of ``DecoderLM(config)`` from its shape alone (no model built)."""
+    """Parameter count of ``DecoderLM(config)`` (or a variant family's model) from its shape alone (no model
+    built): the layout is the config's ``architecture``, the MLP's size its ``mlp_matrices``."""
     c = config
     d, f, L, V = c.d_model, c.ffn_dim, c.n_layer, c.vocab_size
-    if c.family == "gpt2":
+    if c.architecture == "gpt2":
         attn = d * 3 * d + 3 * d + d * d + d
         mlp = d * f + f + f * d + d
         norms = 2 * 2 * d
@@ -62,7 +63,8 @@ def config_params(config: DecoderConfig, non_embedding: bool = True) -> int:
             attn += d + 2 * kv
         if c.has_attention_bias:
             attn += d
-        mlp = 3 * d * f + ((2 * f + d) if c.has_mlp_bias else 0)
+        m = c.mlp_matrices  # each has a bias of its output width when biased: f each, d for the last
+        mlp = m * d * f + (((m - 1) * f + d) if c.has_mlp_bias else 0)
         norms = 2 * d
         final_norm = d
         embeddings = V * d

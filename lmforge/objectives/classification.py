@@ -1,7 +1,8 @@
 """Sequence classification: one label per sequence, for a :class:`~lmforge.models.task.SequenceClassifier`.
 
-BERT reads ``[CLS] a [SEP] (b [SEP])`` with segment ids; decoders read ``a (\\n b) EOS`` and classify the last real
-token.  Optional GPT-1 auxiliary LM loss (Radford et al. 2018, §3.2: L3 = L2 + λ·L1) on the input text,
+The input follows the family's classifier layout (``Family.classifier``): a pooled classifier (BERT) reads
+``[CLS] a [SEP] (b [SEP])`` with segment ids; a last-token one (decoders) reads ``a (\\n b) EOS`` and classifies the
+last real token.  Optional GPT-1 auxiliary LM loss (Radford et al. 2018, §3.2: L3 = L2 + λ·L1) on the input text,
 λ = ``aux_lm_weight``, added per example as the mean token loss.
 """
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.errors import ConfigError
+from lmforge.models.families import get_family
 from lmforge.objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput
 from lmforge.objectives.encoding import TaskEncoding, pad_sequences, padding_mask
 
@@ -21,8 +23,9 @@ from lmforge.objectives.encoding import TaskEncoding, pad_sequences, padding_mas
 class ClassificationObjective(TaskEncoding, Objective):
     """Cross-entropy over one label per sequence; metric ``correct``.
 
-    Batch: ``input_ids``/``attention_mask`` ``[B, T]`` (right-padded), ``token_type_ids`` (bert), ``labels``
-    ``[B]``, and ``lm_labels`` ``[B, T]`` when the auxiliary LM loss is on.
+    Batch: ``input_ids``/``attention_mask`` ``[B, T]`` (right-padded), ``token_type_ids`` (pooled: bert),
+    ``labels`` ``[B]``, and ``lm_labels`` ``[B, T]`` when the auxiliary LM loss is on.  ``family`` is a registered
+    family's name.
     """
 
     def __init__(self, tokenizer: Any, family: str, label2id: dict[str, int], max_length: int,
@@ -30,11 +33,13 @@ class ClassificationObjective(TaskEncoding, Objective):
         super().__init__(tokenizer, max_length)
         self.family, self.label2id, self.aux_lm_weight = family, dict(label2id), float(aux_lm_weight)
         self.append_eos = bool(append_eos)  # decoders: the classifier reads EOS (True) or the text's last token
-        if self.aux_lm_weight and family == "bert":
+        fam = get_family(family)
+        self.pooled = fam.classifier == "pooled"  # [CLS] a [SEP] b [SEP]; else the text ends where it is classified
+        if self.aux_lm_weight and self.pooled:  # the auxiliary loss is a decoder's next-token loss on the input
             raise ConfigError("head.aux_lm_weight is the GPT-1 auxiliary language-model loss and needs a decoder "
                               "(gpt2, llama); set it to 0 for bert")
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        if family == "bert":
+        if self.pooled:
             self.cls_id, self.sep_id = tokenizer.cls_id, tokenizer.sep_id
             if self.cls_id is None or self.sep_id is None:
                 raise ConfigError("the BERT tokenizer has no [CLS]/[SEP] tokens (cls_token/sep_token); classification "
@@ -45,7 +50,7 @@ class ClassificationObjective(TaskEncoding, Objective):
 
     def encode(self, rec: dict[str, Any]) -> dict[str, Any]:
         a, b = self.ids(rec["text"]), self.ids(rec["text_pair"]) if rec.get("text_pair") else None
-        if self.family == "bert":
+        if self.pooled:
             budget = self.max_length - (3 if b is not None else 2)
         else:
             sep = self.ids("\n")
@@ -59,7 +64,7 @@ class ClassificationObjective(TaskEncoding, Objective):
                     b = b[:-1]
                 else:
                     a = a[:-1]
-        if self.family == "bert":
+        if self.pooled:
             ids = [self.cls_id, *a, self.sep_id]
             types = [0] * len(ids)
             if b is not None:

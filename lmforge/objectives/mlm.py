@@ -40,6 +40,10 @@ from lmforge.objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput
 
 _VAL_SEED = 0x5EED  # validation masks come from their own fixed generator
 
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+"""The special tokens (first ids, in this order) of a tokenizer trained for masked-LM pretraining: the roles
+:class:`MLMVocab` reads, spelled as BERT's."""
+
 
 @dataclass
 class MLMConfig:

@@ -4,6 +4,10 @@ Built in: ``causal_lm`` (GPT-2, Llama), ``mlm_nsp`` (BERT; ``mlm.nsp: false`` dr
 family names its pretraining objective by one of these names; a recipe looks the name up here for the objective
 and its batch source, and in :data:`lmforge.eval.pretrain_eval.EVALUATORS` for its validation evaluator (eval
 sits above objectives).  Code outside lmforge adds its own with :func:`register`.
+
+A spec also says what a tokenizer trained for it holds (``special_tokens``, ``sentinels``): the objective is what
+needs them (masking reads [MASK]/[CLS]/[SEP], span corruption the sentinels on the last ids), so a family that
+picks an objective gets a tokenizer that fits it.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from typing import Any, Callable
 
 from lmforge.core.errors import ConfigError
 from lmforge.data.loader import PackedWindows
+from lmforge.data.span import t5_special_tokens
 from lmforge.objectives.base import Objective
 from lmforge.objectives.causal_lm import CausalLMObjective
-from lmforge.objectives.mlm import MLMBatchSource, MLMObjective, MLMVocab
+from lmforge.objectives.mlm import BERT_SPECIAL_TOKENS, MLMBatchSource, MLMObjective, MLMVocab
 from lmforge.objectives.seq2seq import Seq2SeqObjective
 from lmforge.objectives.span import SpanCorruptionSource
 
@@ -32,6 +37,12 @@ class PretrainingObjective:
     """``source(shards, split, tokenizer, *, seq_len, settings, seed, shuffle)`` -> a batch source over a
     :class:`~lmforge.data.shards.ShardSet` split (``next_batch``, ``state_dict``, ``val_batches``)."""
     settings_key: str | None = None
+    special_tokens: tuple[str, ...] | None = None
+    """Special tokens (the first ids, in order) of a tokenizer trained for the objective; None: the tokenizer's
+    default (``<|endoftext|>`` = BOS = EOS, ``<|pad|>``)."""
+    sentinels: int = 0
+    """Sentinels ``<extra_id_i>`` appended to such a tokenizer after training, on ids ``vocab_size - 1 - i`` (span
+    corruption's; :func:`lmforge.data.span.add_sentinels`), out of the same vocabulary size."""
 
 
 _OBJECTIVES: dict[str, PretrainingObjective] = {}
@@ -77,7 +88,7 @@ register(PretrainingObjective(
     "causal_lm", lambda tokenizer, settings, seed: CausalLMObjective(pad_id=tokenizer.pad_id or 0), _windows))
 register(PretrainingObjective(
     "mlm_nsp", lambda tokenizer, settings, seed: MLMObjective(MLMVocab.from_tokenizer(tokenizer), settings, seed=seed),
-    _mlm_batches, settings_key="mlm"))
+    _mlm_batches, settings_key="mlm", special_tokens=BERT_SPECIAL_TOKENS))
 register(PretrainingObjective(
     "span", lambda tokenizer, settings, seed: Seq2SeqObjective(pad_id=tokenizer.pad_id or 0), _span_batches,
-    settings_key="span"))
+    settings_key="span", special_tokens=tuple(t5_special_tokens()), sentinels=100))  # T5's 100 sentinels

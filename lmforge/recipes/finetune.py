@@ -1,6 +1,7 @@
 """`lmforge finetune`: adapt a pretrained model (lmforge run or HF checkpoint dir) of any family to a task.
 
-What each family does with each task type (``task.type``):
+What each family does with each task type (``task.type``), as the family registry's plans say
+(``Family.plan``; a registered family brings its own):
 
 =================  ============================  ==========================  =========================
 family             classification                token_classification        text2text
@@ -41,6 +42,7 @@ from lmforge.data.tasks import TaskConfig, TaskData, load_task
 from lmforge.delta import DeltaConfig, DeltaSummary, apply_delta, merge_delta, mergeable, save_delta
 from lmforge.eval.baselines import task_baselines
 from lmforge.eval.task_eval import evaluate_classification, evaluate_text2text, evaluate_token_classification
+from lmforge.models.families import family_of, get_family
 from lmforge.models.io import load_model, save_model
 from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
 from lmforge.objectives.classification import ClassificationObjective
@@ -131,8 +133,8 @@ def resolve_model_dir(path: str) -> Path:
 def _max_length(cfg: FinetuneConfig, model_cfg: Any) -> int:
     limit = getattr(model_cfg, "max_seq_len", None)
     # a soft prompt takes the first positions, and so does a decoder's prefix (t5 has no limit: relative positions)
-    methods = cfg.peft.methods
-    shifted = "prompt" in methods or ("prefix" in methods and getattr(model_cfg, "family", "") in ("gpt2", "llama"))
+    methods, family = cfg.peft.methods, family_of(model_cfg)
+    shifted = "prompt" in methods or ("prefix" in methods and family is not None and family.kind == "decoder")
     prompt = cfg.peft.num_virtual_tokens if shifted else 0
     if limit is not None and prompt:
         limit -= prompt
@@ -142,23 +144,6 @@ def _max_length(cfg: FinetuneConfig, model_cfg: Any) -> int:
         raise ConfigError(f"task.max_length={cfg.task.max_length} exceeds the model's max_seq_len={limit}"
                           + (f" (after the {prompt} prompt/prefix positions)" if prompt else "") + "; lower it")
     return cfg.task.max_length
-
-
-def plan(family: str, task_type: str) -> str:
-    """How ``family`` does ``task_type``: 'head', 'token_head', 'seq2seq' or 'completion' (or a ConfigError)."""
-    table = {
-        ("bert", "classification"): "head", ("bert", "token_classification"): "token_head",
-        ("gpt2", "classification"): "head", ("llama", "classification"): "head",
-        ("gpt2", "text2text"): "completion", ("llama", "text2text"): "completion",
-        ("t5", "classification"): "seq2seq", ("t5", "text2text"): "seq2seq",
-    }
-    if (family, task_type) in table:
-        return table[(family, task_type)]
-    why = {
-        "text2text": "BERT has no decoder to generate text; use a gpt2/llama or t5 model, or a classification task",
-        "token_classification": "token classification needs a bidirectional encoder (bert)",
-    }.get(task_type, "")
-    raise ConfigError(f"task type '{task_type}' is not available for model family '{family}': {why}")
 
 
 def as_text2text(task: TaskData) -> TaskData:
@@ -202,12 +187,12 @@ def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.
         else:
             backbone = getattr(base, "backbone", base)
             model = cls(backbone, list(task.labels), dropout=cfg.head.dropout)
-            if cfg.head.reinit_pooler:
-                if mode != "head" or model.family != "bert":
+            if cfg.head.reinit_pooler:  # the pooler is the pooled classifier's (BERT's)
+                if mode != "head" or get_family(model.family).classifier != "pooled":
                     raise ConfigError(f"head.reinit_pooler applies to BERT sequence classifiers, not a {model.family} "
                                       f"{'token classifier' if mode == 'token_head' else 'model'}; remove it")
                 backbone.pooler.reset_parameters()  # a delta must then train it (checked after apply_delta)
-        if model.family in ("gpt2", "llama"):
+        if get_family(model.family).needs_pad_token:
             ensure_pad_token(model, tokenizer)
         return model
     if isinstance(base, (SequenceClassifier, TokenClassifier)):
@@ -248,7 +233,7 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
     if tokenizer is None:
         raise ModelError(f"'{cfg.model}' has no tokenizer.json; fine-tuning needs the model's tokenizer saved with it")
     family = base.config.family
-    mode = plan(family, task.type)
+    mode = get_family(family).plan(task.type)
     if mode == "seq2seq":
         task_t2t = as_text2text(task)
     else:

@@ -1,9 +1,11 @@
 """`lmforge pretrain`: tokenizer → token shards → model → Trainer → HF model dir, for every family.
 
-The objective follows the model family (``model.family``): causal LM for decoders (gpt2, llama), masked
-LM + next-sentence prediction for encoders (bert), span corruption for encoder–decoders (t5).  The
-family-specific parts — special tokens, the batch source, the objective, the evaluator — are chosen in
-:func:`paradigm_parts`; everything else (shards, Trainer, checkpoints, resume, metrics) is shared.
+The model family (``model.family``, any registered one) gives the config class the ``model:`` section is read as
+(:class:`FamilySection`), the model class, and the pretraining objective by name: causal LM for decoders (gpt2,
+llama), masked LM + next-sentence prediction for encoders (bert), span corruption for encoder–decoders (t5).  The
+objective's parts — the special tokens of a new tokenizer, the batch source, the objective, the evaluator — come
+from :mod:`lmforge.objectives.registry` and :data:`lmforge.eval.pretrain_eval.EVALUATORS` (:func:`paradigm_parts`);
+everything else (shards, Trainer, checkpoints, resume, metrics) is shared.
 
 Mostly wiring.  The tokenizer is, in order of preference: the one saved in the run dir (resume), the
 one named by ``tokenizer.path``, or a new byte-level BPE trained on the run's own data and saved to
@@ -16,30 +18,24 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 
-from lmforge.core.config import load_config, to_dict
+from lmforge.core.config import SectionChoice, load_config, to_dict
 from lmforge.core.errors import ConfigError, DataError, ModelError
 from lmforge.core.seed import seed_everything
 from lmforge.core.tokenizer import Tokenizer
-from lmforge.data.loader import PackedWindows
 from lmforge.data.shards import ShardSet, build_shards, train_tokenizer
-from lmforge.data.span import add_sentinels, t5_special_tokens
-from lmforge.eval.pretrain_eval import evaluate_causal_lm, evaluate_mlm, evaluate_span
-from lmforge.models.decoder import DecoderLM
+from lmforge.data.span import add_sentinels
+from lmforge.eval.pretrain_eval import EVALUATORS
 from lmforge.models.decoder_config import DecoderConfig
-from lmforge.models.encdec import EncoderDecoderLM
-from lmforge.models.t5_layers import T5Config
-from lmforge.models.encoder import EncoderLM
-from lmforge.models.encoder_config import EncoderConfig
+from lmforge.models.families import families, get_family
 from lmforge.models.flops import flops_per_token
 from lmforge.models.io import save_model
-from lmforge.objectives.causal_lm import CausalLMObjective
-from lmforge.objectives.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab
-from lmforge.objectives.seq2seq import Seq2SeqObjective
-from lmforge.objectives.span import SpanConfig, SpanCorruptionSource
+from lmforge.objectives.mlm import MLMConfig
+from lmforge.objectives.registry import PretrainingObjective, pretraining_objective
+from lmforge.objectives.span import SpanConfig
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
 from lmforge.train.trainer import Evaluation, FitResult, RunSpec, Trainer, TrainerConfig
@@ -73,14 +69,31 @@ class TokenizerConfig:
     """Text used to train a new tokenizer (the first bytes of the data)."""
 
 
+class FamilySection(SectionChoice):
+    """The ``model:`` section is the config class of the family that ``model.family`` names (gpt2 when unset),
+    through the family registry, so a family registered anywhere is read from YAML and overrides alike."""
+
+    key, default = "family", "gpt2"
+
+    def resolve(self, tag: Any) -> type | None:
+        return get_family(tag).config_class if tag in self.names() else None
+
+    def names(self) -> list[str]:
+        return [f.name for f in families()]
+
+    def classes(self) -> list[type]:
+        return list(dict.fromkeys(f.config_class for f in families()))  # llama shares gpt2's DecoderConfig
+
+
 @dataclass
 class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
     max_steps: int = 1000
     resume: Literal["auto", "true", "false"] = "false"
-    model: DecoderConfig | EncoderConfig | T5Config = field(default_factory=DecoderConfig)
-    """The architecture; ``model.family`` (gpt2 | llama | bert | t5) picks the config fields and the objective."""
+    model: Annotated[Any, FamilySection()] = field(default_factory=DecoderConfig)
+    """The architecture; ``model.family`` (gpt2 | llama | bert | t5, or a registered family) picks the config
+    fields and the objective."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
@@ -92,16 +105,9 @@ class PretrainConfig:
     """Data parallelism under torchrun (ddp, zero1, fsdp); see lmforge/train/distributed.py."""
 
 
-BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-T5_SENTINELS = 100
-
-
-def special_tokens_for(family: str) -> list[str] | None:
-    """Special tokens of a newly trained tokenizer; None = the decoder default (<|endoftext|>, <|pad|>).
-    T5's sentinels are appended after training (they take the last ids), see :func:`resolve_tokenizer`."""
-    return {"bert": BERT_SPECIAL_TOKENS, "t5": t5_special_tokens()}.get(family)
+def objective_spec(model_cfg: Any) -> PretrainingObjective:
+    """The pretraining objective the model config's family names."""
+    return pretraining_objective(get_family(model_cfg.family).pretrain_objective)
 
 
 def max_len_of(cfg: Any) -> int | None:
@@ -115,13 +121,14 @@ def resolve_tokenizer(cfg: PretrainConfig, resuming: bool) -> Tokenizer:
     if cfg.tokenizer.path:
         return Tokenizer.load(cfg.tokenizer.path)
     vocab = cfg.tokenizer.vocab_size or cfg.model.vocab_size
-    family = cfg.model.family
-    tok = train_tokenizer(cfg.data.source, vocab - (T5_SENTINELS if family == "t5" else 0), saved,
-                          special_tokens=special_tokens_for(family), max_bytes=cfg.tokenizer.train_bytes,
+    spec = objective_spec(cfg.model)  # its special tokens; sentinels are appended after training (the last ids)
+    specials = None if spec.special_tokens is None else list(spec.special_tokens)
+    tok = train_tokenizer(cfg.data.source, vocab - spec.sentinels, saved,
+                          special_tokens=specials, max_bytes=cfg.tokenizer.train_bytes,
                           field=cfg.data.field, world_bytes=cfg.data.world_bytes,
                           model_max_length=max_len_of(cfg.model))
-    if family == "t5":  # <extra_id_i> = vocab_size - 1 - i, as T5 expects
-        tok = add_sentinels(tok, T5_SENTINELS)
+    if spec.sentinels:  # <extra_id_i> = vocab_size - 1 - i, as T5 expects
+        tok = add_sentinels(tok, spec.sentinels)
         tok.save(saved)
     return tok
 
@@ -137,16 +144,8 @@ def model_config_for(cfg: Any, tokenizer: Tokenizer) -> Any:
 
 
 def build_model(cfg: Any) -> torch.nn.Module:
-    if isinstance(cfg, T5Config):
-        return EncoderDecoderLM(cfg)
-    return EncoderLM(cfg) if isinstance(cfg, EncoderConfig) else DecoderLM(cfg)
-
-
-def lm_evaluator(val: PackedWindows | None, batch_size: int, max_batches: int):
-    """Mean next-token loss (and perplexity) over the first ``max_batches`` validation windows."""
-    if val is None:
-        return None
-    return lambda model: evaluate_causal_lm(model, val.val_batches(batch_size, max_batches or None))
+    """The model class of the config's family, freshly initialised."""
+    return get_family(cfg.family).model_class(cfg)
 
 
 def paradigm_parts(cfg: PretrainConfig, shards: ShardSet, tokenizer: Tokenizer, split: str = "train"
@@ -154,34 +153,25 @@ def paradigm_parts(cfg: PretrainConfig, shards: ShardSet, tokenizer: Tokenizer, 
     """(objective, batch source over ``split``, evaluator) for the model family's pretraining objective.
 
     The source shuffles for the train split; the evaluator reads the val split in a fixed order (fixed masks
-    and corruptions), or is None when the val split is too small for one window."""
-    seq, family = cfg.data.seq_len, cfg.model.family
+    and corruptions), or is None when the val split is too small for one window (or the objective has no
+    evaluator in :data:`~lmforge.eval.pretrain_eval.EVALUATORS`)."""
+    spec = objective_spec(cfg.model)
+    settings = getattr(cfg, spec.settings_key) if spec.settings_key else None  # e.g. cfg.mlm, cfg.span
     eval_bs = cfg.train.micro_batch_size or cfg.train.global_batch_size
     max_batches = cfg.train.eval_max_batches or None
-    shuffle = split == "train"
 
     def source(split: str, shuffle: bool):
-        if family == "t5":
-            return SpanCorruptionSource.from_shards(shards, split, tokenizer, cfg.span, seed=cfg.seed, shuffle=shuffle)
-        if family == "bert":
-            return MLMBatchSource.from_shards(shards, split, tokenizer, seq, cfg.mlm, seed=cfg.seed, shuffle=shuffle)
-        return PackedWindows(shards.tokens(split), seq, seed=cfg.seed, shuffle=shuffle)
+        return spec.source(shards, split, tokenizer, seq_len=cfg.data.seq_len, settings=settings, seed=cfg.seed,
+                           shuffle=shuffle)
 
-    src = source(split, shuffle)
+    src = source(split, split == "train")
     try:
         val = source("val", False)
     except (DataError, ConfigError):  # too little validation text for one window: train without validation
         val = None
-    if family == "t5":
-        objective, evaluate = Seq2SeqObjective(pad_id=tokenizer.pad_id or 0), evaluate_span
-    elif family == "bert":
-        objective, evaluate = MLMObjective(MLMVocab.from_tokenizer(tokenizer), cfg.mlm, seed=cfg.seed), evaluate_mlm
-    else:
-        objective, evaluate = CausalLMObjective(pad_id=tokenizer.pad_id or 0), None
-    if val is None:
+    objective, evaluate = spec.objective(tokenizer, settings, cfg.seed), EVALUATORS.get(spec.name)
+    if val is None or evaluate is None:
         evaluator = None
-    elif evaluate is None:
-        evaluator = lm_evaluator(val, eval_bs, cfg.train.eval_max_batches)
     else:
         evaluator = lambda model: evaluate(model, val.val_batches(eval_bs, max_batches))  # noqa: E731
     return objective, src, evaluator
@@ -236,6 +226,7 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
     else:
         model = build_model(model_cfg)
     objective, train_src, evaluator = paradigm_parts(cfg, shards, tokenizer)
+    # FLOPs are counted for decoder configs (a variant family's included): mfu in the log lines
     fpt = flops_per_token(model_cfg, cfg.data.seq_len) if isinstance(model_cfg, DecoderConfig) else None
     # pretraining exports the final model: the best checkpoint by val_loss is kept, not restored
     trainer = Trainer(model, objective, train_src, cfg.train,

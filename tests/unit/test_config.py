@@ -1,9 +1,10 @@
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import pytest
 
-from lmforge.core.config import diff_configs, dump_yaml, load_config, parse_overrides, save_config, to_dict
+from lmforge.core.config import (SectionChoice, diff_configs, dump_yaml, load_config, parse_overrides, save_config,
+                                 to_dict)
 from lmforge.core.errors import ConfigError
 
 
@@ -127,3 +128,34 @@ def test_model_section_is_chosen_by_family():
         load_config(HasModel, None, ["model.family=bert", "model.width=3"])
     with pytest.raises(ConfigError, match="did you mean 'bert'"):
         load_config(HasModel, None, ["model.family=bertt"])
+
+
+class _Registry(SectionChoice):
+    """A section chosen through a registry a higher layer owns (here a dict that grows after the field is declared)."""
+
+    key, default = "family", "deca"
+    known: dict[str, type] = {"deca": DecA}
+
+    def resolve(self, tag):
+        return self.known.get(tag)
+
+    def names(self):
+        return list(self.known)
+
+    def classes(self):
+        return list(dict.fromkeys(self.known.values()))
+
+
+@dataclass
+class HasChosenModel:
+    model: Annotated[Any, _Registry()] = field(default_factory=DecA)
+
+
+def test_model_section_is_chosen_by_a_resolver(monkeypatch):
+    assert load_config(HasChosenModel, None, ["model.width=4"]).model == DecA(width=4)
+    with pytest.raises(ConfigError, match=r"^config key 'model.family': 'bert' is not one of deca$"):
+        load_config(HasChosenModel, None, ["model.family=bert"])
+    monkeypatch.setitem(_Registry.known, "bert", EncB)  # registered later: now it reads
+    assert load_config(HasChosenModel, None, ["model.family=bert", "model.layers=3"]).model == EncB(layers=3)
+    with pytest.raises(ConfigError, match=r"^config key 'model': 3 is not a valid DecA \| EncB$"):
+        load_config(HasChosenModel, None, ["model=3"])
