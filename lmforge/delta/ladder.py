@@ -109,8 +109,8 @@ _RANKERS = {"gpt2": ("mlp.c_fc.weight", None, None, None), "llama": ("mlp.up_pro
                      "attention.self.value.weight")}
 
 
-
 # ---- the side network ----------------------------------------------------------------------------------------
+
 class LadderSide(nn.Module):
     """The side network: ``downs`` (L + 1), ``gates`` (L alphas), ``blocks`` (L), ``norm``, ``up``; ``config`` is
     the side width's model config (the backbone's with ``d_model``/``d_ff`` narrowed)."""
@@ -176,35 +176,6 @@ def _row_norms(w: torch.Tensor) -> torch.Tensor:
     return w.detach().float().norm(dim=1)
 
 
-# family -> (param name in a block) -> roles of its dims: "hid" residual, "ffn", "qk"/"kv_qk" query/key dims of the
-# (query / key-value) heads, "v"/"o" value dims of the key-value heads / of every query head, "qkv" gpt2's fused
-_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
-    "gpt2": {"attn_norm.weight": ("hid",), "attn_norm.bias": ("hid",), "mlp_norm.weight": ("hid",),
-             "mlp_norm.bias": ("hid",), "attn.c_attn.weight": ("qkv", "hid"), "attn.c_attn.bias": ("qkv",),
-             "attn.c_proj.weight": ("hid", "o"), "attn.c_proj.bias": ("hid",), "mlp.c_fc.weight": ("ffn", "hid"),
-             "mlp.c_fc.bias": ("ffn",), "mlp.c_proj.weight": ("hid", "ffn"), "mlp.c_proj.bias": ("hid",)},
-    "llama": {"attn_norm.weight": ("hid",), "mlp_norm.weight": ("hid",), "attn.q_proj.weight": ("qk", "hid"),
-              "attn.q_proj.bias": ("qk",), "attn.k_proj.weight": ("kv_qk", "hid"), "attn.k_proj.bias": ("kv_qk",),
-              "attn.v_proj.weight": ("v", "hid"), "attn.v_proj.bias": ("v",), "attn.o_proj.weight": ("hid", "o"),
-              "attn.o_proj.bias": ("hid",), "mlp.gate_proj.weight": ("ffn", "hid"), "mlp.up_proj.weight": ("ffn", "hid"),
-              "mlp.down_proj.weight": ("hid", "ffn"), "mlp.gate_proj.bias": ("ffn",), "mlp.up_proj.bias": ("ffn",),
-              "mlp.down_proj.bias": ("hid",)},
-    "bert": {"attention.self.query.weight": ("qk", "hid"), "attention.self.query.bias": ("qk",),
-             "attention.self.key.weight": ("kv_qk", "hid"), "attention.self.key.bias": ("kv_qk",),
-             "attention.self.value.weight": ("v", "hid"), "attention.self.value.bias": ("v",),
-             "attention.output.dense.weight": ("hid", "o"), "attention.output.dense.bias": ("hid",),
-             "attention.output.LayerNorm.weight": ("hid",), "attention.output.LayerNorm.bias": ("hid",),
-             "intermediate.dense.weight": ("ffn", "hid"), "intermediate.dense.bias": ("ffn",),
-             "output.dense.weight": ("hid", "ffn"), "output.dense.bias": ("hid",),
-             "output.LayerNorm.weight": ("hid",), "output.LayerNorm.bias": ("hid",)},
-}
-# the parameter whose rows rank the FFN units, and the q / k / v weights that rank head dims
-_RANKERS = {"gpt2": ("mlp.c_fc.weight", None, None, None), "llama": ("mlp.up_proj.weight", "attn.q_proj.weight",
-                                                                   "attn.k_proj.weight", "attn.v_proj.weight"),
-            "bert": ("intermediate.dense.weight", "attention.self.query.weight", "attention.self.key.weight",
-                     "attention.self.value.weight")}
-
-
 @torch.no_grad()
 def prune_block(side: nn.Module, block: nn.Module, family: str, hid: torch.Tensor, c: Any, cs: Any) -> None:
     """Copy ``block``'s weights at the most important indices into the narrower ``side`` block (same class)."""
@@ -219,7 +190,8 @@ def prune_block(side: nn.Module, block: nn.Module, family: str, hid: torch.Tenso
     v = _head_dims(_row_norms(v_rows), Hkv, hd, hds)
     per_q = lambda idx: torch.cat([(h * hd) + (idx.view(Hkv, hds)[h // group] % hd) for h in range(H)])  # noqa: E731
     qk, o = per_q(kv_qk), per_q(v)
-    index = {"hid": hid, "ffn": _top(_row_norms(full[_RANKERS[family][0]]), cs.ffn_dim), "qk": qk, "kv_qk": kv_qk, "v": v, "o": o}
+    ffn = _top(_row_norms(full[_RANKERS[family][0]]), cs.ffn_dim)
+    index = {"hid": hid, "ffn": ffn, "qk": qk, "kv_qk": kv_qk, "v": v, "o": o}
     d = c.d_model
     index["qkv"] = torch.cat([qk, d + qk, 2 * d + o])  # gpt2: H == Hkv, so o is the v dims
     roles = _ROLES[family]
