@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_gpt2_shape_args, apply_quick, machine, lm_loss_pair, paired_times  # noqa: E402
 
 from lmforge.delta import DeltaConfig, apply_delta  # noqa: E402
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
-from lmforge.models.hf import save_model  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
+from lmforge.models.io import save_model  # noqa: E402
 from lmforge.train.memory import measure_training_memory  # noqa: E402
 
 

@@ -25,8 +25,9 @@ from lmforge.recipes.finetune import _measure_memory, build, load_finetune_confi
 
 def _tiny_model(root: Path) -> str:
     from lmforge.core.tokenizer import Tokenizer
-    from lmforge.models.decoder import DecoderConfig, DecoderLM
-    from lmforge.models.hf import save_model
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.models.decoder_config import DecoderConfig
+    from lmforge.models.io import save_model
 
     texts = ["the review was not good but the food was great", "a calm river runs past the old mill"] * 50
     tok = Tokenizer.train(texts, vocab_size=300, special_tokens=["<|endoftext|>"], eos_token="<|endoftext|>")

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import machine, matmul_ceiling  # noqa: E402
 
-from lmforge.data.objectives import CausalLMObjective  # noqa: E402
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.flops import config_params, device_peak_flops, flops_per_token  # noqa: E402
 from lmforge.train.distributed import DistributedConfig, setup_distributed  # noqa: E402
 from lmforge.train.trainer import Trainer, TrainerConfig  # noqa: E402

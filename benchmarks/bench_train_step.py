@@ -24,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_gpt2_shape_args, apply_quick, machine, matmul_ceiling, lm_loss_pair, paired_times  # noqa: E402
 
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.flops import flops_per_token  # noqa: E402
-from lmforge.models.hf import save_model  # noqa: E402
+from lmforge.models.io import save_model  # noqa: E402
 
 
 def main() -> int:

@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from lmforge.data.loader import PackedWindows  # noqa: E402
-from lmforge.data.objectives import CausalLMObjective  # noqa: E402
+from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
 from lmforge.data.shards import build_shards, train_tokenizer  # noqa: E402
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.heads import chunked_cross_entropy  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
 from lmforge.train.trainer import Trainer, TrainerConfig  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.world.tasks import build_world_task
-from lmforge.models.hf import load_model
+from lmforge.models.io import load_model
 
 
 def mean_offdiag_cosine(x: torch.Tensor) -> float:

@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from lmforge.data.span import Seq2SeqObjective  # noqa: E402
+from lmforge.objectives.seq2seq import Seq2SeqObjective  # noqa: E402
 from lmforge.data.world.tasks import build_world_task  # noqa: E402
-from lmforge.models.hf import load_model  # noqa: E402
+from lmforge.models.io import load_model  # noqa: E402
 
 
 def words_of_world(n_passages: int = 4000) -> list[str]:

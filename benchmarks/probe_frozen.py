@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from lmforge.data.world.tasks import build_world_task  # noqa: E402
-from lmforge.models.hf import load_model  # noqa: E402
+from lmforge.models.io import load_model  # noqa: E402
 
 
 @torch.no_grad()

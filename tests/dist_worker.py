@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.data.objectives import CausalLMObjective  # noqa: E402
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.train.distributed import DistributedConfig, setup_distributed  # noqa: E402
 from lmforge.train.trainer import Trainer, TrainerConfig  # noqa: E402
 

@@ -117,7 +117,7 @@ def stage_pretrain(ctx: Context) -> None:
     t = time.perf_counter()
     result = parts.trainer.fit()
     ctx.timings["pretrain"] = time.perf_counter() - t
-    from lmforge.models.hf import save_model
+    from lmforge.models.io import save_model
 
     save_model(parts.model.cpu(), ctx.run_dir / "model", tokenizer=parts.tokenizer)
     ctx.results["pretrain"] = result

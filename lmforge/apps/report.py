@@ -28,14 +28,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib  # optional: pip install -e ".[plots]"
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # optional: pip install -e ".[plots]"
+
+    return plt
+
+
 def plot_curves(metrics: list[dict[str, Any]], out_png: str | Path, title: str = "") -> bool:
     """Training loss and validation loss/perplexity against step. Returns False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "val_loss" not in m]
     val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
@@ -181,12 +189,8 @@ def _bench_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _bench_plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     names = [r["method"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))

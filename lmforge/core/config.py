@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -233,8 +234,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def split_config_arg(config_path: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """``lmforge CMD max_steps=10``: a first positional with ``=`` that is not a file is an override."""
-    import os
-
     if config_path is not None and "=" in config_path and not os.path.exists(config_path):
         return None, [config_path, *overrides]
     return config_path, list(overrides)

@@ -9,6 +9,7 @@ described in :mod:`lmforge.data.shards`.
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.core.tokenizer import Tokenizer
 
@@ -86,8 +88,6 @@ _WORKER_TOKENIZER = None  # set in each worker process of a num_workers >= 2 bui
 
 def _encode_worker_init(tok_json: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer as HFTokenizer
-
     global _WORKER_TOKENIZER
     _WORKER_TOKENIZER = HFTokenizer.from_str(tok_json)
 
@@ -109,8 +109,6 @@ class _Encoder:
         self._pool = None
         self._threads = None
         if num_workers is not None and num_workers >= 2:
-            import multiprocessing as mp
-
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             self._pool = ctx.Pool(num_workers, initializer=_encode_worker_init,
                                   initargs=(tokenizer.hf.to_str(),))

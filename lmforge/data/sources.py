@@ -39,6 +39,7 @@ from typing import Any, Iterator
 
 from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_path
+from lmforge.data import world
 from lmforge.data.readers import SUPPORTED_EXTS, file_ext, reader_for
 
 WORLD_BYTES = 12_000_000
@@ -76,8 +77,6 @@ def _parse_world(spec: str) -> int | None:
 def world_path(seed: int = 0, world_bytes: int = WORLD_BYTES, cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the cached built-in world corpus (JSONL, field ``text``) under ``CACHE/world/``, generating
     it if missing (``cache_dir`` defaults to :func:`cache_root`)."""
-    from lmforge.data import world  # lazy: generating the world is only needed for 'world' specs
-
     root = (Path(cache_dir) if cache_dir is not None else cache_root()) / "world"
     path = Path(world.world_corpus_path(root, seed, world_bytes))
     if not path.is_file():
@@ -193,7 +192,7 @@ def _resolve_hf(spec: str, path: Path, split: str | None) -> _Resolved:
 # files: lmforge.data.readers (one reader per format); datasets folders here, beside their resolving
 def _read_hf(res: _Resolved, field: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # optional: pip install -e ".[data]"
     except ImportError:
         raise DataError(f"'{res.spec}' is a Hugging Face datasets folder; install the library with "
                         f"'pip install datasets'") from None

@@ -17,16 +17,15 @@ line up with tokens — is a :class:`DataError` naming ``file:line``, the field 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 from lmforge.core.errors import ConfigError, DataError
+from lmforge.data.readers import Wording, file_ext, read_records, record_format
+from lmforge.data.world.tasks import build_world_task, world_task
 
 TASK_TYPES = ("classification", "token_classification", "text2text")
 SPLITS = ("train", "validation", "test")
@@ -106,61 +105,32 @@ class TaskData:
 
 
 # ---- reading records ------------------------------------------------------------------------------
-def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` for each row of a .jsonl/.json/.csv/.tsv/.parquet file; ``where`` is ``file:line``
-    (``file:item N`` for JSON arrays and Parquet rows) for error messages."""
-    from lmforge.data.readers import decode_line, file_ext, open_binary
+class _TaskWording(Wording):
+    """The task loader's wording of the record reader's syntax errors."""
 
+    def bad_utf8(self, path: Path, line: int | None, byte: int, offset: int) -> str:
+        return f"{path}:1: not valid UTF-8 (byte {offset}); save the file as UTF-8"
+
+    def bad_json_array(self, path: Path, e: json.JSONDecodeError) -> str:
+        return f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file"
+
+    def bad_csv(self, path: Path, line_num: int, e: Exception) -> str:
+        return f"{path}:{line_num}: not valid UTF-8 CSV ({e}); fix that line"
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` for each row of a .jsonl/.json/.csv/.tsv/.parquet file (read by
+    :func:`lmforge.data.readers.read_records`); ``where`` is ``file:line`` (``file:item N`` for JSON arrays,
+    ``file:row N`` for Parquet rows) for error messages."""
     p = Path(path)
     if not p.is_file():
         why = "does not exist" if not p.exists() else "is not a file"
         raise DataError(f"task file '{p}' {why}; pass a .jsonl, .json, .csv, .tsv or .parquet file")
-    ext = file_ext(p)
-    if ext.startswith(".jsonl") or ext.startswith(".json"):
-        with open_binary(p) as f:
-            raw = f.read()
-        text = decode_line(raw, p, 1)
-        if ext.startswith(".json") and not ext.startswith(".jsonl") and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
-            for i, obj in enumerate(rows):
-                yield _as_record(obj, f"{p}:item {i}")
-            return
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
-                                f"one JSON object") from None
-            yield _as_record(obj, f"{p}:{lineno}")
-    elif ext.startswith(".csv") or ext.startswith(".tsv"):
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open_binary(p) as fb:
-            reader = csv.DictReader(io.TextIOWrapper(fb, encoding="utf-8-sig", newline=""),
-                                    delimiter="\t" if ext.startswith(".tsv") else ",")
-            try:
-                for row in reader:
-                    yield f"{p}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
-            except (UnicodeDecodeError, csv.Error) as e:
-                raise DataError(f"{p}:{reader.line_num}: not valid UTF-8 CSV ({e}); fix that line") from None
-    elif ext == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"reading '{p}' needs pyarrow; install it with 'pip install pyarrow'") from None
-        try:
-            table = pq.read_table(p)
-        except Exception as e:
-            raise DataError(f"'{p}' is not a readable Parquet file ({str(e).splitlines()[0]})") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{p}:row {i}", row
-    else:
-        raise DataError(f"task file '{p}' has an unsupported type '{ext or p.suffix}'; use .jsonl, .json, .csv, "
-                        f".tsv or .parquet")
+    if record_format(p) is None:
+        raise DataError(f"task file '{p}' has an unsupported type '{file_ext(p) or p.suffix}'; use .jsonl, .json, "
+                        f".csv, .tsv or .parquet")
+    for where, obj in read_records(p, wording=_TaskWording()):
+        yield _as_record(obj, str(where))
 
 
 def _as_record(obj: Any, where: str) -> tuple[str, dict[str, Any]]:
@@ -297,8 +267,6 @@ def load_task(cfg: TaskConfig) -> TaskData:
         raise ConfigError(f"task.name={cfg.name!r} and task.train={cfg.train!r} are both set; set task.name=null to "
                           f"use your own files, or drop task.train to use the world task")
     if cfg.name:
-        from lmforge.data.world.tasks import build_world_task, world_task
-
         spec = world_task(cfg.name)
         if cfg.type not in ("auto", spec.type):
             raise ConfigError(f"task.type={cfg.type} but world task '{cfg.name}' is {spec.type}; set task.type=auto")

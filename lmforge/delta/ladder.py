@@ -41,7 +41,6 @@ from lmforge.delta.config import DeltaConfig
 from lmforge.delta.registry import DeltaMethod, register
 from lmforge.delta.surgery import backbone_of, slot_of
 from lmforge.models.cache import KVCache
-from lmforge.models.decoder import Block
 from lmforge.models.encoder import EncoderBlock
 from lmforge.models.layers import Linear, RotaryEmbedding
 from lmforge.models.slots import SIDE
@@ -66,7 +65,7 @@ def _side_blocks(backbone: nn.Module, cs: Any) -> tuple[nn.ModuleList, nn.Module
             blocks = nn.ModuleList(EncoderBlock(cs) for _ in range(c.n_layer))
         return blocks, nn.Identity()  # post-LN blocks: the last block's output is already normed
     with torch.device("meta"):
-        blocks = nn.ModuleList(Block(cs, i) for i in range(c.n_layer))
+        blocks = nn.ModuleList(backbone.block_class(cs, i) for i in range(c.n_layer))
     return blocks, type(backbone.norm)(cs.d_model, eps=c.norm_eps)
 
 

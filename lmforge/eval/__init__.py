@@ -1,4 +1,4 @@
-"""Evaluation: perplexity / bits-per-byte and the generation engine (shared by generate, RL and serving)."""
+"""Evaluation: perplexity / bits-per-byte, masked-LM and span scores, task metrics, and the generation engine."""
 
 from lmforge.eval.generate import GenerationConfig, GenerationResult, generate, generate_text
 from lmforge.eval.perplexity import perplexity, perplexity_of_tokens, unigram_perplexity

@@ -1,7 +1,7 @@
 """Span-corruption loss of a text under an encoder–decoder (T5): `lmforge eval perplexity` for t5 models.
 
 The documents are tokenised (EOS after each), cut into the raw windows of the span-corruption arithmetic
-(:func:`lmforge.data.span.plan_spans`), corrupted with a fixed seed, and scored on the target tokens
+(:func:`lmforge.objectives.span.plan_spans`), corrupted with a fixed seed, and scored on the target tokens
 (sentinels, the dropped spans and EOS) with teacher forcing.  Returns the mean target-token loss, its
 exponential, the target-token accuracy and the number of target tokens scored.
 """
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from lmforge.core.errors import DataError
-from lmforge.data.span import SpanConfig, SpanCorruptionSource, evaluate_span
+from lmforge.eval.pretrain_eval import evaluate_span
+from lmforge.objectives.span import SpanConfig, SpanCorruptionSource
 
 
 def span_corruption_loss(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int | None = None,

@@ -16,11 +16,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from lmforge.data.objectives import IGNORE_INDEX
-from lmforge.data.task_objectives import batches
+from lmforge.data.examples import batches
 from lmforge.eval.generate import GenerationConfig, generate
 from lmforge.eval.generate_seq2seq import generate_seq2seq
 from lmforge.eval.task_metrics import accuracy, exact_match, macro_f1, seqeval_f1, token_f1
+from lmforge.models.families import get_family
+from lmforge.objectives.base import IGNORE_INDEX
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -96,12 +97,13 @@ def evaluate_text2text(model: nn.Module, objective: Any, examples: Sequence[Any]
     decoders: prompts with room for ``max_new_tokens``); ``records`` carry the gold ``target`` strings;
     ``labels`` (targets that are class names) add accuracy and macro-F1."""
     loss = _mean_loss(model, objective, examples, batch_size)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                           stop=[] if family == "t5" else ["\n"])
+    # an encoder-decoder's output is the answer alone, ended by EOS; a decoder's continuation stops at a newline
+    seq2seq = get_family(family).kind == "encoder-decoder"
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=[] if seq2seq else ["\n"])
     preds: list[str] = []
     for start in range(0, len(gen_inputs), batch_size):
         chunk = list(gen_inputs[start:start + batch_size])
-        run = generate_seq2seq if family == "t5" else generate
+        run = generate_seq2seq if seq2seq else generate
         results = run(model, chunk, cfg, tokenizer=tokenizer)
         preds += [r.text.strip() for r in results]
     golds = [r["target"] for r in records]

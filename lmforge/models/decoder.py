@@ -16,138 +16,24 @@ Module tree (lmforge's own paths; leaf Linear names are Hugging Face's)::
     norm                               final norm
     lm_head                            Linear, weight tied to embed_tokens when configured
 
-:mod:`lmforge.models.hf` holds the one name/layout map per family to and from HF checkpoints.
+``DecoderConfig`` (and its config.json form) is :mod:`lmforge.models.decoder_config`'s; :mod:`lmforge.models.hf`
+holds the one name/layout map per family to and from HF checkpoints.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.cache import KVCache
+from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.layers import (CausalSelfAttention, Embedding, GeluMLP, LayerNorm, Linear, RMSNorm,
-                                   RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, need, reset_children)
+                                   RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, reset_children)
 from lmforge.models.slots import (INPUT, PAST_KV, SIDE, PrefixCache, SideCache, SlotHost, prefilled, prepend,
                                   shifted_positions, with_leading_ones)
-
-
-@dataclass
-class DecoderConfig:
-    """Architecture of a decoder-only LM (the ``model:`` section of a run config).
-
-    Fields left ``None`` take the family's default, resolved by the read-only properties below
-    (``kv_heads``, ``ffn_dim``, ``has_attention_bias``, ``has_mlp_bias``) rather than written back, so
-    ``dataclasses.replace(cfg, d_model=...)`` in a sweep re-derives them.
-
-    - ``family``: ``gpt2`` (learned positions, LayerNorm, GELU-tanh MLP, biases, fused ``c_attn``) or
-      ``llama`` (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases by default).
-    - ``n_kv_head``: key/value heads (llama; ``None`` = ``n_head``, i.e. no GQA).
-    - ``d_ff``: MLP width.  ``None`` = ``4 * d_model`` for gpt2; for llama ``8 * d_model / 3`` rounded up
-      to a multiple of 64 (Llama's 2/3-of-4d rule; 64 rather than Llama's 256 so tiny models stay tiny).
-    - ``attention_bias``: biases on q, k, v and the output projection (HF Llama's ``attention_bias``).
-      ``None`` = family default (gpt2: True and required; llama: False).
-    - ``qkv_bias``: llama only — biases on q, k, v but not the output projection (Qwen2's layout).
-    - ``mlp_bias``: biases in the MLP.  ``None`` = family default (gpt2: True and required; llama: False).
-    - ``dropout``: gpt2 — embedding, attention and residual dropout (HF's embd/attn/resid_pdrop);
-      llama — attention dropout (HF Llama has no other dropout).
-    - ``pad_token_id``: for llama it is also the embedding's ``padding_idx`` (zero-initialised row that
-      receives no gradient from the embedding lookup), as in transformers.
-    """
-
-    family: Literal["gpt2", "llama"] = "gpt2"
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: Optional[int] = None
-    d_ff: Optional[int] = None
-    max_seq_len: int = 512
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    attention_bias: Optional[bool] = None
-    qkv_bias: bool = False
-    mlp_bias: Optional[bool] = None
-    dropout: float = 0.0
-    initializer_range: float = 0.02
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        need(self.family in ("gpt2", "llama"), f"family={self.family!r} is not one of 'gpt2', 'llama'")
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len"):
-            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
-        need(self.d_model % self.n_head == 0,
-             f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        need(self.n_kv_head is None or (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0),
-             f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
-        need(self.d_ff is None or self.d_ff > 0, f"d_ff={self.d_ff} must be positive")
-        need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
-        need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
-        need(self.initializer_range > 0, f"initializer_range={self.initializer_range} must be positive")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            tid = getattr(self, name)
-            need(tid is None or 0 <= tid < self.vocab_size,
-                 f"{name}={tid} is outside the vocabulary [0, vocab_size={self.vocab_size})")
-        if self.family == "gpt2":
-            need(self.n_kv_head in (None, self.n_head),
-                 f"n_kv_head={self.n_kv_head}: grouped-query attention needs family 'llama'")
-            need(self.attention_bias in (None, True), "attention_bias=false: gpt2 always has attention biases")
-            need(self.mlp_bias in (None, True), "mlp_bias=false: gpt2 always has MLP biases")
-            need(not self.qkv_bias, "qkv_bias is a llama-family option (gpt2 always has biases)")
-        else:
-            need(self.head_dim % 2 == 0, f"head_dim d_model/n_head={self.head_dim} must be even for RoPE")
-            need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
-            need(not (self.qkv_bias and self.attention_bias),
-                 "qkv_bias and attention_bias are both set; attention_bias already covers q, k, v (and o)")
-            need(not (self.qkv_bias and self.mlp_bias),
-                 "qkv_bias with mlp_bias has no Hugging Face equivalent (Qwen2 has no MLP bias)")
-
-    # ---- resolved values -------------------------------------------------------------------------
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
-
-    @property
-    def ffn_dim(self) -> int:
-        if self.d_ff is not None:
-            return self.d_ff
-        if self.family == "gpt2":
-            return 4 * self.d_model
-        return -(-8 * self.d_model // (3 * 64)) * 64  # ceil(8d/3) rounded up to a multiple of 64
-
-    @property
-    def has_attention_bias(self) -> bool:
-        return self.family == "gpt2" or bool(self.attention_bias)
-
-    @property
-    def has_mlp_bias(self) -> bool:
-        return self.family == "gpt2" or bool(self.mlp_bias)
-
-    # ---- Hugging Face config.json ----------------------------------------------------------------
-    def to_hf(self) -> dict[str, Any]:
-        """The ``config.json`` dict transformers reads (gpt2, llama, or qwen2 when ``qkv_bias``)."""
-        from lmforge.models.hf import config_to_hf
-
-        return config_to_hf(self)
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any], source: str = "<dict>") -> "DecoderConfig":
-        """From a transformers ``config.json`` dict (model_type gpt2, llama, qwen2, mistral); fields
-        lmforge does not implement raise ``ModelError`` naming the field.  ``source`` names the file's
-        directory in messages."""
-        from lmforge.models.hf import config_from_hf
-
-        return config_from_hf(config, source)
 
 
 class Block(nn.Module):
@@ -197,8 +83,12 @@ class DecoderLM(SlotHost):
     followed by ``to_empty(device=...)`` + ``reset_parameters()`` draw the same random numbers in the
     same order and are bitwise equal for the same seed.  Built under ``torch.device("meta")`` (or with
     ``device="meta"``) the model stays on meta, uninitialised.  Delta methods' slots: :mod:`lmforge.models.slots`.
+
+    A variant family (its own ``DecoderConfig`` subclass) subclasses DecoderLM and sets ``block_class`` to a
+    :class:`Block` of its own (e.g. another MLP); everything else is shared.
     """
 
+    block_class: type[Block] = Block
     slot_kinds = (INPUT, PAST_KV, SIDE)
 
     def __init__(self, config: DecoderConfig, device: torch.device | str | None = None) -> None:
@@ -207,7 +97,7 @@ class DecoderLM(SlotHost):
         target = torch.device(device) if device is not None else torch.get_default_device()
         with torch.device("meta"):
             std = c.initializer_range
-            pad = c.pad_token_id if c.family == "llama" else None
+            pad = c.pad_token_id if c.family != "gpt2" else None
             self.embed_tokens = Embedding(c.vocab_size, c.d_model, padding_idx=pad, std=std)
             if c.family == "gpt2":
                 self.embed_positions = Embedding(c.max_seq_len, c.d_model, std=std)
@@ -215,7 +105,7 @@ class DecoderLM(SlotHost):
             else:
                 self.embed_positions = None
                 self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
-            self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+            self.blocks = nn.ModuleList(self.block_class(c, i) for i in range(c.n_layer))
             self.norm = LayerNorm(c.d_model, eps=c.norm_eps) if c.family == "gpt2" else RMSNorm(c.d_model, eps=c.norm_eps)
             self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, std=std)
         self.embed_dropout = c.dropout if c.family == "gpt2" else 0.0
@@ -244,6 +134,13 @@ class DecoderLM(SlotHost):
                 reset()
             else:
                 reset_children(child)
+
+    def set_pad_token_id(self, pad: int) -> None:
+        """Set ``config.pad_token_id``; llama's embedding takes it as ``padding_idx`` too, as ``DecoderLM(config)``
+        builds it (gpt2's has none)."""
+        self.config.pad_token_id = pad
+        if self.config.family != "gpt2":
+            self.embed_tokens.padding_idx = pad
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward (non-reentrant ``torch.utils.checkpoint``);

@@ -21,88 +21,21 @@ Face's, so delta-method patterns such as ``query`` or ``attention.output.dense``
     seq_relationship                         NSP head, 2 classes (0 = IsNext, 1 = random, as HF)
 
 The pooler and both heads always exist (as in ``BertForPreTraining``), also when a run trains without
-NSP: the model directory then still loads in every HF BERT class.  :mod:`lmforge.models.hf_bert` holds
-the one name map to and from HF checkpoints.
+NSP: the model directory then still loads in every HF BERT class.  ``EncoderConfig`` (and its config.json form)
+is :mod:`lmforge.models.encoder_config`'s; :mod:`lmforge.models.hf_bert` holds the one name map to and from HF
+checkpoints.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.models.layers import Embedding, LayerNorm, Linear, need, reset_children
+from lmforge.models.encoder_config import EncoderConfig
+from lmforge.models.layers import Embedding, LayerNorm, Linear, reset_children
 from lmforge.models.slots import INPUT, PAST_KV, SIDE, SlotHost, prepend, shifted_positions, with_leading_ones
-
-
-@dataclass
-class EncoderConfig:
-    """Architecture of an encoder-only LM (the ``model:`` section of a run config for ``family: bert``).
-
-    - ``d_ff``: MLP width (HF ``intermediate_size``); ``None`` = ``4 * d_model``.
-    - ``max_seq_len``: rows of the learned position table (HF ``max_position_embeddings``).
-    - ``type_vocab_size``: segment ids (2: sentence A / B).
-    - ``dropout``: embedding and residual dropout (HF ``hidden_dropout_prob``); ``attention_dropout``:
-      dropout on attention probabilities (HF ``attention_probs_dropout_prob``).  BERT's 0.1 by default.
-    - ``norm_eps``: LayerNorm epsilon (BERT's 1e-12).
-    - ``tie_embeddings``: the MLM decoder shares ``word_embeddings.weight`` (BERT always does).
-    - ``pad_token_id``: the embedding's ``padding_idx`` (zero-initialised row without gradient), as in
-      transformers; ``None`` = no padding row.
-    """
-
-    family: Literal["bert"] = "bert"
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    d_ff: Optional[int] = None
-    max_seq_len: int = 512
-    type_vocab_size: int = 2
-    norm_eps: float = 1e-12
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    initializer_range: float = 0.02
-    tie_embeddings: bool = True
-    pad_token_id: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        need(self.family == "bert", f"family={self.family!r} is not 'bert'")
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "max_seq_len", "type_vocab_size"):
-            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
-        need(self.d_model % self.n_head == 0, f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
-        need(self.d_ff is None or self.d_ff > 0, f"d_ff={self.d_ff} must be positive")
-        need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
-        for name in ("dropout", "attention_dropout"):
-            need(0.0 <= getattr(self, name) < 1.0, f"{name}={getattr(self, name)} must be in [0, 1)")
-        need(self.initializer_range > 0, f"initializer_range={self.initializer_range} must be positive")
-        need(self.pad_token_id is None or 0 <= self.pad_token_id < self.vocab_size,
-             f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, vocab_size={self.vocab_size})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def ffn_dim(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
-
-    def to_hf(self) -> dict[str, Any]:
-        """The ``config.json`` dict transformers reads (model_type ``bert``)."""
-        from lmforge.models.hf_bert import config_to_hf
-
-        return config_to_hf(self)
-
-    @classmethod
-    def from_hf(cls, config: dict[str, Any], source: str = "<dict>") -> "EncoderConfig":
-        """From a transformers ``config.json`` dict (model_type ``bert``); unsupported fields raise
-        ``ModelError`` naming the field."""
-        from lmforge.models.hf_bert import config_from_hf
-
-        return config_from_hf(config, source)
 
 
 # ---- modules (HF's boundaries and leaf names) ----------------------------------------------------

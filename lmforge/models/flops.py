@@ -13,9 +13,12 @@ real compute per token; token and position embedding lookups are not).
 
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import nn
 
-from lmforge.models.decoder import DecoderConfig
+from lmforge.models.decoder_config import DecoderConfig
 
 
 def count_params(model: nn.Module, non_embedding: bool = True, trainable_only: bool = False) -> int:
@@ -91,10 +94,6 @@ def device_peak_flops(device, dtype=None) -> float | None:
     ``LMFORGE_PEAK_TFLOPS`` overrides the table (any device).  Known: bf16/fp16 on the NVIDIA data-centre
     GPUs above; fp32 and CPUs have no entry (MFU is then not reported rather than guessed).
     """
-    import os
-
-    import torch
-
     override = os.environ.get("LMFORGE_PEAK_TFLOPS")
     if override:
         try:

@@ -1,4 +1,5 @@
-"""Hugging Face compatibility for BERT: config.json <-> EncoderConfig, the one name map, load/save.
+"""Hugging Face compatibility for BERT: the one name map, state dicts, load/save (config.json <-> EncoderConfig
+is :mod:`lmforge.models.encoder_config`'s).
 
 lmforge's :class:`~lmforge.models.encoder.EncoderLM` keeps HF's module boundaries and leaf names; only
 the top-level prefixes differ, so the whole map is five prefix rules plus one special key::
@@ -34,7 +35,8 @@ from typing import Any
 import torch
 
 from lmforge.core.errors import ModelError
-from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.model_dir import (cast_state, load_tokenizer_for, read_weights, require_model_dir, unwrap_as,
                                       write_model_dir)
 
@@ -165,70 +167,6 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: EncoderConfig,
         warnings.warn(f"'{source}': ignoring {len(ignored)} task-head weight(s) lmforge's BERT does not have "
                       f"({', '.join(ignored[:4])})", stacklevel=3)
     return out, missing
-
-
-# ---- config.json ---------------------------------------------------------------------------------
-
-# transformers' BertConfig defaults for fields a config.json may leave out
-_HF_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
-    type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, is_decoder=False,
-    add_cross_attention=False, tie_word_embeddings=True, position_embedding_type="absolute")
-_ACTS = ("gelu", "gelu_python")  # both the exact erf GELU
-
-
-def config_from_hf(hf: dict[str, Any], source: str = "<dict>") -> EncoderConfig:
-    """EncoderConfig from a transformers BERT config dict; anything lmforge does not implement is refused."""
-    where = f"config.json of '{source}'"
-    if not isinstance(hf, dict):
-        raise ModelError(f"{where} is not a JSON object")
-    if hf.get("model_type") != "bert":
-        raise ModelError(f"{where}: model_type {hf.get('model_type')!r} is not 'bert'")
-    cfg = {**_HF_DEFAULTS, **hf}
-
-    def require(field: str, ok, supported: str) -> None:
-        if field in cfg and not ok(cfg[field]):
-            raise ModelError(f"{where}: field '{field}' = {cfg[field]!r} is not supported by lmforge "
-                             f"(supported: {supported}); use a checkpoint without it")
-
-    require("position_embedding_type", lambda v: v in (None, "absolute"), "'absolute'")
-    require("is_decoder", lambda v: not v, "false")
-    require("add_cross_attention", lambda v: not v, "false")
-    require("is_encoder_decoder", lambda v: not v, "false")
-    require("hidden_act", lambda v: v in _ACTS, ", ".join(_ACTS))
-    require("pruned_heads", lambda v: not v, "none")
-    require("quantization_config", lambda v: v is None, "null")
-    require("embedding_size", lambda v: v in (None, cfg["hidden_size"]), "equal to hidden_size")
-    require("tie_word_embeddings", lambda v: isinstance(v, bool), "true, false")
-    pad = cfg.get("pad_token_id")
-    if pad is not None and not (isinstance(pad, int) and 0 <= pad < int(cfg["vocab_size"])):
-        warnings.warn(f"{where}: pad_token_id={pad!r} is outside the vocabulary; ignored", stacklevel=3)
-        pad = None
-    try:
-        return EncoderConfig(
-            vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"],
-            n_head=cfg["num_attention_heads"], d_ff=cfg["intermediate_size"],
-            max_seq_len=cfg["max_position_embeddings"], type_vocab_size=cfg["type_vocab_size"],
-            norm_eps=float(cfg["layer_norm_eps"]), dropout=float(cfg["hidden_dropout_prob"]),
-            attention_dropout=float(cfg["attention_probs_dropout_prob"]),
-            initializer_range=float(cfg.get("initializer_range") or 0.02),
-            tie_embeddings=cfg["tie_word_embeddings"], pad_token_id=pad)
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"{where}: {e}") from None
-
-
-def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
-    """The transformers config.json dict for ``config`` (without dtype, which depends on the weights)."""
-    c = config
-    return dict(architectures=["BertForPreTraining"], model_type="bert", vocab_size=c.vocab_size,
-                hidden_size=c.d_model, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                intermediate_size=c.ffn_dim, hidden_act="gelu", hidden_dropout_prob=c.dropout,
-                attention_probs_dropout_prob=c.attention_dropout, max_position_embeddings=c.max_seq_len,
-                type_vocab_size=c.type_vocab_size, initializer_range=c.initializer_range,
-                layer_norm_eps=c.norm_eps, pad_token_id=c.pad_token_id, position_embedding_type="absolute",
-                is_decoder=False, add_cross_attention=False, tie_word_embeddings=c.tie_embeddings,
-                classifier_dropout=None, use_cache=True)
 
 
 # ---- model directories ---------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Hugging Face compatibility for T5 (``T5ForConditionalGeneration``): config.json <-> T5Config, the one
 name map between lmforge's module paths and HF's, and loading/saving model directories.
 
-Public API (registered by model_type ``t5`` in :mod:`lmforge.models.hf`): :func:`load_t5`, :func:`save_t5`.
+Public API (what the t5 family of :mod:`lmforge.models.families` loads and saves with): :func:`load_t5`,
+:func:`save_t5`.
 
 Tying and output scaling.  transformers 5.x always ties ``lm_head``/``encoder.embed_tokens``/
 ``decoder.embed_tokens`` to ``shared`` unless a checkpoint stores an ``lm_head.weight`` that differs from

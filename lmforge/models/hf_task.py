@@ -1,8 +1,8 @@
 """Hugging Face directories for task heads: ``{GPT2,Llama,Qwen2,Mistral,Bert}ForSequenceClassification``
 and ``BertForTokenClassification``.
 
-A task checkpoint is the backbone's checkpoint (its key map in :mod:`lmforge.models.hf` /
-:mod:`lmforge.models.hf_bert`, reused here) with the LM heads left out and one head added::
+A task checkpoint is the backbone's checkpoint (its family's key map, reused here) with the LM heads left out
+and one head added; the layout follows the family's ``classifier`` (``last_token``: decoders, ``pooled``: BERT)::
 
     GPT-2 / Llama    transformer.* | model.*  + score.weight            (no lm_head.weight)
     BERT sequence    bert.* (pooler included) + classifier.{weight,bias}  (no cls.*)
@@ -25,16 +25,12 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError, ModelError
-from lmforge.models import hf as hf_decoder
-from lmforge.models import hf_bert
+from lmforge.models.families import families, family_for_hf_config, family_of
 from lmforge.models.model_dir import (cast_state, load_tokenizer_for, read_json, read_weights, require_model_dir,
                                       unwrap_model, write_model_dir)
-from lmforge.models.decoder import DecoderLM
-from lmforge.models.encoder import EncoderLM
 from lmforge.models.task import SequenceClassifier, TokenClassifier, normalise_labels
 
 TASKS = {"ForSequenceClassification": "sequence_classification", "ForTokenClassification": "token_classification"}
-_ARCH_PREFIX = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "bert": "Bert"}
 
 
 def task_of_config(hf_config: dict[str, Any]) -> str | None:
@@ -59,19 +55,19 @@ def _task_state_and_config(model: SequenceClassifier | TokenClassifier) -> tuple
     """HF key -> tensor and the config.json dict (without dtype) of a classifier."""
     backbone, config = model.backbone, model.config
     token = isinstance(model, TokenClassifier)
-    if model.family == "bert":
+    family = family_of(backbone)
+    state, hf_config = family.state_dict_to_hf(backbone), family.config_to_hf(config)
+    if family.classifier == "pooled":  # BERT's layout
         keep = ("bert.embeddings.", "bert.encoder.") if token else ("bert.",)  # no cls.*; no pooler for tokens
-        state = {k: v for k, v in hf_bert.state_dict_to_hf(backbone).items() if k.startswith(keep)}
-        hf_config = hf_bert.config_to_hf(config)
+        state = {k: v for k, v in state.items() if k.startswith(keep)}
         # transformers reads classifier_dropout, falling back to hidden_dropout_prob when it is null
         hf_config["classifier_dropout"] = None if model.dropout == config.dropout else model.dropout
     else:
-        state = {k: v for k, v in hf_decoder.state_dict_to_hf(backbone).items() if not k.startswith("lm_head.")}
-        hf_config = hf_decoder.config_to_hf(config)
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
     for param, value in model.head.named_parameters():
         state[f"{model.head_name}.{param}"] = value
     suffix = "ForTokenClassification" if token else "ForSequenceClassification"
-    hf_config["architectures"] = [_ARCH_PREFIX[hf_config["model_type"]] + suffix]
+    hf_config["architectures"] = [family.model_types[hf_config["model_type"]] + suffix]
     hf_config["id2label"] = {str(i): name for i, name in model.id2label.items()}
     hf_config["label2id"] = dict(model.label2id)
     if not token:
@@ -88,7 +84,7 @@ def save_task_model(model: nn.Module, path: str | Path, tokenizer: Any = None) -
         raise ModelError(f"save_task_model expects a SequenceClassifier or TokenClassifier, got "
                          f"{type(model).__name__}")
     config = model.config
-    if model.family != "bert" and config.pad_token_id is None:
+    if family_of(model).needs_pad_token and config.pad_token_id is None:
         warnings.warn("saving a decoder classifier without pad_token_id: transformers' "
                       "*ForSequenceClassification then refuses batches of more than one row; call "
                       "ensure_pad_token(model, tokenizer) before saving", stacklevel=2)
@@ -153,48 +149,51 @@ def load_task_model(path: str | Path, device: torch.device | str = "cpu", dtype:
     if task is None:
         raise ModelError(f"{where}: architectures {hf_config.get('architectures')} name no "
                          f"*ForSequenceClassification / *ForTokenClassification model; load it with load_model")
-    if model_type == "t5":
-        raise ModelError(f"{where}: T5 classification heads are not supported: T5 classifies as text-to-text; "
-                         f"use a T5ForConditionalGeneration checkpoint with task type 'text2text'")
-    if task == "token_classification" and model_type != "bert":
+    # None for a model_type no family loads: refused when its config is read, below, after the checks of the files
+    family = next((f for f in families() if model_type in f.model_types), None)
+    if family is not None and family.classifier is None:
+        why = family.why_not.get("classifier_dir", f"model family '{family.name}' has no classification head")
+        raise ModelError(f"{where}: {why}")
+    if task == "token_classification" and not (family is not None and family.token_classifier):
         raise ModelError(f"{where}: token classification needs an encoder (bert), got model_type "
                          f"{model_type!r}; use a BertForTokenClassification checkpoint")
     if hf_config.get("problem_type") not in (None, "single_label_classification"):
         raise ModelError(f"{where}: field 'problem_type' = {hf_config['problem_type']!r} is not supported "
                          f"(supported: 'single_label_classification')")
     weights = read_weights(d)
-    bert = model_type == "bert"
-    head_name = "classifier" if bert else "score"
+    pooled = family is not None and family.classifier == "pooled"  # BERT's layout
+    head_name = "classifier" if pooled else "score"
     head = {k.partition(".")[2]: weights.pop(k) for k in list(weights) if k.startswith(head_name + ".")}
     cls = TokenClassifier if task == "token_classification" else SequenceClassifier
     if "weight" not in head:
         raise ModelError(f"'{d}' has no '{head_name}.weight': it is not a fine-tuned {task} checkpoint (a "
                          f"pretrained LM has no classifier head); build a {cls.__name__} on the LM instead")
-    if set(head) != ({"weight", "bias"} if bert else {"weight"}):
+    if set(head) != ({"weight", "bias"} if pooled else {"weight"}):
         raise ModelError(f"'{d}': classifier head weights {sorted(head_name + '.' + k for k in head)} do not "
-                         f"match transformers' {head_name} layer ({'weight and bias' if bert else 'weight only'})")
+                         f"match transformers' {head_name} layer ({'weight and bias' if pooled else 'weight only'})")
     labels = _labels(hf_config, head["weight"].shape[0], where)
 
-    if bert:
-        config = hf_bert.config_from_hf(hf_config, source=str(d))
-        state, missing = hf_bert.state_dict_from_hf(weights, config, source=str(d))
-        if task == "sequence_classification" and any(k.startswith("pooler.") for k in missing):
+    family = family or family_for_hf_config(hf_config, source=str(d))
+    config = family.config_from_hf(hf_config, str(d))
+    if pooled:
+        state = family.state_dict_from_hf(weights, config, str(d))
+        with torch.device("meta"):
+            backbone = family.model_class(config)
+        if task == "sequence_classification" and any(k.startswith("pooler.") and k not in state
+                                                     for k in backbone.state_dict()):
             raise ModelError(f"'{d}' has no pooler weights (bert.pooler.*), which BERT sequence classification "
                              f"reads; pass a complete BertForSequenceClassification checkpoint")
-        with torch.device("meta"):
-            backbone = EncoderLM(config)
         drop = hf_config.get("classifier_dropout")
     else:
-        config = hf_decoder.config_from_hf(hf_config, source=str(d))
         if not config.tie_embeddings and "lm_head.weight" not in weights:
             # The backbone loader requires every weight of a causal LM; a classifier checkpoint has no LM
             # head, so a meta stand-in passes its checks and is dropped again (initialised below).
             weights["lm_head.weight"] = torch.empty(config.vocab_size, config.d_model, device="meta")
-        state = hf_decoder.state_dict_from_hf(weights, config, source=str(d))
+        state = family.state_dict_from_hf(weights, config, str(d))
         if "lm_head.weight" in state and state["lm_head.weight"].is_meta:
             del state["lm_head.weight"]
         with torch.device("meta"):
-            backbone = DecoderLM(config)
+            backbone = family.model_class(config)
         drop = None
     tokenizer = load_tokenizer_for(d, config.vocab_size)
     try:

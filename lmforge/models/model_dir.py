@@ -1,12 +1,11 @@
-"""Model directories, whatever the family: reading and writing the files of a Hugging Face checkpoint, and
-``load_model`` / ``save_model``, which pick the family's converter by ``config.json`` (or by the model's class).
+"""Model directories, whatever the family: reading and writing the files of a Hugging Face checkpoint.
 
 A model directory holds ``config.json``, ``model.safetensors`` (or sharded safetensors, or ``pytorch_model.bin``),
 ``generation_config.json`` where the family has one, and the tokenizer's files.  The converters -- decoders in
 :mod:`lmforge.models.hf`, BERT in :mod:`lmforge.models.hf_bert`, T5 in :mod:`lmforge.models.hf_t5`, classifiers
 in :mod:`lmforge.models.hf_task` -- map names and configs and call the helpers here for the files, so the layout,
-the atomic write and the tokenizer checks live in one place.  This module imports no family at load time (the
-converters import it), which keeps the dispatch below free of import cycles.
+the atomic write and the tokenizer checks live in one place.  ``load_model`` / ``save_model``, which pick the
+converter, are :mod:`lmforge.models.io`'s.
 """
 
 from __future__ import annotations
@@ -16,10 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from lmforge.core.errors import ModelError
 from lmforge.core.io import atomic_dir
 from lmforge.core.io import read_json as io_read_json
+from lmforge.core.tokenizer import Tokenizer
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -64,8 +65,6 @@ def require_model_dir(d: Path) -> dict[str, Any]:
 def read_weights(d: Path) -> dict[str, torch.Tensor]:
     """Every tensor of model dir ``d``, with the checkpoint's own (HF) names: ``model.safetensors``, sharded
     safetensors (``model.safetensors.index.json``) or ``pytorch_model.bin`` (read with ``weights_only``)."""
-    from safetensors.torch import load_file
-
     def load_bin(p: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(p, map_location="cpu", weights_only=True)
@@ -101,8 +100,6 @@ def load_tokenizer_for(d: Path, vocab_size: int) -> Any:
     has embedding rows is refused.  Shared by every family's loader."""
     if not (d / "tokenizer.json").is_file():
         return None
-    from lmforge.core.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.load(d)
     if tokenizer.vocab_size > vocab_size:
         raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
@@ -123,8 +120,6 @@ def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config:
     """Write a HF checkpoint dir atomically (tmp dir, then rename): ``config.json`` (+ ``dtype``),
     ``model.safetensors`` (CPU, contiguous), ``generation_config.json`` when given and the tokenizer's files.
     Every family's saver ends here, so the layout and the tokenizer check live in one place."""
-    from safetensors.torch import save_file
-
     if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
                          f"embedding rows; build the model with vocab_size >= the tokenizer's")
@@ -141,54 +136,3 @@ def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config:
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=model_max_length)
     return path
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
-               ) -> tuple[torch.nn.Module, Any]:
-    """Any supported model directory -> ``(model in eval mode, Tokenizer or None)``, by ``model_type``:
-    decoders (gpt2, llama, qwen2, mistral) in :mod:`lmforge.models.hf`, bert in :mod:`lmforge.models.hf_bert`, t5
-    in :mod:`lmforge.models.hf_t5`, and ``*ForSequenceClassification`` / ``*ForTokenClassification`` dirs in
-    :mod:`lmforge.models.hf_task`."""
-    d = Path(path)
-    hf_config = require_model_dir(d)
-    model_type = hf_config.get("model_type")
-    if any(isinstance(a, str) and a.endswith(("ForSequenceClassification", "ForTokenClassification"))
-           for a in hf_config.get("architectures") or []):
-        from lmforge.models.hf_task import load_task_model
-
-        return load_task_model(d, device=device, dtype=dtype)
-    if model_type == "bert":
-        from lmforge.models.hf_bert import load_bert
-
-        return load_bert(d, device=device, dtype=dtype)
-    if model_type == "t5":
-        from lmforge.models.hf_t5 import load_t5
-
-        return load_t5(d, device=device, dtype=dtype)
-    from lmforge.models.hf import load_decoder
-
-    return load_decoder(d, device=device, dtype=dtype)
-
-
-def save_model(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
-               generation_config: dict[str, Any] | None = None) -> Path:
-    """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family;
-    classifiers (:mod:`lmforge.models.task`) as transformers' task models."""
-    from lmforge.models.task import SequenceClassifier, TokenClassifier
-
-    if isinstance(unwrap_model(model), (SequenceClassifier, TokenClassifier)):
-        from lmforge.models.hf_task import save_task_model
-
-        return save_task_model(model, path, tokenizer=tokenizer)
-    family = getattr(getattr(unwrap_model(model), "config", None), "family", None)
-    if family == "bert":
-        from lmforge.models.hf_bert import save_bert
-
-        return save_bert(model, path, tokenizer=tokenizer)
-    if family == "t5":
-        from lmforge.models.hf_t5 import save_t5
-
-        return save_t5(model, path, tokenizer=tokenizer)
-    from lmforge.models.hf import save_decoder
-
-    return save_decoder(model, path, tokenizer=tokenizer, generation_config=generation_config)

@@ -24,8 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
 from lmforge.core.errors import ConfigError
+from lmforge.core.tokenizer import Tokenizer
 from lmforge.models.decoder import DecoderLM
+from lmforge.models.families import families, family_of, get_family
 from lmforge.models.layers import Linear
 
 PAD_TOKEN = "<|pad|>"
@@ -115,7 +120,7 @@ class _TaskHead(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids [B, T]`` -> the backbone's hidden states ``[B, T, d]``."""
-        if self.family == "bert":
+        if get_family(self.family).kind == "encoder":  # segment ids are an encoder's (BERT's) input
             # BERT's pooler reads position 0 of the full sequence, under prompt tuning the first prompt vector
             # (as transformers + PEFT): the backbone then returns the prompt positions too
             keep = self.pools_first_position and getattr(self.backbone, "soft_prompt", None) is not None
@@ -145,29 +150,31 @@ class SequenceClassifier(_TaskHead):
 
     def __init__(self, backbone: nn.Module, id2label: Mapping[Any, str] | Sequence[str],
                  dropout: float | None = None) -> None:
-        family = _family(backbone)
-        if family == "t5":
-            raise ConfigError("sequence classification with a T5 backbone is not supported: T5 classifies as "
-                              "text-to-text (generate the label's text); use task type 'text2text'")
-        if family == "bert":
+        family, fam = _family(backbone), family_of(backbone)
+        kind = fam.classifier if fam is not None else None
+        if kind == "pooled":
             head, bias = "classifier", True
             dropout = backbone.config.dropout if dropout is None else dropout
-        elif family in ("gpt2", "llama"):
+        elif kind == "last_token":
             if dropout:
                 raise ConfigError(f"dropout={dropout}: a {family} sequence classifier has no classifier dropout "
                                   f"(as in transformers); leave it unset or use the model's own dropout")
             head, bias, dropout = "score", False, 0.0
+        elif fam is not None and "sequence_classifier" in fam.why_not:
+            raise ConfigError(fam.why_not["sequence_classifier"])
         else:
-            raise ConfigError(f"sequence classification needs a bert, gpt2 or llama backbone, got {family!r}")
+            able = sorted(f.name for f in families() if f.classifier is not None)
+            raise ConfigError(f"sequence classification needs a {', '.join(able[:-1])} or {able[-1]} backbone, "
+                              f"got {family!r}")
         super().__init__(backbone, id2label, head, bias, dropout)
 
     @property
     def pools_first_position(self) -> bool:  # type: ignore[override]
-        return self.family == "bert"
+        return get_family(self.family).classifier == "pooled"
 
     def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden ``[B, T, d]`` -> logits ``[B, num_labels]``."""
-        if self.family == "bert":
+        if self.pools_first_position:
             pooled = self.backbone.pooled(hidden)  # [B, d]
             return self.head(F.dropout(pooled, self.dropout, self.training))
         return self.head(last_token(hidden, attention_mask))
@@ -180,8 +187,8 @@ class TokenClassifier(_TaskHead):
 
     def __init__(self, backbone: nn.Module, id2label: Mapping[Any, str] | Sequence[str],
                  dropout: float | None = None) -> None:
-        family = _family(backbone)
-        if family != "bert":
+        family, fam = _family(backbone), family_of(backbone)
+        if fam is None or not fam.token_classifier:
             raise ConfigError(f"token classification needs an encoder (bert) backbone, got {family!r}: a "
                               f"decoder only sees the left context of each token; use a bert model")
         dropout = backbone.config.dropout if dropout is None else dropout
@@ -253,11 +260,6 @@ def ensure_pad_token(model: DecoderLM | SequenceClassifier, tokenizer: Any) -> i
     vocabulary, the embedding (and an untied LM head) grow by :func:`resize_token_embeddings`.
     ``config.pad_token_id`` is set (and, for Llama, the embedding's ``padding_idx``, as transformers
     builds it).  Call it before creating the optimizer."""
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from lmforge.core.tokenizer import Tokenizer
-
     decoder = _decoder_of(model, "ensure_pad_token")
     pad = tokenizer.pad_id
     if pad is None or pad == tokenizer.eos_id:
@@ -278,7 +280,5 @@ def ensure_pad_token(model: DecoderLM | SequenceClassifier, tokenizer: Any) -> i
         pad = tokenizer.pad_id
     if pad >= decoder.config.vocab_size:
         resize_token_embeddings(decoder, max(pad + 1, tokenizer.vocab_size))
-    decoder.config.pad_token_id = pad
-    if decoder.config.family == "llama":  # DecoderLM(config) builds the llama embedding with padding_idx=pad
-        decoder.embed_tokens.padding_idx = pad
+    decoder.set_pad_token_id(pad)
     return pad

@@ -10,12 +10,19 @@ import torch
 
 from lmforge.core.device import resolve_device
 from lmforge.core.errors import ModelError
+from lmforge.data.sources import iter_documents
+from lmforge.eval.fill_mask import fill_mask
+from lmforge.eval.generate import GenerationConfig, generate_text
+from lmforge.eval.generate_seq2seq import generate_seq2seq_text
+from lmforge.eval.perplexity import perplexity
+from lmforge.eval.pseudo_perplexity import pseudo_perplexity
+from lmforge.eval.span_eval import span_corruption_loss
+from lmforge.models.families import family_of
+from lmforge.models.io import load_model
 
 
 def load_for_inference(path: str, device: str = "auto"):
     """A model dir (lmforge or HF) -> (model in eval mode on the device, tokenizer)."""
-    from lmforge.models.hf import load_model
-
     dev = resolve_device(device)
     model, tokenizer = load_model(path, device=dev)
     if tokenizer is None:
@@ -26,29 +33,22 @@ def load_for_inference(path: str, device: str = "auto"):
 
 
 def run_perplexity(args) -> dict[str, Any]:
-    """Decoders: strided perplexity + bits-per-byte.  Encoders (bert): pseudo-perplexity (each token masked in
-    turn).  Encoder–decoders (t5): span-corruption loss on the text, as perplexity of the target tokens."""
-    from lmforge.data.sources import iter_documents
-
+    """By the family's pretraining objective.  Causal LMs (gpt2, llama): strided perplexity + bits-per-byte.
+    Masked LMs (bert): pseudo-perplexity (each token masked in turn).  Span corruption (t5): span-corruption
+    loss on the text, as perplexity of the target tokens."""
     model, tokenizer = load_for_inference(args.model, args.device)
     docs = list(iter_documents(args.data, field=args.field, max_docs=args.max_docs))
-    family = model.config.family
+    objective = family_of(model).pretrain_objective
     with torch.inference_mode():
-        if family == "bert":
-            from lmforge.eval.pseudo_perplexity import pseudo_perplexity
-
+        if objective == "mlm_nsp":
             r = pseudo_perplexity(model, tokenizer, docs, max_length=args.max_length or model.config.max_seq_len,
                                   batch_size=max(args.batch_size, 32))
             return {"perplexity": r["pseudo_perplexity"], "bits_per_byte": None, "tokens": r["tokens"],
                     "kind": "pseudo-perplexity", **r}
-        if family == "t5":
-            from lmforge.eval.span_eval import span_corruption_loss
-
+        if objective == "span":
             r = span_corruption_loss(model, tokenizer, docs, max_length=args.max_length, batch_size=args.batch_size)
             return {"perplexity": r["perplexity"], "bits_per_byte": None, "tokens": r["tokens"],
                     "kind": "span-corruption", **r}
-        from lmforge.eval.perplexity import perplexity
-
         result = perplexity(model, tokenizer, docs, max_length=args.max_length, stride=args.stride,
                             batch_size=args.batch_size)
     return {k: result[k] for k in ("perplexity", "bits_per_byte", "tokens")} | {
@@ -56,10 +56,8 @@ def run_perplexity(args) -> dict[str, Any]:
 
 
 def run_fill_mask(args) -> list[list[tuple[str, float]]]:
-    from lmforge.eval.fill_mask import fill_mask
-
     model, tokenizer = load_for_inference(args.model, args.device)
-    if model.config.family != "bert":
+    if family_of(model).pretrain_objective != "mlm_nsp":  # fill-mask is the masked LM's own task
         raise ModelError(f"fill-mask needs a masked-LM (bert) model; '{args.model}' is a {model.config.family} model")
     with torch.inference_mode():
         preds = fill_mask(model, tokenizer, args.text, top_k=args.top_k)
@@ -74,8 +72,6 @@ def run_fill_mask(args) -> list[list[tuple[str, float]]]:
 
 def run_generate(args) -> list[dict[str, Any]]:
     """Decoders continue the prompt (streamed for a single prompt); t5 maps the input text to an output text."""
-    from lmforge.eval.generate import GenerationConfig, generate_text
-
     model, tokenizer = load_for_inference(args.model, args.device)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
@@ -83,8 +79,6 @@ def run_generate(args) -> list[dict[str, Any]]:
     seq2seq = getattr(model, "is_encoder_decoder", False)
     stream = len(args.prompt) == 1 and not args.no_stream and not args.json and not seq2seq
     if seq2seq:
-        from lmforge.eval.generate_seq2seq import generate_seq2seq_text
-
         results = generate_seq2seq_text(model, tokenizer, args.prompt, cfg)
     else:
         if stream:

@@ -36,10 +36,13 @@ from lmforge.core.config import load_config, split_config_arg, to_dict
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.core.io import atomic_write_json, atomic_write_text
 from lmforge.core.seed import seed_everything
-from lmforge.data.task_objectives import (ClassificationObjective, CompletionObjective, ExampleSource,
-                                          TextToTextObjective, TokenClassificationObjective)
+from lmforge.data.examples import ExampleSource
 from lmforge.data.tasks import TaskConfig, TaskData, load_task
 from lmforge.delta import DeltaConfig, DeltaSummary, apply_delta, merge_delta, mergeable, save_delta
+from lmforge.objectives.classification import ClassificationObjective
+from lmforge.objectives.completion import CompletionObjective
+from lmforge.objectives.text_to_text import TextToTextObjective
+from lmforge.objectives.token_classification import TokenClassificationObjective
 from lmforge.train.checkpoint import CHECKPOINTS, read_best
 from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
@@ -230,7 +233,7 @@ def select_metric(task_type: str, mode: str) -> str:
 
 
 def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     dist, device = setup_distributed(cfg.distributed, cfg.train.device)
     if dist.enabled:
@@ -323,7 +326,7 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
     """Train, restore the best checkpoint, score the test split once, save; return the results (also
     written to ``RUN_DIR/results.json``)."""
     from lmforge.eval.baselines import task_baselines
-    from lmforge.models.hf import save_model
+    from lmforge.models.io import save_model
 
     t0 = time.perf_counter()
     parts = build(cfg, progress)

@@ -7,25 +7,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from lmforge.core.errors import ModelError
 from lmforge.delta import load_delta, merge_delta, read_delta_meta
+from lmforge.models.families import family_of
+from lmforge.models.io import load_model, save_model
+from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
+from lmforge.recipes.finetune import resolve_model_dir
 
 
 def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) -> Any:
     """Wrap ``base`` in the classifier the delta was trained with (its head is part of the delta)."""
-    from safetensors import safe_open
-
-    from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
-
     task_type = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS"}.get(meta.get("model_class", ""))
     if task_type is None and (adapter / "adapter_config.json").is_file():
         task_type = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
     labels = meta.get("id2label")
     if task_type not in ("SEQ_CLS", "TOKEN_CLS"):
-        want = meta.get("vocab_size")
-        cfg = getattr(base, "config", None)
-        if want and cfg is not None and getattr(cfg, "family", None) in ("gpt2", "llama") and tokenizer is not None \
-                and cfg.vocab_size < want:
+        want, family = meta.get("vocab_size"), family_of(base)
+        if want and family is not None and family.needs_pad_token and tokenizer is not None \
+                and base.config.vocab_size < want:
             ensure_pad_token(base, tokenizer)  # the completion run added a pad token (one more embedding row)
         return base
     if not labels:  # a PEFT classifier adapter without lmforge's metadata: transformers' LABEL_i names
@@ -43,15 +44,12 @@ def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) 
         base.label2id = {name: i for i, name in base.id2label.items()}
         return base
     model = cls(getattr(base, "backbone", base), labels)
-    if model.family in ("gpt2", "llama") and tokenizer is not None:
+    if family_of(model).needs_pad_token and tokenizer is not None:
         ensure_pad_token(model, tokenizer)  # as fine-tuning did, so the base matches the one the delta saw
     return model
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_base: bool = True) -> Path:
-    from lmforge.models.hf import load_model, save_model
-    from lmforge.recipes.finetune import resolve_model_dir
-
     base_dir, adapter = resolve_model_dir(str(base_dir)), Path(adapter_dir)
     base, tokenizer = load_model(base_dir)
     meta = read_delta_meta(adapter)

@@ -13,7 +13,6 @@ one named by ``tokenizer.path``, or a new byte-level BPE trained on the run's ow
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +25,21 @@ from lmforge.core.errors import ConfigError, DataError, ModelError
 from lmforge.core.seed import seed_everything
 from lmforge.core.tokenizer import Tokenizer
 from lmforge.data.loader import PackedWindows
-from lmforge.data.objectives import CausalLMObjective
 from lmforge.data.shards import ShardSet, build_shards, train_tokenizer
-from lmforge.data.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab, evaluate_mlm
-from lmforge.models.decoder import DecoderConfig, DecoderLM
-from lmforge.data.span import (Seq2SeqObjective, SpanConfig, SpanCorruptionSource, add_sentinels, evaluate_span,
-                               t5_special_tokens)
+from lmforge.data.span import add_sentinels, t5_special_tokens
+from lmforge.eval.pretrain_eval import evaluate_causal_lm, evaluate_mlm, evaluate_span
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.encdec import EncoderDecoderLM
 from lmforge.models.t5_layers import T5Config
-from lmforge.models.encoder import EncoderConfig, EncoderLM
-from lmforge.models.heads import chunked_cross_entropy
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.flops import flops_per_token
-from lmforge.models.hf import save_model
+from lmforge.models.io import save_model
+from lmforge.objectives.causal_lm import CausalLMObjective
+from lmforge.objectives.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab
+from lmforge.objectives.seq2seq import Seq2SeqObjective
+from lmforge.objectives.span import SpanConfig, SpanCorruptionSource
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
 from lmforge.train.trainer import Trainer, TrainerConfig
@@ -144,19 +146,7 @@ def lm_evaluator(val: PackedWindows | None, batch_size: int, max_batches: int):
     """Mean next-token loss (and perplexity) over the first ``max_batches`` validation windows."""
     if val is None:
         return None
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        for batch in val.val_batches(batch_size, max_batches or None):
-            hidden = model(batch["input_ids"].to(device))
-            loss_sum, n = chunked_cross_entropy(hidden, model.lm_head, batch["labels"].to(device))
-            total += float(loss_sum)
-            count += int(n)
-        val_loss = total / max(count, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-
-    return evaluate
+    return lambda model: evaluate_causal_lm(model, val.val_batches(batch_size, max_batches or None))
 
 
 def paradigm_parts(cfg: PretrainConfig, shards: ShardSet, tokenizer: Tokenizer, split: str = "train"

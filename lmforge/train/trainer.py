@@ -41,8 +41,8 @@ from lmforge.core.config import to_dict
 from lmforge.core.device import resolve_device
 from lmforge.core.errors import ConfigError, RunError
 from lmforge.core.seed import rng_state, seed_everything, set_rng_state
-from lmforge.data.objectives import count_input_tokens
 from lmforge.models.flops import device_peak_flops
+from lmforge.objectives.base import count_input_tokens
 from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights, load_sharded_checkpoint,
                                       prune_checkpoints, save_checkpoint, save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress

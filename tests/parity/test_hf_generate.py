@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge.eval.generate import GenerationConfig, generate  # noqa: E402
-from lmforge.models.hf import load_model  # noqa: E402
+from lmforge.models.io import load_model  # noqa: E402
 
 VOCAB = 512
 NEW = 32

@@ -117,7 +117,7 @@ def _hf_model(kind: str):
 @pytest.fixture(scope="module", params=["gpt2", "llama_gqa"])
 def pair(request, tmp_path_factory):
     transformers = pytest.importorskip("transformers")  # noqa: F841
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     hf = _hf_model(request.param)
     d = tmp_path_factory.mktemp(request.param)

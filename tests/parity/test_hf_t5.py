@@ -222,9 +222,3 @@ def test_greedy_generation_equals_hf_generate(variant, tmp_path):
     model, _ = load_t5(tmp_path)
     got = generate_seq2seq(model, inputs, GenerationConfig(max_new_tokens=new, eos_token_id=[]))
     assert [r.tokens for r in got] == ref
-
-
-def test_report_max_abs_diff():
-    """Prints the largest differences seen (run with -s)."""
-    for k, v in sorted(MAX_ABS_DIFF.items()):
-        print(f"max |lmforge - transformers| {k}: {v:.3g}")

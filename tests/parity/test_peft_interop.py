@@ -17,11 +17,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from lmforge.delta import DeltaConfig, apply_delta, load_delta, save_delta  # noqa: E402
-from lmforge.models.decoder import DecoderConfig, DecoderLM  # noqa: E402
+from lmforge.models.decoder import DecoderLM  # noqa: E402
+from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.encdec import EncoderDecoderLM  # noqa: E402
 from lmforge.models.t5_layers import T5Config  # noqa: E402
-from lmforge.models.encoder import EncoderConfig, EncoderLM  # noqa: E402
-from lmforge.models.hf import load_model, save_model  # noqa: E402
+from lmforge.models.encoder import EncoderLM  # noqa: E402
+from lmforge.models.encoder_config import EncoderConfig  # noqa: E402
+from lmforge.models.io import load_model, save_model  # noqa: E402
 from lmforge.models.task import SequenceClassifier  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,7 +24,7 @@ peft = pytest.importorskip("peft")
 from lmforge.delta import DeltaConfig, apply_delta, load_delta, save_delta  # noqa: E402
 from lmforge.eval.generate import GenerationConfig, generate  # noqa: E402
 from lmforge.eval.generate_seq2seq import generate_seq2seq  # noqa: E402
-from lmforge.models.hf import load_model  # noqa: E402
+from lmforge.models.io import load_model  # noqa: E402
 from tests.parity.test_peft_interop import KINDS, PAD, TOL, VOCAB, _base_dir, _hf_base, _lmforge, _perturb  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -177,7 +177,7 @@ def test_pretrained_tiny_gpt_loads_in_transformers_with_equal_logits(tiny_run):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     ours, tok = load_model(tiny_run / "model")
     ref = AutoModelForCausalLM.from_pretrained(tiny_run / "model").eval()

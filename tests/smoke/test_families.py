@@ -48,7 +48,7 @@ def test_bert_model_loads_in_transformers_with_equal_outputs(bert_run):
     import torch
     from transformers import BertForPreTraining
 
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     ours, tok = load_model(bert_run / "model")
     ref = BertForPreTraining.from_pretrained(bert_run / "model").eval()
@@ -84,7 +84,7 @@ def test_t5_model_loads_in_transformers_and_generates(t5_run, tmp_path):
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     ours, tok = load_model(t5_run / "model")
     ref = T5ForConditionalGeneration.from_pretrained(t5_run / "model").eval()

@@ -77,7 +77,7 @@ def test_hf_checkpoint_classifier_end_to_end(hf_dirs, tmp_path, family, auto):
     assert any("val_accuracy" in r for r in rows) and "test_accuracy" in rows[-1]
     assert (tmp_path / "run" / "report.md").read_text().count("baseline") >= 2
 
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     ours, tok = load_model(tmp_path / "run" / "model")
     assert tok.pad_id is not None and tok.pad_id != tok.eos_id
@@ -87,7 +87,7 @@ def test_hf_checkpoint_classifier_end_to_end(hf_dirs, tmp_path, family, auto):
     if family == "bert":  # re-initialised, not the pretrained pooler moved by 12 small steps
         base = transformers.BertForPreTraining.from_pretrained(hf_dirs / "bert").bert.pooler.dense.weight
         assert (ref.bert.pooler.dense.weight - base).abs().max() > 0.04  # Adam moves a weight <= ~12 x lr = 0.012
-    from lmforge.data.task_objectives import ClassificationObjective
+    from lmforge.objectives.classification import ClassificationObjective
 
     obj = ClassificationObjective(tok, family, {"neg": 0, "pos": 1}, 64)
     batch = obj.collate([obj.encode({"text": t, "label": "pos"}) for t in TEXTS[:3] + ["good"]])
@@ -217,7 +217,7 @@ def test_probe_collapse_measures_cosine_and_block_norms(hf_dirs, tmp_path):
     import subprocess
     import sys
 
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
     from tests.conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("probe_collapse", ROOT / "benchmarks" / "probe_collapse.py")

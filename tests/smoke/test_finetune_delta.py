@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 
 
 def _batch(tok, family):
-    from lmforge.data.task_objectives import ClassificationObjective
+    from lmforge.objectives.classification import ClassificationObjective
 
     obj = ClassificationObjective(tok, family, {"neg": 0, "pos": 1}, 64)
     return obj.collate([obj.encode({"text": t, "label": "pos"}) for t in TEXTS[:3] + ["good"]])
@@ -35,7 +35,7 @@ def test_lora_classifier_adapter_loads_in_peft(hf_dirs, tmp_path):  # noqa: F811
     assert pc["task_type"] == "SEQ_CLS" and pc["target_modules"] == ["c_attn"]
     assert "Delta tuning **lora**" in (run / "report.md").read_text()
 
-    from lmforge.models.hf import load_model
+    from lmforge.models.io import load_model
 
     merged, tok = load_model(run / "model")  # the merged classifier: a plain checkpoint
     batch = _batch(tok, "gpt2")

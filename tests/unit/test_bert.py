@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError, DataError, RunError
 from lmforge.core.tokenizer import Tokenizer
-from lmforge.data.mlm import (MLMBatchSource, MLMConfig, MLMObjective, MLMVocab, collate_texts, evaluate_mlm,
-                              mask_tokens)
 from lmforge.data.world import World, generate_documents
 from lmforge.eval.fill_mask import fill_mask
+from lmforge.eval.pretrain_eval import evaluate_mlm
 from lmforge.eval.pseudo_perplexity import pseudo_perplexity
-from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
+from lmforge.objectives.mlm import MLMBatchSource, MLMConfig, MLMObjective, MLMVocab, collate_texts, mask_tokens
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

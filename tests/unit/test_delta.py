@@ -13,10 +13,12 @@ from torch import nn
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.delta import (DeltaConfig, LoRALinear, apply_delta, load_delta, lora_layers, lora_targets, merge_delta,
                            save_delta)
-from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.encdec import EncoderDecoderLM
 from lmforge.models.t5_layers import T5Config
-from lmforge.models.encoder import EncoderConfig, EncoderLM
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.layers import Linear
 from lmforge.models.task import SequenceClassifier
 
@@ -49,7 +51,7 @@ IDS = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(1))
 
 def train_steps(model: nn.Module, steps: int = 3, weight_decay: float = 0.0) -> None:
     """A few AdamW steps of causal-LM training on IDS (for freezing checks)."""
-    from lmforge.data.objectives import CausalLMObjective
+    from lmforge.objectives.causal_lm import CausalLMObjective
     from lmforge.train.optim import build_optimizer
 
     opt = build_optimizer(model, lr=1e-2, weight_decay=weight_decay)
@@ -316,7 +318,7 @@ def test_frozen_weights_stay_byte_identical_through_training(tmp_path):
 
 
 def test_counted_memory_orders_methods():
-    from lmforge.data.objectives import CausalLMObjective
+    from lmforge.objectives.causal_lm import CausalLMObjective
     from lmforge.train.memory import measure_training_memory
 
     obj = CausalLMObjective(pad_id=0)
@@ -375,7 +377,7 @@ def test_review_edge_cases(tmp_path):
 
 
 def test_merge_rebuilds_a_token_classifier(tmp_path):
-    from lmforge.models.hf import load_model, save_model
+    from lmforge.models.io import load_model, save_model
     from lmforge.models.task import TokenClassifier
     from lmforge.recipes.merge import merge
 

@@ -76,7 +76,7 @@ def test_ladder_side_blocks_are_pruned_backbone_blocks():
 
 
 def test_ladder_uses_the_least_training_memory():
-    from lmforge.data.objectives import CausalLMObjective
+    from lmforge.objectives.causal_lm import CausalLMObjective
     from lmforge.train.memory import measure_training_memory
 
     obj = CausalLMObjective(pad_id=0)

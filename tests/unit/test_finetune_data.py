@@ -7,10 +7,13 @@ import torch
 
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.tokenizer import Tokenizer
-from lmforge.data.objectives import IGNORE_INDEX
-from lmforge.data.task_objectives import (ClassificationObjective, CompletionObjective, ExampleSource,
-                                          TextToTextObjective, TokenClassificationObjective)
+from lmforge.data.examples import ExampleSource
 from lmforge.data.tasks import TaskConfig, load_task
+from lmforge.objectives.base import IGNORE_INDEX
+from lmforge.objectives.classification import ClassificationObjective
+from lmforge.objectives.completion import CompletionObjective
+from lmforge.objectives.text_to_text import TextToTextObjective
+from lmforge.objectives.token_classification import TokenClassificationObjective
 
 TEXTS = ["the food was not bad at all", "the inn was dirty, but the view was lovely", "Alva Dorn lives in Tovin",
          "question: where does Alva live? answer: Tovin"] * 20

@@ -105,7 +105,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def model(request):
-    from lmforge.models.decoder import DecoderConfig, DecoderLM
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.models.decoder_config import DecoderConfig
 
     torch.manual_seed(0)
     cfg = DecoderConfig(family=request.param, vocab_size=320, d_model=64, n_layer=2, n_head=4,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -218,10 +217,9 @@ def test_world_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     fake = types.ModuleType("lmforge.data.world")
     fake.world_corpus_path, fake.write_corpus = world_corpus_path, write_corpus
-    monkeypatch.setitem(sys.modules, "lmforge.data.world", fake)
-    import lmforge.data
+    import lmforge.data.sources
 
-    monkeypatch.setattr(lmforge.data, "world", fake, raising=False)
+    monkeypatch.setattr(lmforge.data.sources, "world", fake)
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
     assert list(iter_documents("world", world_bytes=1000)) == ["world 0 doc 0", "world 0 doc 1", "world 0 doc 2"]
     assert list(iter_documents("world", world_bytes=1000)) == ["world 0 doc 0", "world 0 doc 1", "world 0 doc 2"]

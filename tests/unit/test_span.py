@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.tokenizer import Tokenizer
-from lmforge.data.span import (SpanConfig, SpanCorruptionSource, Seq2SeqObjective, add_sentinels, check_sentinels,
-                               compute_input_and_target_lengths, corrupt_spans, evaluate_span, plan_spans,
-                               random_spans_noise_mask, train_t5_tokenizer)
+from lmforge.data.span import add_sentinels, check_sentinels, train_t5_tokenizer
+from lmforge.eval.pretrain_eval import evaluate_span
+from lmforge.objectives.seq2seq import Seq2SeqObjective
+from lmforge.objectives.span import (SpanConfig, SpanCorruptionSource, compute_input_and_target_lengths, corrupt_spans,
+                                     plan_spans, random_spans_noise_mask)
 
 VOCAB = 1000
 EOS = 1

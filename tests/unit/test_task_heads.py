@@ -10,11 +10,13 @@ import torch
 
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.core.tokenizer import Tokenizer
-from lmforge.models.decoder import DecoderConfig, DecoderLM
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.encdec import EncoderDecoderLM
 from lmforge.models.t5_layers import T5Config
-from lmforge.models.encoder import EncoderConfig, EncoderLM
-from lmforge.models.hf import load_model, save_model
+from lmforge.models.encoder import EncoderLM
+from lmforge.models.encoder_config import EncoderConfig
+from lmforge.models.io import load_model, save_model
 from lmforge.models.hf_task import is_task_dir, load_task_model
 from lmforge.models.task import (PAD_TOKEN, SequenceClassifier, TokenClassifier, ensure_pad_token, last_token,
                                  resize_token_embeddings)

@@ -16,7 +16,8 @@ from torch import nn
 
 from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError, RunError
-from lmforge.data.objectives import CausalLMObjective, ObjectiveOutput
+from lmforge.objectives.base import ObjectiveOutput
+from lmforge.objectives.causal_lm import CausalLMObjective
 from lmforge.train import Trainer, TrainerConfig, build_optimizer, param_groups
 from lmforge.train.checkpoint import list_checkpoints
 

@@ -8,7 +8,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -289,11 +288,3 @@ def test_reviews_carry_their_label(world: World) -> None:
         subject = world[r.subject]
         if r.author and subject.kind == "object":
             assert world[r.author]["owns"] == r.subject
-
-
-def test_throughput_is_printed(world: World) -> None:
-    """Timing is a benchmark, never an assertion; `python -m lmforge.data.world` measures 10 MB."""
-    start = time.perf_counter()
-    size = sum(len(d) for d in generate_documents(world, seed=0, target_bytes=1_000_000))
-    seconds = time.perf_counter() - start
-    print(f"world corpus throughput: {size / 1e6 / seconds:.2f} MB/s ({size} bytes in {seconds:.2f}s)")

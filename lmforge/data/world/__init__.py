@@ -9,9 +9,9 @@ answers.  Everything is deterministic for a seed and uses only the standard libr
     docs = generate_documents(world, seed=0, target_bytes=1_000_000, exclude=held_out)
     path = world_corpus_path("~/.cache/lmforge", seed=0, target_bytes=10_000_000)
 
-Modules: ``facts`` (store, queries, split), ``build`` (generation), ``names`` (syllable names),
-``vocab`` (closed word lists), renderers ``encyclopedia``, ``stories``, ``dialogues``, ``lists``,
-``arithmetic``, ``reviews`` (labelled sentiment), ``questions`` (fact Q&A), ``corpus`` (stream + cache).
+Modules: ``entity`` (one thing and its attributes), ``facts`` (store, queries, split), ``build`` (generation),
+``names`` (syllable names), ``vocab`` (closed word lists), renderers ``encyclopedia``, ``stories``, ``dialogues``,
+``lists``, ``arithmetic``, ``reviews`` (labelled sentiment), ``questions`` (fact Q&A), ``corpus`` (stream + cache).
 """
 
 from .corpus import (
@@ -22,7 +22,8 @@ from .corpus import (
     world_corpus_path,
     write_corpus,
 )
-from .facts import KINDS, Entity, Fact, World
+from .entity import Entity
+from .facts import KINDS, Fact, World
 from .questions import QA, ask, askable
 from .reviews import LABELS, Review, make_review
 from .tasks import WORLD_TASKS, WorldTask, build_world_task, world_task

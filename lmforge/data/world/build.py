@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from . import vocab
-from .facts import Entity
+from .entity import Entity
 from .names import NameMaker
 
 # Words a generated name must never equal, so names are always recognisable as names: the word

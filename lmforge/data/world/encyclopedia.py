@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 
-from .facts import Entity, World
+from .entity import Entity
+from .facts import World
 from .fields import fields_for
 from .text import a, cap, compile_templates, join, pick, pick_template, plural_object, ref
 

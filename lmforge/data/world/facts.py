@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Iterable
 
 from lmforge.core.errors import ConfigError, DataError
 
 from . import vocab
+from .build import build_entities
+from .entity import Entity, Value
 
-Value = Union[str, int]
 Fact = tuple[str, str, Value]
 
 KINDS: tuple[str, ...] = ("person", "place", "creature", "object", "guild")
@@ -41,29 +41,6 @@ SIZES: dict[str, dict[str, int]] = {
     "default": {"person": 300, "place": 60, "creature": 40, "object": 80, "guild": 16},
     "large": {"person": 1000, "place": 150, "creature": 80, "object": 200, "guild": 24},
 }
-
-
-@dataclass
-class Entity:
-    """One thing in the world.  ``attrs`` maps relation -> value in a fixed (insertion) order."""
-
-    kind: str
-    name: str
-    attrs: dict[str, Value] = field(default_factory=dict)
-    pos: tuple[float, float] | None = None  # map coordinates of places (not a stated fact)
-
-    def __getitem__(self, relation: str) -> Value:
-        return self.attrs[relation]
-
-    def get(self, relation: str, default: Value | None = None) -> Value | None:
-        return self.attrs.get(relation, default)
-
-    @property
-    def key(self) -> str:
-        """The distinctive word of the name (a person's unique first name, an object's brand)."""
-        if self.kind == "person":
-            return str(self.attrs["first_name"])
-        return self.name.split()[0]
 
 
 class World:
@@ -89,8 +66,6 @@ class World:
     @classmethod
     def build(cls, seed: int = 0, size: str | dict[str, int] = "default") -> "World":
         """Generate the world for ``seed``; ``size`` is a preset name or a dict of per-kind counts."""
-        from .build import build_entities  # local import: build.py imports this module
-
         counts = resolve_size(size)
         return cls(build_entities(random.Random(seed), counts), seed, counts)
 

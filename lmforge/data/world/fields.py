@@ -8,7 +8,8 @@ out.  That is the whole mechanism that keeps held-out names out of the text.
 from __future__ import annotations
 
 from . import vocab
-from .facts import Entity, World
+from .entity import Entity
+from .facts import World
 from .text import a, cap, plural_creature, plural_object, pronouns, sibling_word
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 
 from . import vocab
-from .facts import Entity, World
+from .entity import Entity
+from .facts import World
 from .text import cap, join
 
 _MAX_ITEMS = 8

@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .facts import Entity, World
+from .entity import Entity
+from .facts import World
 from .text import a, cap, compile_templates, pronouns, sibling_word, the_name
 
 

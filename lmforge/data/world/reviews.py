@@ -13,7 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .facts import Entity, World
+from .entity import Entity
+from .facts import World
 from lmforge.core.errors import DataError
 
 from . import vocab

@@ -13,7 +13,8 @@ from __future__ import annotations
 import random
 
 from . import vocab
-from .facts import Entity, World
+from .entity import Entity
+from .facts import World
 from .fields import fields_for
 from .text import a, cap, compile_templates, pick, plural_creature, plural_object
 

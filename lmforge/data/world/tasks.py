@@ -27,7 +27,8 @@ from lmforge.core.errors import ConfigError, DataError
 
 from . import vocab
 from .encyclopedia import render_entry
-from .facts import KINDS, Entity, World
+from .entity import Entity
+from .facts import KINDS, World
 from .questions import ask, askable
 from .reviews import _BAD, _GOOD, _OBJ_ASPECTS, _OPEN_GIFT, _OPEN_OBJ, _OPEN_PLACE, _PLACE_ASPECTS, _PLURAL
 from .stories import render_story

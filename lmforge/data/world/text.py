@@ -6,7 +6,7 @@ import random
 import string
 
 from . import vocab
-from .facts import Entity
+from .entity import Entity
 
 
 def a(phrase: str) -> str:

@@ -8,19 +8,11 @@ original ids there and -100 elsewhere.  Masking happens when a batch is fetched 
 visit of a window gets a new mask) from a ``torch.Generator`` whose state is in the source's
 ``state_dict``, so a resumed run draws exactly the masks an uninterrupted one would.
 
-**NSP pairs** (``nsp: true``).  Each document's content (the shards' BOS/EOS/SEP markers stripped) is cut
-into consecutive chunks of ``seq_len - 3`` tokens; a chunk is one example per epoch (chunks shuffled per
-epoch by ``(seed, epoch)``, like :class:`~lmforge.data.loader.PackedWindows`).  For an example: with
-probability ``short_seq_prob`` the chunk is shortened to a random length >= 2 (BERT's short sequences);
-segment A is the chunk's first ``a`` tokens, ``a`` uniform in ``[1, len - 1]``; with probability 1/2
-segment B is the rest of the chunk (label 0, IsNext -- HF's convention), else a span of the same length
-at a random place in another, uniformly chosen document (label 1; the chunk's remaining tokens are
-then unused this epoch -- the next epoch cuts the chunk anew).  Input ``[CLS] A [SEP] B [SEP]``,
-``token_type_ids`` 0 up to the first [SEP] and 1 after, right-padded to ``seq_len``.  Documents with fewer
-than 2 content tokens cannot give a pair: they are skipped and counted (``source.stats``); a 1-token
-tail chunk is dropped.  ``nsp: false`` gives RoBERTa's full-sentence inputs instead: the token stream
-(documents separated by their EOS/SEP) is cut into windows of ``seq_len - 2`` tokens, each
-``[CLS] window [SEP]``, no padding and no NSP loss.
+**NSP pairs** (``nsp: true``): ``[CLS] A [SEP] B [SEP]`` rows with a next-sentence label, sampled from the
+documents by :class:`~lmforge.data.sentence_pairs.SentencePairs` (data: which tokens form an example) and masked
+here.  ``nsp: false`` gives RoBERTa's full-sentence inputs instead: the token stream (documents separated by
+their EOS/SEP) is cut into windows of ``seq_len - 2`` tokens, each ``[CLS] window [SEP]``, no padding and no NSP
+loss.
 
 **Loss normalisation.**  The target count is the number of masked tokens ``M`` of the global batch.  The
 batch source also stores ``nsp_scale = M / N`` (``N`` = examples in the global batch) on every row, and
@@ -43,7 +35,8 @@ from torch import nn
 
 from lmforge.core.errors import ConfigError, DataError, RunError
 from lmforge.data.loader import PackedWindows
-from lmforge.data.objectives import IGNORE_INDEX, Objective, ObjectiveOutput
+from lmforge.data.sentence_pairs import SentencePairs
+from lmforge.objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput
 
 _VAL_SEED = 0x5EED  # validation masks come from their own fixed generator
 
@@ -193,18 +186,16 @@ class MLMBatchSource:
         if self.seq_len < need:
             form = "[CLS] A [SEP] B [SEP]" if self.cfg.nsp else "[CLS] tokens [SEP]"
             raise ConfigError(f"seq_len {seq_len} is too short for masked-LM examples: {form} needs at least {need}")
-        self.tokens = tokens
         self.generator = torch.Generator().manual_seed(self.seed)
         if self.cfg.nsp:
-            self._build_chunks(np.asarray(doc_offsets, dtype=np.int64))
+            self.pairs = SentencePairs(tokens, doc_offsets, self.seq_len, vocab.cls_id, vocab.sep_id, vocab.pad_id,
+                                       vocab.special_ids, self.cfg.short_seq_prob, seed=self.seed, shuffle=self.shuffle)
+            self.num_examples, self.stats = self.pairs.num_examples, self.pairs.stats
         else:
             self.windows = PackedWindows(tokens, self.seq_len - 2, seed=self.seed, shuffle=self.shuffle)
             self.num_examples = self.windows.num_windows
             self.stats = {"documents": len(doc_offsets) - 1, "documents_skipped": 0,
                           "examples_per_epoch": self.num_examples}
-        self.epoch = self.index = 0
-        self._order_epoch: int | None = None
-        self._order = np.zeros(0, dtype=np.int64)
 
     @classmethod
     def from_shards(cls, shards: Any, split: str, tokenizer: Any, seq_len: int, config: MLMConfig | None = None,
@@ -213,77 +204,11 @@ class MLMBatchSource:
         return cls(shards.tokens(split), shards.doc_offsets(split), seq_len, MLMVocab.from_tokenizer(tokenizer),
                    config, seed, shuffle)
 
-    # ------------------------------------------------------------------ NSP chunks
-    def _build_chunks(self, offsets: np.ndarray) -> None:
-        """Document content spans (boundary specials trimmed) cut into ``seq_len - 3``-token chunks."""
-        special = np.asarray(self.vocab.special_ids, dtype=np.int64)
-        starts, ends = offsets[:-1].copy(), offsets[1:].copy()
-        nonempty = ends > starts
-        starts[nonempty] += np.isin(self.tokens[starts[nonempty]], special)  # leading BOS
-        nonempty = ends > starts
-        ends[nonempty] -= np.isin(self.tokens[ends[nonempty] - 1], special)  # trailing EOS/SEP
-        ok = ends - starts >= 2
-        self.stats = {"documents": len(starts), "documents_skipped": int((~ok).sum())}
-        if int(ok.sum()) < 2:
-            raise DataError(f"next-sentence pairs need at least 2 documents of 2+ tokens; these data have "
-                            f"{int(ok.sum())} of {len(starts)} documents; use more data or set mlm.nsp=false")
-        self.doc_start, self.doc_end = starts[ok], ends[ok]
-        M = self.seq_len - 3
-        n_chunks = -(-(self.doc_end - self.doc_start) // M)
-        doc = np.repeat(np.arange(len(self.doc_start)), n_chunks)
-        first = np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-        c_start = self.doc_start[doc] + (np.arange(len(doc)) - first) * M
-        c_end = np.minimum(c_start + M, self.doc_end[doc])
-        keep = c_end - c_start >= 2
-        self.chunk_start, self.chunk_end, self.chunk_doc = c_start[keep], c_end[keep], doc[keep]
-        self.num_examples = int(keep.sum())
-        self.stats["examples_per_epoch"] = self.num_examples
-
-    def _pair_rows(self, chunks: np.ndarray, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """``[CLS] A [SEP] B [SEP]`` rows for the given chunk indices (see the module docstring)."""
-        n, T, v = len(chunks), self.seq_len, self.vocab
-        u = torch.rand(n, 6, generator=g, dtype=torch.float64).numpy()  # all draws up front, fixed shape
-        ids = np.full((n, T), v.pad_id, dtype=np.int64)
-        types = np.zeros((n, T), dtype=np.int64)
-        mask = np.zeros((n, T), dtype=np.int64)
-        label = (u[:, 0] < 0.5).astype(np.int64)  # 1 = random B
-        n_docs = len(self.doc_start)
-        for r, c in enumerate(chunks):
-            s, d = int(self.chunk_start[c]), int(self.chunk_doc[c])
-            length = int(self.chunk_end[c]) - s
-            if length > 2 and u[r, 1] < self.cfg.short_seq_prob:
-                length = 2 + int(u[r, 2] * (length - 1))  # uniform in [2, length]
-            a = 1 + int(u[r, 3] * (length - 1))  # uniform in [1, length - 1]
-            seg_a = self.tokens[s:s + a]
-            if label[r] == 0:
-                seg_b = self.tokens[s + a:s + length]
-            else:
-                other = int(u[r, 4] * (n_docs - 1))
-                other += other >= d  # uniform over the other documents
-                ds, de = int(self.doc_start[other]), int(self.doc_end[other])
-                start = ds + int(u[r, 5] * max(1, de - ds - (length - a) + 1))
-                seg_b = self.tokens[start:min(start + length - a, de)]
-            na, nb = len(seg_a), len(seg_b)
-            ids[r, 0], ids[r, 1:1 + na], ids[r, 1 + na] = v.cls_id, seg_a, v.sep_id
-            ids[r, 2 + na:2 + na + nb], ids[r, 2 + na + nb] = seg_b, v.sep_id
-            types[r, 2 + na:3 + na + nb] = 1
-            mask[r, :3 + na + nb] = 1
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                "token_type_ids": torch.from_numpy(types), "next_sentence_label": torch.from_numpy(label)}
-
     def _window_rows(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[CLS] window [SEP]`` rows of packed stream windows ``[n, seq_len - 2]``."""
         n = windows.shape[0]
         ids = torch.cat([torch.full((n, 1), self.vocab.cls_id), windows, torch.full((n, 1), self.vocab.sep_id)], 1)
         return {"input_ids": ids}
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Chunk order of an NSP epoch: a permutation from ``(seed, epoch)`` (identity without shuffle)."""
-        if self._order_epoch != epoch:
-            self._order = (np.random.Generator(np.random.PCG64([self.seed, int(epoch)])).permutation(self.num_examples)
-                           if self.shuffle else np.arange(self.num_examples))
-            self._order_epoch = epoch
-        return self._order
 
     # ------------------------------------------------------------------ batch source contract
     def next_batch(self, n: int) -> dict[str, torch.Tensor]:
@@ -292,19 +217,12 @@ class MLMBatchSource:
             raise ConfigError(f"batch size {n} must be >= 1")
         if not self.cfg.nsp:
             rows = self._window_rows(self.windows.next_batch(int(n))["input_ids"])
-            return _finish(rows, self.vocab, self.cfg, self.generator)
-        parts, need = [], int(n)
-        while need > 0:
-            take = min(need, self.num_examples - self.index)
-            parts.append(self.order(self.epoch)[self.index:self.index + take])
-            self.index, need = self.index + take, need - take
-            if self.index >= self.num_examples:
-                self.epoch, self.index = self.epoch + 1, 0
-        rows = self._pair_rows(np.concatenate(parts), self.generator)
+        else:
+            rows = self.pairs.next_rows(int(n), self.generator)
         return _finish(rows, self.vocab, self.cfg, self.generator)
 
     def state_dict(self) -> dict[str, Any]:
-        pos = self.windows.state_dict() if not self.cfg.nsp else {"epoch": self.epoch, "index": self.index}
+        pos = self.windows.state_dict() if not self.cfg.nsp else self.pairs.state_dict()
         return {"nsp": bool(self.cfg.nsp), "seed": self.seed, "seq_len": self.seq_len,
                 "num_examples": int(self.num_examples), "position": pos, "generator": self.generator.get_state()}
 
@@ -317,9 +235,10 @@ class MLMBatchSource:
             if sd[key] != mine:
                 raise RunError(f"cannot resume: the checkpoint's masked-LM data had {key}={sd[key]}, this run has "
                                f"{mine}; resume with the same data, tokenizer and settings or start a new run")
-        self.seed, self._order_epoch = int(sd["seed"]), None
+        self.seed = int(sd["seed"])
         if self.cfg.nsp:
-            self.epoch, self.index = int(sd["position"]["epoch"]), int(sd["position"]["index"])
+            self.pairs.seed = self.seed
+            self.pairs.load_state_dict(sd["position"])
         else:
             self.windows.load_state_dict(sd["position"])
         self.generator.set_state(torch.as_tensor(sd["generator"], dtype=torch.uint8))
@@ -336,7 +255,7 @@ class MLMBatchSource:
             return
         total = self.num_examples if max_batches is None else min(self.num_examples, int(max_batches) * int(batch_size))
         for start in range(0, total, int(batch_size)):
-            rows = self._pair_rows(np.arange(start, min(start + int(batch_size), total)), g)
+            rows = self.pairs.rows(np.arange(start, min(start + int(batch_size), total)), g)
             yield _finish(rows, self.vocab, self.cfg, g)
 
     def __len__(self) -> int:
@@ -381,24 +300,3 @@ class MLMObjective(Objective):
             metrics["nsp_acc"] = ((nsp_logits.argmax(-1) == y).float() * scale).sum()
         return ObjectiveOutput(loss_sum=loss_sum, count=selected.sum(), metrics=metrics)
 
-
-@torch.no_grad()
-def evaluate_mlm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Validation means over ``batches``: ``val_loss`` (= MLM + NSP, as in training), ``val_mlm_loss``,
-    ``val_mlm_acc`` and, with NSP, ``val_nsp_loss`` and ``val_nsp_acc`` (means over examples)."""
-    device = next(model.parameters()).device
-    tot: dict[str, float] = {}
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if "nsp_scale" in batch:  # scale 1: plain NSP sums over examples
-            batch["nsp_scale"] = torch.ones_like(batch["nsp_scale"])
-        out = MLMObjective().loss(model, batch)
-        tot["masked"] = tot.get("masked", 0.0) + float(out.count)
-        tot["rows"] = tot.get("rows", 0.0) + batch["input_ids"].shape[0]
-        for k, v in out.metrics.items():
-            tot[k] = tot.get(k, 0.0) + float(v)
-    res = {f"val_{k}": tot.get(k, 0.0) / max(tot.get("masked", 0.0), 1.0) for k in ("mlm_loss", "mlm_acc")}
-    if "nsp_loss" in tot:
-        res.update({f"val_{k}": tot[k] / max(tot["rows"], 1.0) for k in ("nsp_loss", "nsp_acc")})
-    res["val_loss"] = res["val_mlm_loss"] + res.get("val_nsp_loss", 0.0)
-    return res
