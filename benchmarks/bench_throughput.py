@@ -32,7 +32,7 @@ from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.flops import config_params, device_peak_flops, flops_per_token  # noqa: E402
 from lmforge.train.distributed import DistributedConfig, setup_distributed  # noqa: E402
-from lmforge.train.trainer import Trainer, TrainerConfig  # noqa: E402
+from lmforge.train.trainer import RunSpec, Trainer, TrainerConfig  # noqa: E402
 
 MODELS = {
     # GPT-2 small: 124M parameters (vocab padded to a multiple of 64).
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     source = RandomWindows(config.vocab_size, args.seq)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(dist.broadcast_object(tmp))
-        trainer = Trainer(model, source.objective, source, cfg, run_dir=run_dir / "run", max_steps=10**9,
-                          progress=False, dist=dist)
+        trainer = Trainer(model, source.objective, source, cfg, RunSpec(run_dir / "run", 10**9), progress=False,
+                          dist=dist)
         trainer.model.train()
 
         def step() -> None:

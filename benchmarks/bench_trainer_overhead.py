@@ -33,7 +33,7 @@ from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.heads import chunked_cross_entropy  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
-from lmforge.train.trainer import Trainer, TrainerConfig  # noqa: E402
+from lmforge.train.trainer import RunSpec, Trainer, TrainerConfig  # noqa: E402
 
 
 def bare_loop(model: DecoderLM, source: PackedWindows, steps: int, batch: int, lr: float) -> float:
@@ -53,7 +53,8 @@ def bare_loop(model: DecoderLM, source: PackedWindows, steps: int, batch: int, l
 def trainer_run(model: DecoderLM, source: PackedWindows, steps: int, batch: int, lr: float, run_dir: Path) -> float:
     cfg = TrainerConfig(global_batch_size=batch, lr=lr, warmup_steps=5, log_every=10, eval_every=0,
                         ckpt_every=steps, keep_last=1, tensorboard=False, device="cpu")
-    trainer = Trainer(model, CausalLMObjective(), source, cfg, run_dir, steps, seed=0, resume="false", progress=False)
+    trainer = Trainer(model, CausalLMObjective(), source, cfg, RunSpec(run_dir, steps, seed=0, resume="false"),
+                      progress=False)
     t = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - t

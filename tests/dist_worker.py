@@ -24,7 +24,7 @@ from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
 from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.train.distributed import DistributedConfig, setup_distributed  # noqa: E402
-from lmforge.train.trainer import Trainer, TrainerConfig  # noqa: E402
+from lmforge.train.trainer import RunSpec, Trainer, TrainerConfig  # noqa: E402
 
 VOCAB, STEPS, BATCH = 64, 20, 8
 
@@ -76,8 +76,8 @@ def make_trainer(run_dir, micro, dist=None, max_steps=STEPS, ckpt_every=0, resum
     objective = CausalLMObjective(pad_id=0)
     cfg = train_cfg(micro, ckpt_every)
     meta = dist is not None and dist.strategy == "fsdp" and not dist.is_main
-    return Trainer(make_model(meta), objective, PatternSource(objective), cfg, run_dir=run_dir, max_steps=max_steps,
-                   seed=3, resume=resume, progress=False, dist=dist)
+    return Trainer(make_model(meta), objective, PatternSource(objective), cfg,
+                   RunSpec(run_dir, max_steps, seed=3, resume=resume), progress=False, dist=dist)
 
 
 def full_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -133,8 +133,8 @@ def bf16_lora_case(out: Path, dist) -> None:
     model.blocks[0].attn.q_proj.lora_A.register_forward_pre_hook(record("lora_A"))
     model.blocks[0].mlp.up_proj.register_forward_pre_hook(record("frozen_up_proj"))
     objective = CausalLMObjective(pad_id=0)
-    trainer = Trainer(model, objective, PatternSource(objective), train_cfg(None), run_dir=out / "bf16-lora",
-                      max_steps=3, seed=3, progress=False, dist=dist)
+    trainer = Trainer(model, objective, PatternSource(objective), train_cfg(None),
+                      RunSpec(out / "bf16-lora", 3, seed=3), progress=False, dist=dist)
     trainer.fit()
     masters = {n: str((p.to_local() if hasattr(p, "to_local") else p).dtype)
                for n, p in model.named_parameters()}

@@ -1,7 +1,7 @@
 """The ``lmforge`` command line: parse, call a recipe, print.  Nothing else lives here.
 
 Every user-caused error is an :class:`~lmforge.core.errors.LmforgeError`; it is printed as one line
-(``error: ...``) and the process exits with status 2.  Recipes are imported lazily so ``--help`` is fast.
+(``error: ...``) and the process exits with status 2.
 """
 
 from __future__ import annotations
@@ -12,7 +12,18 @@ import os
 import sys
 from typing import Callable
 
+from lmforge import __version__
+from lmforge.apps.pipeline import run_pipeline
+from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import LmforgeError
+from lmforge.data.shards import train_tokenizer
+from lmforge.data.world import write_corpus
+from lmforge.recipes.bench_peft import run_bench_peft
+from lmforge.recipes.evaluate import run_fill_mask, run_generate, run_perplexity
+from lmforge.recipes.finetune import run_compare, run_finetune
+from lmforge.recipes.merge import merge
+from lmforge.recipes.pretrain import run_pretrain
+from lmforge.train.distributed import require_single_process, shutdown
 
 TRAINING_EPILOG = (
     "CONFIG is a YAML file (see configs/); any key can be overridden with dotted key=value pairs, e.g. "
@@ -34,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="lmforge: a language model through its whole life — tokenizer, pretraining, evaluation, "
         "generation — on your data or the built-in world.",
     )
-    from lmforge import __version__
-
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -145,8 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_tokenizer(args) -> int:
     if args.tok_command != "train":
         raise LmforgeError("usage: lmforge tokenizer train --data PATH --vocab-size N --out DIR")
-    from lmforge.data.shards import train_tokenizer
-
     tok = train_tokenizer(args.data, args.vocab_size, args.out, special_tokens=args.special_tokens,
                           max_bytes=args.max_bytes, field=args.field)
     print(f"saved tokenizer ({tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}) to {args.out}")
@@ -154,8 +161,6 @@ def _cmd_tokenizer(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from lmforge.recipes.pretrain import run_pretrain
-
     result = run_pretrain(args.config, args.overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
         print(json.dumps(result))
@@ -163,20 +168,13 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_pipeline(args) -> int:
-    from lmforge.apps.pipeline import run_pipeline
-
     result = run_pipeline(args.config, args.overrides)
     print(json.dumps(result))
     return 0
 
 
 def _cmd_finetune(args) -> int:
-    from lmforge.apps.report import write_finetune_report
-    from lmforge.recipes.finetune import run_compare, run_finetune
-
     if args.compare:
-        from lmforge.train.distributed import require_single_process
-
         require_single_process("finetune --compare")
     result = (run_compare if args.compare else run_finetune)(args.config, args.overrides)
     if not result:  # under torchrun, ranks other than 0 leave scoring, saving and the report to rank 0
@@ -191,8 +189,6 @@ def _cmd_finetune(args) -> int:
 def _cmd_eval(args) -> int:
     if args.eval_command != "perplexity":
         raise LmforgeError("usage: lmforge eval perplexity --model DIR --data PATH [--max-length L --stride S] [--json]")
-    from lmforge.recipes.evaluate import run_perplexity
-
     result = run_perplexity(args)
     if args.json:
         print(json.dumps(result))
@@ -203,15 +199,11 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from lmforge.recipes.evaluate import run_generate
-
     run_generate(args)
     return 0
 
 
 def _cmd_fill_mask(args) -> int:
-    from lmforge.recipes.evaluate import run_fill_mask
-
     run_fill_mask(args)
     return 0
 
@@ -219,10 +211,8 @@ def _cmd_fill_mask(args) -> int:
 def _cmd_bench(args) -> int:
     if args.bench_command != "peft":
         raise LmforgeError("usage: lmforge bench peft [CONFIG] [key=value ...]")
-    from lmforge.apps.report import write_bench_peft_report
-    from lmforge.recipes.bench_peft import run_bench_peft
-
-    out = run_bench_peft(args.config, args.overrides)
+    # each run's process writes its report.md, as `lmforge finetune` does
+    out = run_bench_peft(args.config, args.overrides, run_report=write_finetune_report)
     path = write_bench_peft_report(out)
     print(json.dumps({"run_dir": out["run_dir"], "report": str(path),
                       "test_accuracy": {r["method"]: r["test_accuracy"] for r in out["summary"]}}))
@@ -230,16 +220,12 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from lmforge.recipes.merge import merge
-
     out = merge(args.base, args.adapter, args.out, check_base=not args.no_check_base)
     print(f"merged {args.adapter} into {args.base}: saved {out}")
     return 0
 
 
 def _cmd_world(args) -> int:
-    from lmforge.data.world import write_corpus
-
     path = write_corpus(args.out, seed=args.seed, target_bytes=args.bytes)
     print(f"wrote {os.path.getsize(path):,} bytes to {path}")
     return 0
@@ -273,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = COMMANDS[args.command](args)
         if "WORLD_SIZE" in os.environ:  # under torchrun: leave the process group together
-            from lmforge.train.distributed import shutdown
-
             shutdown()
         return status
     except LmforgeError as e:

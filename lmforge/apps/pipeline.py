@@ -29,11 +29,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lmforge.apps.report import Report, markdown_table, plot_curves, read_metrics
+from lmforge.apps.report import Report, finetune_section, markdown_table, plot_curves, read_metrics
 from lmforge.core.config import dump_yaml, load_config, split_config_arg
 from lmforge.core.io import atomic_write_json
+from lmforge.data.tasks import TaskConfig
+from lmforge.eval.fill_mask import fill_mask
+from lmforge.eval.generate import GenerationConfig, generate_text
+from lmforge.eval.generate_seq2seq import generate_seq2seq_text
+from lmforge.eval.perplexity import bits_per_byte, perplexity_of_tokens, unigram_perplexity
 from lmforge.recipes import pretrain as pretrain_recipe
-from lmforge.recipes.pretrain import PretrainConfig
+from lmforge.recipes.finetune import FinetuneConfig, finetune, finetune_train_defaults
+from lmforge.recipes.pretrain import PretrainConfig, paradigm_parts
+from lmforge.train.distributed import require_single_process
 
 DEFAULT_PROMPTS = [
     "There once was a fisher named",
@@ -108,18 +115,12 @@ class Context:
 
 
 def stage_pretrain(ctx: Context) -> None:
-    from lmforge.train.distributed import require_single_process
-
     require_single_process("pipeline")
     parts = pretrain_recipe.build(ctx.cfg)
     ctx.timings["data + tokenizer"] = parts.timings["tokenizer_s"] + parts.timings["shards_s"]
     ctx.parts = parts
-    t = time.perf_counter()
-    result = parts.trainer.fit()
-    ctx.timings["pretrain"] = time.perf_counter() - t
-    from lmforge.models.io import save_model
-
-    save_model(parts.model.cpu(), ctx.run_dir / "model", tokenizer=parts.tokenizer)
+    result = pretrain_recipe.train_and_save(parts).final  # RUN_DIR/model: the final weights
+    ctx.timings["pretrain"] = parts.timings["train_s"]
     ctx.results["pretrain"] = result
     metrics = read_metrics(ctx.run_dir / "metrics.jsonl")
     has_plot = plot_curves(metrics, ctx.run_dir / "curves.png", title="pretraining")
@@ -157,8 +158,6 @@ def stage_eval(ctx: Context) -> None:
 
 def _val_source(ctx: Context):
     """The validation batches the Trainer's evaluator saw (same fixed masks / corruptions)."""
-    from lmforge.recipes.pretrain import paradigm_parts
-
     cfg, parts = ctx.cfg, ctx.parts
     return paradigm_parts(cfg, parts.shards, parts.tokenizer, split="val")[1]
 
@@ -196,8 +195,6 @@ def eval_encdec(ctx: Context) -> None:
 
 
 def eval_decoder(ctx: Context) -> None:
-    from lmforge.eval.perplexity import perplexity_of_tokens, unigram_perplexity
-
     parts = ctx.parts
     model = parts.model.eval()
     shards = parts.shards
@@ -206,7 +203,8 @@ def eval_decoder(ctx: Context) -> None:
     with torch.inference_mode():
         ppl = perplexity_of_tokens(model, val_tokens, max_length=seq, stride=seq // 2, batch_size=16)
     uni = unigram_perplexity(shards.tokens("train"), val_tokens, parts.tokenizer.vocab_size)
-    bpb = ppl["nll"] / (0.6931471805599453 * shards.num_bytes("val")) * (len(val_tokens) / ppl["tokens"])
+    # the shards count the split's bytes, not each token's: the scored text is taken as the scored share of them
+    bpb = bits_per_byte(ppl["nll"], shards.num_bytes("val")) * (len(val_tokens) / ppl["tokens"])
     ratio = ppl["perplexity"] / uni["perplexity"]
     ctx.results["eval"] = {"val_perplexity": ppl["perplexity"], "unigram_perplexity": uni["perplexity"],
                            "ratio_to_unigram": ratio, "val_bits_per_byte": bpb, "val_tokens": ppl["tokens"]}
@@ -220,16 +218,12 @@ def eval_decoder(ctx: Context) -> None:
 
 
 def stage_samples(ctx: Context) -> None:
-    from lmforge.eval.generate import GenerationConfig, generate_text
-
     s = ctx.cfg.samples
     model, tok = ctx.parts.model.eval(), ctx.parts.tokenizer
     family = model.config.family
     prompts = s.prompts or FAMILY_PROMPTS.get(family, DEFAULT_PROMPTS)
     lines = []
     if family == "bert":
-        from lmforge.eval.fill_mask import fill_mask
-
         with torch.inference_mode():
             preds = [fill_mask(model, tok, p, top_k=3) for p in prompts]
         ctx.results["samples"] = [{"prompt": p, "predictions": pr} for p, pr in zip(prompts, preds)]
@@ -241,8 +235,6 @@ def stage_samples(ctx: Context) -> None:
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=ctx.cfg.seed)
     with torch.inference_mode():
         if family == "t5":
-            from lmforge.eval.generate_seq2seq import generate_seq2seq_text
-
             gen.max_new_tokens = min(gen.max_new_tokens, 24)
             results = generate_seq2seq_text(model, tok, prompts, gen)
             texts = [f"{p}\n→ {tok.decode(r.tokens)}" for p, r in zip(prompts, results)]
@@ -256,10 +248,6 @@ def stage_samples(ctx: Context) -> None:
 
 
 def stage_finetune(ctx: Context) -> None:
-    from lmforge.apps.report import finetune_section
-    from lmforge.data.tasks import TaskConfig
-    from lmforge.recipes.finetune import FinetuneConfig, _finetune_train_defaults, finetune
-
     f = ctx.cfg.finetune
     if not f.enabled:
         return
@@ -268,7 +256,7 @@ def stage_finetune(ctx: Context) -> None:
     steps, lr = FINETUNE_DEFAULTS[family]
     steps, lr = f.max_steps or steps, f.lr or lr
     every = max(1, steps // 4)
-    train = dataclasses.replace(_finetune_train_defaults(), lr=lr, global_batch_size=f.global_batch_size,
+    train = dataclasses.replace(finetune_train_defaults(), lr=lr, global_batch_size=f.global_batch_size,
                                 warmup_steps=min(40, steps // 10), eval_every=every, ckpt_every=every,
                                 device=ctx.cfg.train.device, tensorboard=ctx.cfg.train.tensorboard)
     if family == "t5":  # AdamW at T5's scale overwrites the small attention weights; frozen head: held-out names

@@ -46,7 +46,7 @@ from torch import nn
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.eval.generate import model_context_length
 
-__all__ = ["perplexity", "perplexity_of_tokens", "unigram_perplexity", "sliding_windows"]
+__all__ = ["bits_per_byte", "perplexity", "perplexity_of_tokens", "unigram_perplexity", "sliding_windows"]
 
 
 def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -161,6 +161,11 @@ def _scored_mask(n: int, windows: list[tuple[int, int, int]]) -> np.ndarray:
     return mask
 
 
+def bits_per_byte(nll: float, n_bytes: float) -> float:
+    """``nll`` (summed nats) per byte of the scored text, in bits."""
+    return nll / (math.log(2) * n_bytes)
+
+
 def _summary(nll: float, count: int) -> dict[str, float | int]:
     return {"perplexity": math.exp(nll / count), "nll": nll, "tokens": count}
 
@@ -182,7 +187,7 @@ def perplexity_of_tokens(model: nn.Module, token_ids: Any, max_length: int | Non
             raise ConfigError(f"token_bytes has {tb.shape[0]} entries for {n} tokens")
         n_bytes = int(tb[_scored_mask(n, windows)].sum())
         out["bytes"] = n_bytes
-        out["bits_per_byte"] = nll / (math.log(2) * n_bytes) if n_bytes else float("nan")
+        out["bits_per_byte"] = bits_per_byte(nll, n_bytes) if n_bytes else float("nan")
     return out
 
 

@@ -2,7 +2,7 @@
 
 ``EncoderLM(config)`` maps token ids (+ segment ids and a padding mask) to final hidden states;
 ``pooled``, ``mlm_logits`` and ``nsp_logits`` apply the pooler and the two pretraining heads.
-Objectives compute losses (see :mod:`lmforge.data.mlm`), loops drive optimisation.
+Objectives compute losses (see :mod:`lmforge.objectives.mlm`), loops drive optimisation.
 
 Module tree (lmforge's own paths; every leaf name and module boundary below ``blocks.{i}`` is Hugging
 Face's, so delta-method patterns such as ``query`` or ``attention.output.dense`` work unchanged)::

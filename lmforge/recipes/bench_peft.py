@@ -1,7 +1,7 @@
 """`lmforge bench peft`: full fine-tuning and every delta method on one model and task, side by side.
 
-Each (method, seed) is one ``lmforge finetune`` in its own subprocess (so memory and time are the method's
-own), from the same fine-tuning config with ``peft.*`` and ``train.lr`` set per method and
+Each (method, seed) is one fine-tuning run (:func:`lmforge.recipes.finetune.run_finetune`, what ``lmforge finetune``
+runs) in a process of its own (so memory and time are the method's own), from the same fine-tuning config with ``peft.*`` and ``train.lr`` set per method and
 ``measure_memory=true``.  The table (``RUN_DIR/report.md``, ``bench.json``) has per method: trainable
 parameters (count, %), validation and test accuracy (mean ± std over seeds), training memory (parameters +
 gradients + optimizer state + saved activations, counted by :mod:`lmforge.train.memory`), seconds per step,
@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import torch
 
 from lmforge.core.config import load_config, split_config_arg, to_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.io import atomic_write_json, atomic_write_text
+from lmforge.recipes.finetune import load_finetune_config, run_finetune
 
 # method name in the table -> the fine-tuning overrides that select it
 # (a delta keeps BERT's pretrained pooler, frozen as in PEFT: a fine-tuning config's head.reinit_pooler is for full
@@ -76,8 +80,6 @@ class BenchPeftConfig:
 
 
 def _finetune_lr(cfg: BenchPeftConfig) -> float:
-    from lmforge.recipes.finetune import load_finetune_config
-
     return load_finetune_config(cfg.finetune, list(cfg.overrides)).train.lr
 
 
@@ -116,30 +118,71 @@ def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
 
 
-def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float) -> dict[str, Any]:
+def _finetune_process(config: str, overrides: list[str], stderr_path: str, threads: int | None,
+                      run_report: Callable[[dict[str, Any]], Any] | None) -> None:
+    """One fine-tuning run, in a spawned process of its own: ``lmforge finetune CONFIG OVERRIDES`` without the
+    command line.  Its stdout is dropped and its stderr goes to ``stderr_path``; a user error ends it with the
+    CLI's ``error: ...`` line and exit status (any other exception with its traceback, status 1)."""
+    for fd, path in ((1, os.devnull), (2, stderr_path)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
+    if threads is not None:  # torch is imported already (with this module): set its pool, not just the variable
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    try:
+        result = run_finetune(config, overrides)
+        if run_report is not None:
+            run_report(result)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def _finetune_in_process(cfg: BenchPeftConfig, overrides: list[str],
+                         run_report: Callable[[dict[str, Any]], Any] | None) -> tuple[int | None, str]:
+    """Run :func:`_finetune_process` in a fresh (spawned) interpreter: nothing is inherited from this process or
+    an earlier run.  Returns its exit status (None: killed after ``timeout_s``) and what it wrote to stderr."""
+    threads = None
+    if cfg.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # the runs side by side share the cores
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    fd, stderr_path = tempfile.mkstemp(prefix="lmforge-bench-", suffix=".err")
+    os.close(fd)
+    try:
+        proc = multiprocessing.get_context("spawn").Process(
+            target=_finetune_process, args=(cfg.finetune, overrides, stderr_path, threads, run_report))
+        proc.start()
+        proc.join(cfg.timeout_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return None, ""
+        return proc.exitcode, Path(stderr_path).read_text(encoding="utf-8", errors="replace")
+    finally:
+        os.unlink(stderr_path)
+
+
+def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float,
+             run_report: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir) / "runs" / f"{method}-seed{seed}"
-    args = [sys.executable, "-m", "lmforge", "finetune", cfg.finetune, f"run_dir={run_dir}", f"seed={seed}",
-            "resume=false", "measure_memory=true", f"train.lr={lr}", *cfg.overrides, *METHOD_ARGS[method],
-            *cfg.method_overrides.get(method, [])]
+    overrides = [f"run_dir={run_dir}", f"seed={seed}", "resume=false", "measure_memory=true", f"train.lr={lr}",
+                 *cfg.overrides, *METHOD_ARGS[method], *cfg.method_overrides.get(method, [])]
+    args = ["-m", "lmforge", "finetune", cfg.finetune, *overrides]  # the same run from the command line
     stamp = run_dir / "bench-command.json"  # written last: its presence means the run finished
-    command = json.dumps(args[1:])
+    command = json.dumps(args)
     reused = cfg.reuse and stamp.is_file() and stamp.read_text(encoding="utf-8") == command
     t0 = time.perf_counter()
     if not reused:
         if run_dir.exists():  # the bench's own run from another command, or one cut off: it is replaced
             shutil.rmtree(run_dir)
-        env = dict(os.environ)
-        if cfg.jobs > 1 and "OMP_NUM_THREADS" not in env:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.jobs))
-        try:
-            proc = subprocess.run(args, capture_output=True, text=True, timeout=cfg.timeout_s, env=env)
-        except subprocess.TimeoutExpired:
+        status, stderr = _finetune_in_process(cfg, overrides, run_report)
+        if status is None:
             raise LmforgeError(f"bench peft: the {method} run (seed {seed}) took longer than "
-                               f"timeout_s={cfg.timeout_s}; raise timeout_s or lower max_steps in overrides") from None
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                               f"timeout_s={cfg.timeout_s}; raise timeout_s or lower max_steps in overrides")
+        if status != 0:
+            tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
             raise LmforgeError(f"bench peft: the {method} run (seed {seed}) failed: {tail}; its command: "
-                               f"{' '.join(args[1:])}")
+                               f"{' '.join(args)}")
         atomic_write_text(stamp, command)
     res = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
     rows = _read_jsonl(run_dir / "metrics.jsonl")
@@ -174,7 +217,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
+def bench_peft(cfg: BenchPeftConfig, run_report: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Run every (method, seed) not already finished, ``jobs`` at a time, and return the table (also written to
+    ``RUN_DIR/bench.json``).  ``run_report(result)`` runs in each run's process after it finishes (the CLI passes
+    its fine-tuning report writer, so each run dir has the report ``lmforge finetune`` writes); it must be a
+    module-level function (the spawned process imports it by name)."""
     if not cfg.methods or not cfg.seeds:
         raise ConfigError(f"methods={cfg.methods} and seeds={cfg.seeds} must each name at least one")
     unknown = [m for m in cfg.methods if m not in METHOD_ARGS]
@@ -195,14 +242,14 @@ def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
 
     def one(job: tuple[str, int, float]) -> dict[str, Any]:
         method, seed, lr = job
-        run = _one_run(cfg, method, seed, lr)
+        run = _one_run(cfg, method, seed, lr, run_report)
         done = next(finished)
         how = "reused" if run["reused"] else f"{run['wall_s']:.0f} s"
         print(f"[{done}/{len(todo)}] {method}, seed {seed}, lr {lr:g}: test accuracy {run['test_accuracy']} ({how})",
               file=sys.stderr, flush=True)
         return run
 
-    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:  # threads only wait on subprocesses
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:  # threads only wait on the runs' processes
         runs = list(pool.map(one, todo))  # in table order, whatever order they finish in
     rows = summarise(runs)
     out = {"run_dir": cfg.run_dir, "family": runs[0]["family"], "task": runs[0]["task"], "summary": rows,
@@ -211,6 +258,7 @@ def bench_peft(cfg: BenchPeftConfig) -> dict[str, Any]:
     return out
 
 
-def run_bench_peft(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+def run_bench_peft(config_path: str | None, overrides: list[str],
+                   run_report: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     cfg = load_config(BenchPeftConfig, *split_config_arg(config_path, overrides))
-    return bench_peft(cfg)
+    return bench_peft(cfg, run_report)

@@ -39,14 +39,18 @@ from lmforge.core.seed import seed_everything
 from lmforge.data.examples import ExampleSource
 from lmforge.data.tasks import TaskConfig, TaskData, load_task
 from lmforge.delta import DeltaConfig, DeltaSummary, apply_delta, merge_delta, mergeable, save_delta
+from lmforge.eval.baselines import task_baselines
+from lmforge.eval.task_eval import evaluate_classification, evaluate_text2text, evaluate_token_classification
+from lmforge.models.io import load_model, save_model
+from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
 from lmforge.objectives.classification import ClassificationObjective
 from lmforge.objectives.completion import CompletionObjective
 from lmforge.objectives.text_to_text import TextToTextObjective
 from lmforge.objectives.token_classification import TokenClassificationObjective
-from lmforge.train.checkpoint import CHECKPOINTS, read_best
 from lmforge.train.distributed import DistributedConfig, setup_distributed
+from lmforge.train.memory import measure_training_memory
 from lmforge.train.rundir import check_run_dir
-from lmforge.train.trainer import Trainer, TrainerConfig
+from lmforge.train.trainer import Evaluation, RunSpec, Trainer, TrainerConfig
 
 PREDICTIONS_FILE = "predictions-test.jsonl"  # RUN_DIR/: input, gold, prediction of every test example
 
@@ -77,7 +81,8 @@ class CompareConfig:
     """Also fine-tune the same architecture from random initialisation."""
 
 
-def _finetune_train_defaults() -> TrainerConfig:
+def finetune_train_defaults() -> TrainerConfig:
+    """The ``train:`` section fine-tuning starts from (shorter warmup, linear decay, frequent validation)."""
     return TrainerConfig(global_batch_size=32, lr=1e-4, warmup_steps=20, weight_decay=0.01, schedule="linear",
                          min_lr_ratio=0.0, eval_every=50, ckpt_every=50, keep_last=1, log_every=10)
 
@@ -94,7 +99,7 @@ class FinetuneConfig:
     """random: the same architecture with fresh weights (the control for 'what did pretraining buy')."""
     task: TaskConfig = field(default_factory=TaskConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    train: TrainerConfig = field(default_factory=_finetune_train_defaults)
+    train: TrainerConfig = field(default_factory=finetune_train_defaults)
     eval_batch_size: int = 64
     max_new_tokens: int = 24
     """text2text: tokens generated per validation/test example."""
@@ -187,8 +192,6 @@ class FinetuneParts:
 
 
 def _build_model(cfg: FinetuneConfig, task: TaskData, mode: str, base: torch.nn.Module, tokenizer: Any):
-    from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
-
     if mode in ("head", "token_head"):
         cls = SequenceClassifier if mode == "head" else TokenClassifier
         if isinstance(base, cls):  # continuing from a fine-tuned classifier: its labels must be the task's
@@ -233,8 +236,6 @@ def select_metric(task_type: str, mode: str) -> str:
 
 
 def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
-    from lmforge.models.io import load_model
-
     dist, device = setup_distributed(cfg.distributed, cfg.train.device)
     if dist.enabled:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
@@ -288,10 +289,12 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
         metrics, _ = evaluate_split(parts_ref["parts"], "validation", m)
         return {f"val_{k}": v for k, v in metrics.items()}
 
-    trainer = Trainer(model, objective, source, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
-                      resume=cfg.resume, evaluator=evaluator if task.splits["validation"] else None,
-                      config_dict=to_dict(cfg), progress=progress, select_metric=f"val_{metric}", select_mode="max",
-                      dist=dist)
+    # the best validation checkpoint is what gets scored and saved (restored by the Trainer at the end of fit)
+    evaluation = Evaluation(evaluator if task.splits["validation"] else None, select_metric=f"val_{metric}",
+                            select_mode="max", restore_best=True)
+    trainer = Trainer(model, objective, source, cfg.train,
+                      RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg)),
+                      evaluation, dist=dist, progress=progress)
     parts = FinetuneParts(cfg, task_t2t, mode, model, tokenizer, objective, examples, gen_inputs, truncated, trainer,
                           (f"val_{metric}", "max"), task, delta, str(model_dir))
     parts_ref["parts"] = parts
@@ -300,9 +303,6 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
 
 def evaluate_split(parts: FinetuneParts, split: str, model: torch.nn.Module | None = None
                    ) -> tuple[dict[str, float], list[Any]]:
-    from lmforge.eval.task_eval import (evaluate_classification, evaluate_text2text,
-                                        evaluate_token_classification)
-
     model = model if model is not None else parts.model
     examples, records = parts.examples[split], parts.task.splits[split]
     labels = parts.source_task.labels
@@ -323,22 +323,15 @@ def evaluate_split(parts: FinetuneParts, split: str, model: torch.nn.Module | No
 
 
 def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any]:
-    """Train, restore the best checkpoint, score the test split once, save; return the results (also
+    """Train (ending on the best checkpoint), score the test split once, save; return the results (also
     written to ``RUN_DIR/results.json``)."""
-    from lmforge.eval.baselines import task_baselines
-    from lmforge.models.io import save_model
-
     t0 = time.perf_counter()
     parts = build(cfg, progress)
     trainer = parts.trainer
     memory = _measure_memory(parts) if cfg.measure_memory and not trainer.dist.enabled else None
-    last = trainer.fit()
+    fit = trainer.fit()  # restores the best checkpoint: a collective under fsdp
     train_s = time.perf_counter() - t0
-    best = read_best(cfg.run_dir)
-    selected = "final"
-    if best is not None:
-        trainer.load_weights(Path(cfg.run_dir) / CHECKPOINTS / best["path"])  # collective under fsdp
-        selected = f"step {best['step']}"
+    selected = f"step {fit.best_step}" if fit.restored_best else "final"
     model = trainer.export_model()  # the whole model (rank 0 gathers it under fsdp)
     trainer.dist.barrier()  # the last collective: rank 0 now scores and saves alone, however long that takes
     if not trainer.dist.is_main:
@@ -348,7 +341,7 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
                                "family": model.config.family, "mode": parts.mode, "init": cfg.init,
                                "seed": cfg.seed, "selected": selected, "select_metric": parts.select[0],
                                "sizes": parts.task.sizes(), "truncated": parts.truncated, "train_s": train_s,
-                               "last": last, "description": parts.task.description,
+                               "last": fit.final, "description": parts.task.description,
                                "closed_book": parts.task.closed_book, "held_out": parts.task.held_out}
     val, _ = evaluate_split(parts, "validation") if parts.task.splits["validation"] else ({}, [])
     results["validation"] = val
@@ -367,10 +360,8 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
     results["total_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if memory is not None:
         results["memory"] = memory
-    final = {"step": parts.trainer.step, **{f"test_{k}": v for k, v in results.get("test", {}).items()},
-             "selected": selected}
-    with open(Path(cfg.run_dir) / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(final) + "\n")
+    trainer.log_record({"step": trainer.step, **{f"test_{k}": v for k, v in results.get("test", {}).items()},
+                        "selected": selected})
     model = model.cpu()
     if parts.delta is not None:
         adapter = save_delta(model, Path(cfg.run_dir) / "adapter", cfg.peft, base_model=parts.model_dir)
@@ -391,8 +382,6 @@ def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any
 
 def _measure_memory(parts: FinetuneParts) -> dict[str, int]:
     """Training memory of one micro-batch of the first training examples (see :mod:`lmforge.train.memory`)."""
-    from lmforge.train.memory import measure_training_memory
-
     t = parts.cfg.train
     n = min(len(parts.examples["train"]), t.micro_batch_size or t.global_batch_size)
     device = next(parts.model.parameters()).device

@@ -42,7 +42,7 @@ from lmforge.objectives.seq2seq import Seq2SeqObjective
 from lmforge.objectives.span import SpanConfig, SpanCorruptionSource
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
-from lmforge.train.trainer import Trainer, TrainerConfig
+from lmforge.train.trainer import Evaluation, FitResult, RunSpec, Trainer, TrainerConfig
 
 
 @dataclass
@@ -237,25 +237,33 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
         model = build_model(model_cfg)
     objective, train_src, evaluator = paradigm_parts(cfg, shards, tokenizer)
     fpt = flops_per_token(model_cfg, cfg.data.seq_len) if isinstance(model_cfg, DecoderConfig) else None
-    trainer = Trainer(model, objective, train_src, cfg.train, cfg.run_dir, cfg.max_steps, seed=cfg.seed,
-                      resume=cfg.resume, evaluator=evaluator, config_dict=to_dict(cfg), progress=progress,
-                      dist=dist, flops_per_token=fpt)
+    # pretraining exports the final model: the best checkpoint by val_loss is kept, not restored
+    trainer = Trainer(model, objective, train_src, cfg.train,
+                      RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg)),
+                      Evaluation(evaluator), dist=dist, progress=progress, flops_per_token=fpt)
     saved = Path(cfg.run_dir) / "tokenizer"
     if dist.is_main and not (saved / "tokenizer.json").exists():
         tokenizer.save(saved, model_max_length=max_len_of(model_cfg))
     return PretrainParts(cfg, tokenizer, shards, model, trainer, timings, dist)
 
 
-def pretrain(cfg: PretrainConfig, progress: bool | None = None) -> dict[str, Any]:
-    parts = build(cfg, progress)
+def train_and_save(parts: PretrainParts) -> FitResult:
+    """Train the built run, then save the final model to ``RUN_DIR/model`` (every rank calls it under torchrun;
+    rank 0 saves); ``parts.timings["train_s"]`` is the training time."""
     t = time.perf_counter()
-    result = parts.trainer.fit()
+    fit = parts.trainer.fit()
     parts.timings["train_s"] = time.perf_counter() - t
     model = parts.trainer.export_model()  # collective under fsdp: every rank takes part, rank 0 gets it
     if parts.dist.is_main:
-        save_model(model.cpu(), Path(cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+        save_model(model.cpu(), Path(parts.cfg.run_dir) / "model", tokenizer=parts.tokenizer)
     parts.dist.barrier()
-    return {"run_dir": str(cfg.run_dir), **result, **parts.timings}
+    return fit
+
+
+def pretrain(cfg: PretrainConfig, progress: bool | None = None) -> dict[str, Any]:
+    parts = build(cfg, progress)
+    fit = train_and_save(parts)
+    return {"run_dir": str(cfg.run_dir), **fit.final, **parts.timings}
 
 
 def run_pretrain(config_path: str | None, overrides: list[str]) -> dict[str, Any]:

@@ -34,7 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_model as load_safetensors, save_model as save_safetensors
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from lmforge.core.errors import ModelError, RunError
 from lmforge.core.io import atomic_dir, atomic_write_json, replace_dir
@@ -79,6 +84,12 @@ def read_best(run_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint directory ``best.json`` names, or None."""
+    best = read_best(run_dir)
+    return Path(run_dir) / CHECKPOINTS / str(best["path"]) if best is not None else None
+
+
 def write_best(run_dir: str | Path, step: int, value: float, metric: str = "val_loss") -> None:
     """Name the best checkpoint so far: ``{"step", metric: value, "path"}`` (metric default ``val_loss``)."""
     atomic_write_json(Path(run_dir) / CHECKPOINTS / BEST,
@@ -120,11 +131,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimiz
     ``state``: tensors/plain values for ``state.pt`` (scheduler, scaler, rng, data);
     ``trainer_state``: JSON-able values for ``trainer_state.json``.
     """
-    from safetensors.torch import save_model
-
     path = checkpoint_dir(run_dir, step)
     with atomic_dir(path) as tmp:
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+        save_safetensors(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(to_plain(state), tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n",
@@ -145,9 +154,6 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
     ``state.pt``, ``trainer_state.json`` and ``COMPLETE`` come from rank 0, which renames the directory into
     place once every rank has written (same atomic rule as a single-process checkpoint).
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     path = checkpoint_dir(run_dir, step)
     tmp = path.parent / f".{path.name}.tmp"  # one name every rank derives: no broadcast needed
     if dist.is_main:
@@ -172,10 +178,6 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Restore a sharded (``dcp/``) checkpoint into a sharded model (and its optimizer), whatever world size
     wrote it; returns the same dict as :func:`load_checkpoint`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
-
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise RunError(f"'{path}' is not a complete checkpoint (no {COMPLETE} marker); resume from another one")
@@ -187,8 +189,6 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module,
         dcp.load(loaded, checkpoint_id=str(path / SHARDED))
         set_model_state_dict(model, loaded["model"])
     else:
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
         model_sd, optim_sd = get_state_dict(model, optimizer)
         loaded = {"model": model_sd, "optim": optim_sd}
         # Partial: a trainable parameter that never had a gradient has no AdamW state in the checkpoint; every
@@ -211,8 +211,6 @@ def load_sharded_checkpoint(path: str | Path, *, model: nn.Module,
 def _require_keys(path: Path, model_sd: dict[str, Any]) -> set[str]:
     """Every model weight must be in the sharded checkpoint (the optimizer part may be partial); returns the
     checkpoint's keys."""
-    import torch.distributed.checkpoint as dcp
-
     stored = set(dcp.FileSystemReader(str(path / SHARDED)).read_metadata().state_dict_metadata)
     missing = [k for k in model_sd if f"model.{k}" not in stored]
     if missing:
@@ -223,8 +221,6 @@ def _require_keys(path: Path, model_sd: dict[str, Any]) -> set[str]:
 
 def load_model_weights(model: nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
     """Load ``model.safetensors`` of a checkpoint dir into ``model`` (tied weights handled)."""
-    from safetensors.torch import load_model
-
     file = Path(path) / "model.safetensors"
     if not file.is_file() and (Path(path) / SHARDED).is_dir():
         raise RunError(f"checkpoint '{path}' is sharded (written under distributed.strategy=fsdp); resume it with "
@@ -232,7 +228,7 @@ def load_model_weights(model: nn.Module, path: str | Path, device: torch.device 
     if not file.is_file():
         raise RunError(f"checkpoint '{path}' has no model.safetensors; delete that directory to resume from an "
                        f"earlier checkpoint")
-    missing, unexpected = load_model(model, file, strict=False, device=str(device))
+    missing, unexpected = load_safetensors(model, file, strict=False, device=str(device))
     if missing or unexpected:
         parts = []
         if missing:

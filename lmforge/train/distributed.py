@@ -40,9 +40,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import torch
+import torch.distributed as td
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lmforge.core.errors import ConfigError
+from lmforge.core.errors import ConfigError, LmforgeError, RunError
 from lmforge.train.batching import slice_rows
 
 STRATEGIES = ("auto", "none", "ddp", "zero1", "fsdp")
@@ -121,8 +126,6 @@ class Dist:
     def describe(self) -> str:
         if not self.enabled:
             return "single process"
-        import torch.distributed as td
-
         return f"{self.strategy}, {self.world_size} ranks ({td.get_backend()})"
 
     # ---- the global batch -----------------------------------------------------------------------
@@ -148,8 +151,6 @@ class Dist:
         if not self.enabled or self.world_size == 1:
             return batch
         if rows % self.world_size:
-            from lmforge.core.errors import RunError
-
             raise RunError(f"the batch source returned {rows} rows, which {self.world_size} ranks cannot split "
                            f"evenly; next_batch(n) must return exactly n rows")
         per = rows // self.world_size
@@ -160,23 +161,17 @@ class Dist:
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place and returned (``op``: sum, max or min); a no-op in a single process."""
         if self.enabled and self.world_size > 1:
-            import torch.distributed as td
-
             td.all_reduce(t, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "min": td.ReduceOp.MIN}[op])
         return t
 
     def barrier(self) -> None:
         if self.enabled and self.world_size > 1:
-            import torch.distributed as td
-
             td.barrier()
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not (self.enabled and self.world_size > 1):
             return obj
-        import torch.distributed as td
-
         box = [obj]
         td.broadcast_object_list(box, src=0)
         return box[0]
@@ -186,8 +181,6 @@ class Dist:
         a user error on rank 0 never leaves the other ranks waiting in a collective)."""
         if not (self.enabled and self.world_size > 1):
             return fn()
-        from lmforge.core.errors import LmforgeError
-
         outcome: tuple[Any, ...] = ("ok", None)
         if self.is_main:
             try:
@@ -213,8 +206,6 @@ class Dist:
         """Leave the job together: a barrier first, so that no rank tears its connections down while another
         still talks to it."""
         if self.owns_group:
-            import torch.distributed as td
-
             if td.is_initialized():
                 self.barrier()
                 td.destroy_process_group()
@@ -238,8 +229,6 @@ def setup_distributed(cfg: DistributedConfig | None, device: str = "auto") -> tu
             raise ConfigError(f"launched with {world} processes (WORLD_SIZE={world}) but distributed.strategy=none; "
                               f"set distributed.strategy to ddp, zero1 or fsdp, or launch one process")
         return Dist(cfg=cfg), device
-
-    import torch.distributed as td
 
     if not td.is_available():
         raise ConfigError(f"distributed.strategy={strategy} needs torch.distributed, which this PyTorch build lacks; "
@@ -313,24 +302,18 @@ def fp32_units(block: nn.Module) -> list[nn.Module]:
 def wrap(loss_module: LossModule, dist: Dist, device: torch.device) -> nn.Module:
     """Wrap ``loss_module`` (in place for fsdp) for ``dist.strategy``; returns the module to call."""
     if dist.strategy in ("ddp", "zero1"):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [device.index] if device.type == "cuda" else None
         return DDP(loss_module, device_ids=ids, find_unused_parameters=dist.cfg.find_unused_parameters)
     if dist.strategy == "fsdp":
         if dist.cfg.cpu_offload and device.type != "cuda":
             raise ConfigError(f"distributed.cpu_offload=true moves GPU shards to CPU memory, but this run trains on "
                               f"{device.type}, already in CPU memory; set distributed.cpu_offload=false")
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dist.cfg.param_dtype == "bf16" else None,
                                   reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy() if dist.cfg.cpu_offload else OffloadPolicy()
         for p in loss_module.parameters():  # FSDP shards dim 0 of contiguous tensors only
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
-        from torch.distributed.device_mesh import init_device_mesh
-
         # The mesh is the training device's, not "whatever accelerator exists" (train.device=cpu on a GPU box).
         mesh = init_device_mesh(device.type, (dist.world_size,))
         blocks = block_modules(loss_module.model)
@@ -386,8 +369,6 @@ def gathered_root(loss_module: nn.Module, dist: Dist) -> Iterator[None]:
 def build_zero1_optimizer(groups: list[dict[str, Any]], lr: float, betas, eps: float,
                           fused: bool) -> torch.optim.Optimizer:
     """ZeroRedundancyOptimizer over AdamW: each rank keeps the AdamW state of its partition of whole tensors."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
     plain = [{**{k: v for k, v in g.items() if k != "params"}, "params": [p for _, p in g["params"]]} for g in groups]
     kwargs: dict[str, Any] = {"lr": lr, "betas": (float(betas[0]), float(betas[1])), "eps": eps}
     if fused:
@@ -430,10 +411,6 @@ def shutdown() -> None:
     store (no collective, no group timeout) rather than in a barrier: a rank that tore its gloo group down while
     rank 0 was still working has aborted at exit ("terminate called without an active exception").  (After an error
     a rank just exits: torchrun then stops the others.)"""
-    import datetime
-
-    import torch.distributed as td
-
     if not (td.is_available() and td.is_initialized()):
         return
     try:

@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe numbers (NaN/inf as strings, so every line stays valid JSON)."""
@@ -34,7 +38,7 @@ class MetricsLogger:
         self._tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: pip install -e ".[tb]"
             except ImportError:  # tensorboard not installed: metrics.jsonl is enough
                 SummaryWriter = None
             if SummaryWriter is not None:
@@ -95,12 +99,6 @@ class Progress:
         self._task = None
         interactive = enabled is None and hasattr(self.stream, "isatty") and self.stream.isatty()
         if interactive and not self.silent:
-            try:
-                from rich.console import Console
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                           TimeElapsedColumn, TimeRemainingColumn)
-            except ImportError:
-                return
             self._bar = RichProgress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),

@@ -160,6 +160,22 @@ def prepare_run_dir(run_dir: str | Path, config_dict: dict[str, Any], resume: An
     return resuming
 
 
+def metrics_at(path: str | Path, step: int) -> dict[str, Any] | None:
+    """The first line of a metrics.jsonl logged at ``step``: the Trainer's (a recipe may add its own line for
+    the last step, e.g. test scores), or None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step") == step:
+            return rec
+    return None
+
+
 def cut_metrics(path: str | Path, step: int) -> None:
     """Keep only the lines of a metrics.jsonl with ``step <= step`` (dropping torn or unparsable lines)."""
     path = Path(path)

@@ -21,6 +21,11 @@ the check runs before every checkpoint, so a bad state is never saved.
 
 Step numbering: ``step`` counts completed optimizer updates.  The ``metrics.jsonl`` line with
 ``step: 100`` describes the 100th update, and ``checkpoints/step_0000100`` holds the state after it.
+
+The constructor takes the pieces (model, objective, batch source), the ``train:`` config and two groups:
+:class:`RunSpec` (where the run lives and how long it goes) and :class:`Evaluation` (validation and the
+best-checkpoint rule).  ``fit()`` returns a :class:`FitResult`: the final and best metrics and the paths it
+wrote, with the best weights restored into the model when the evaluation asks for it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from lmforge.core.config import to_dict
 from lmforge.core.device import resolve_device
@@ -43,18 +49,82 @@ from lmforge.core.errors import ConfigError, RunError
 from lmforge.core.seed import rng_state, seed_everything, set_rng_state
 from lmforge.models.flops import device_peak_flops
 from lmforge.objectives.base import count_input_tokens
-from lmforge.train.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights, load_sharded_checkpoint,
-                                      prune_checkpoints, save_checkpoint, save_sharded_checkpoint, write_best)
+from lmforge.train.checkpoint import (best_checkpoint, latest_checkpoint, load_checkpoint, load_model_weights,
+                                      load_sharded_checkpoint, prune_checkpoints, save_checkpoint,
+                                      save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress
 from lmforge.train.batching import batch_rows, split_batch, to_device
 from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
                                        rank_memory, wrap)
 from lmforge.train.optim import build_optimizer, freeze_parameters, param_groups
-from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, METRICS_FILE, cut_metrics, normalize_resume, prepare_run_dir
+from lmforge.train.rundir import (DEFAULT_MUTABLE_KEYS, METRICS_FILE, cut_metrics, metrics_at, normalize_resume,
+                                  prepare_run_dir)
 from lmforge.train.schedule import build_scheduler
 from lmforge.train.trainer_config import TrainerConfig, resolve_precision
 
-__all__ = ["StepStats", "Trainer", "TrainerConfig", "resolve_precision"]
+__all__ = ["Evaluation", "FitResult", "RunSpec", "StepStats", "Trainer", "TrainerConfig", "resolve_precision"]
+
+
+@dataclass
+class RunSpec:
+    """Where a run lives and how long it goes: the run config's top-level keys.
+
+    ``config_dict`` is the whole resolved run config, saved as ``RUN_DIR/config.yaml`` and compared on resume
+    (None: the top-level keys and ``train``); ``mutable_keys`` are the config keys allowed to change on resume
+    (see lmforge/train/rundir.py)."""
+
+    run_dir: str | Path
+    max_steps: int
+    seed: int = 0
+    resume: Any = "auto"
+    config_dict: dict[str, Any] | None = None
+    mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_steps, int) or self.max_steps < 0:
+            raise ConfigError(f"max_steps must be a non-negative integer, got {self.max_steps!r}")
+        self.run_dir = Path(self.run_dir)
+        self.resume = normalize_resume(self.resume)
+
+
+@dataclass
+class Evaluation:
+    """Validation and the best-checkpoint rule.
+
+    ``evaluator(model) -> {"val_loss": ..., ...}`` is called in eval mode under ``no_grad`` (and autocast) every
+    ``train.eval_every`` steps and at the end; the Trainer saves and restores the RNG states around it, so
+    evaluation never perturbs training (None: no validation).  ``select_metric`` / ``select_mode`` pick the best
+    checkpoint (``val_loss``, lower is better, by default; fine-tuning selects e.g. ``val_accuracy`` with
+    ``max``).  ``restore_best``: ``fit()`` ends by loading the best checkpoint's weights into the model (fine-tuning
+    scores and saves the selected model); off, the model keeps its final weights (pretraining exports those)."""
+
+    evaluator: Callable[[nn.Module], dict[str, float]] | None = None
+    select_metric: str = "val_loss"
+    select_mode: Literal["min", "max"] = "min"
+    restore_best: bool = False
+
+    def __post_init__(self) -> None:
+        if self.select_mode not in ("min", "max"):
+            raise ValueError(f"select_mode must be 'min' or 'max', got {self.select_mode!r}")
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` leaves behind.
+
+    ``final``: the last metrics line (what ``metrics.jsonl`` ends with); ``best``: the line of the evaluation that
+    set the best ``select_metric``, and ``best_step`` its step (None without one).  ``metrics_file``,
+    ``last_checkpoint`` and ``best_checkpoint`` are the paths written (a checkpoint None when none was saved:
+    ``train.ckpt_every=0``); ``restored_best``: the model now holds ``best_checkpoint``'s weights."""
+
+    final: dict[str, Any]
+    best: dict[str, Any] | None
+    best_step: int | None
+    run_dir: Path
+    metrics_file: Path
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    restored_best: bool = False
 
 
 @dataclass
@@ -72,58 +142,41 @@ class StepStats:
 
 
 class Trainer:
-    """Trains ``model`` on ``objective`` over batches from ``train_source`` for ``max_steps`` updates.
+    """Trains ``model`` on ``objective`` over batches from ``train_source`` for ``run.max_steps`` updates.
 
     Args:
         model: the module to optimise (its trainable parameters); checkpointed whole.
         objective: ``loss(model, batch) -> ObjectiveOutput``, ``target_count(batch)``, optionally
-            ``input_tokens(batch)`` and ``frozen_modules()`` (see lmforge/data/objectives.py).
+            ``input_tokens(batch)`` and ``frozen_modules()`` (see lmforge/objectives/base.py).
         train_source: ``next_batch(n)``, ``state_dict()``, ``load_state_dict(state)``.
         cfg: :class:`TrainerConfig`.
-        run_dir, max_steps, seed, resume: the run config's top-level keys.
-        evaluator: ``evaluator(model) -> {"val_loss": ..., ...}``, called in eval mode under ``no_grad``
-            (and autocast) every ``cfg.eval_every`` steps and at the end; the Trainer saves and restores the
-            RNG states around it, so evaluation never perturbs training.
-        config_dict: the whole resolved run config, saved as ``RUN_DIR/config.yaml`` and compared on resume
-            (default: the top-level keys and ``train``).
-        mutable_keys: config keys allowed to change on resume (see lmforge/train/rundir.py).
+        run: :class:`RunSpec` (run dir, max_steps, seed, resume, the config saved with the run).
+        evaluation: :class:`Evaluation` (evaluator, best-checkpoint selection, restore the best); None: no
+            validation, the best by ``val_loss``.
+        dist: the :class:`Dist` of ``setup_distributed`` (None: one process).
         progress: None = progress bar on a terminal / plain lines otherwise; False = silent.
-        select_metric, select_mode: the evaluator's metric that picks the best checkpoint (``val_loss``, lower
-            is better, by default; fine-tuning selects e.g. ``val_accuracy`` with ``max``).
+        flops_per_token: the model's training FLOPs per token, for ``mfu`` in the log lines (None: no ``mfu``).
 
-    ``fit()`` seeds python/numpy/torch with ``seed`` before the first step of a fresh run (so dropout does
+    ``fit()`` seeds python/numpy/torch with ``run.seed`` before the first step of a fresh run (so dropout does
     not depend on how much RNG the model's construction used); a resumed run restores the saved RNG states.
     """
 
-    def __init__(self, model: nn.Module, objective: Any, train_source: Any, cfg: TrainerConfig,
-                 run_dir: str | Path, max_steps: int, seed: int = 0, resume: Any = "auto",
-                 evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
-                 config_dict: dict[str, Any] | None = None,
-                 mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS, progress: bool | None = None,
-                 select_metric: str = "val_loss", select_mode: Literal["min", "max"] = "min",
-                 dist: Dist | None = None, flops_per_token: int | None = None) -> None:
-        if not isinstance(max_steps, int) or max_steps < 0:
-            raise ConfigError(f"max_steps must be a non-negative integer, got {max_steps!r}")
+    def __init__(self, model: nn.Module, objective: Any, train_source: Any, cfg: TrainerConfig, run: RunSpec,
+                 evaluation: Evaluation | None = None, *, dist: Dist | None = None, progress: bool | None = None,
+                 flops_per_token: int | None = None) -> None:
         self.cfg = cfg
         freeze_parameters(model, cfg.freeze)  # before DDP/FSDP wrap and the optimizer see requires_grad
         self.objective = objective
         self.train_source = train_source
-        self.evaluator = evaluator
-        self.run_dir = Path(run_dir)
-        self.max_steps = max_steps
-        self.seed = seed
-        self.resume = normalize_resume(resume)
+        self.run = run
+        self.evaluation = evaluation or Evaluation()
         self.progress_enabled = progress
-        if select_mode not in ("min", "max"):
-            raise ValueError(f"select_mode must be 'min' or 'max', got {select_mode!r}")
-        self.select_metric, self.select_mode = select_metric, select_mode
-        if config_dict is None:
-            config_dict = {"run_dir": str(run_dir), "seed": seed, "max_steps": max_steps, "resume": self.resume,
-                           "train": to_dict(cfg)}
-        self.config_dict = config_dict
+        self.config_dict = run.config_dict if run.config_dict is not None else {
+            "run_dir": str(run.run_dir), "seed": run.seed, "max_steps": run.max_steps, "resume": run.resume,
+            "train": to_dict(cfg)}
         self.dist = dist or Dist()
         self.rows_per_rank = self.dist.check_batch(cfg.global_batch_size, cfg.micro_batch_size)
-        self.resuming = self._prepare_run_dir(config_dict, mutable_keys)
+        self.resuming = self._prepare_run_dir()
         self.flops_per_token = flops_per_token
 
         self.device = resolve_device(cfg.device)
@@ -144,7 +197,7 @@ class Trainer:
                 raise ConfigError(f"train.activation_checkpointing=true but {type(model).__name__} does not support "
                                   f"it; set train.activation_checkpointing=false")
             model.set_activation_checkpointing(True)
-        self.frozen = self._place_frozen_modules()
+        self._place_frozen_modules()
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         # the dtype the matmuls run in (MFU's peak): autocast's, else fsdp's bf16 parameters, else the weights'
@@ -156,8 +209,6 @@ class Trainer:
         self.loss_module = LossModule(model, objective)
         self.wrapped: nn.Module = wrap(self.loss_module, self.dist, self.device) if self.dist.enabled else self.loss_module
         if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
             if meta:
                 model.to_empty(device=self.device)  # allocates this rank's shards only
             set_model_state_dict(model, full_weights, options=StateDictOptions(full_state_dict=True,
@@ -165,7 +216,7 @@ class Trainer:
             del full_weights
         self.optimizer = self._build_optimizer()
         self._impl_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
-        self.scheduler = build_scheduler(self.optimizer, cfg, max_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg, run.max_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.forward_model: nn.Module = torch.compile(model) if cfg.compile and not self.dist.enabled else model
         if cfg.compile and self.dist.enabled and self.dist.is_main:
@@ -176,7 +227,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed_before = 0.0
-        self.best_value = math.inf if select_mode == "min" else -math.inf
+        self.best_value = math.inf if self.evaluation.select_mode == "min" else -math.inf
         self.best_step: int | None = None
         self.last_metrics: dict[str, Any] = {}
         self._fit_start = time.perf_counter()
@@ -185,9 +236,11 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------------
 
-    def _prepare_run_dir(self, config_dict: dict[str, Any], mutable_keys: Iterable[str]) -> bool:
+    def _prepare_run_dir(self) -> bool:
         """Rank 0 checks and writes the run dir; every rank learns the outcome (the same error on every rank)."""
-        return bool(self.dist.on_main(lambda: prepare_run_dir(self.run_dir, config_dict, self.resume, mutable_keys)))
+        run = self.run
+        return bool(self.dist.on_main(lambda: prepare_run_dir(run.run_dir, self.config_dict, run.resume,
+                                                              run.mutable_keys)))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg, strategy = self.cfg, self.dist.strategy
@@ -207,7 +260,7 @@ class Trainer:
         return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused, cfg.param_lr,
                                kind=cfg.optimizer)
 
-    def _place_frozen_modules(self) -> dict[str, nn.Module]:
+    def _place_frozen_modules(self) -> None:
         frozen_fn = getattr(self.objective, "frozen_modules", None)
         frozen = dict(frozen_fn() or {}) if frozen_fn is not None else {}
         own = {id(p) for p in self.model.parameters()}
@@ -218,7 +271,6 @@ class Trainer:
             module.to(self.device)
             module.eval()
             module.requires_grad_(False)
-        return frozen
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -305,7 +357,7 @@ class Trainer:
                 value = float("nan")  # another rank saw it
         if bad_step == 0:
             return
-        latest = latest_checkpoint(self.run_dir)
+        latest = latest_checkpoint(self.run.run_dir)
         where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
         fix = "lower train.lr or enable train.grad_clip" if self.cfg.grad_clip == 0 else \
             "lower train.lr or train.grad_clip"
@@ -315,14 +367,14 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Run the evaluator in eval mode without touching the training RNG streams."""
-        if self.evaluator is None:
+        if self.evaluation.evaluator is None:
             return {}
         saved_rng = rng_state()
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), self._autocast(), gathered_root(self.loss_module, self.dist):
-                result = self.evaluator(self.model)
+                result = self.evaluation.evaluator(self.model)
         finally:
             self.model.train(was_training)
             set_rng_state(saved_rng)
@@ -339,30 +391,30 @@ class Trainer:
             "tokens": self.tokens,
             "elapsed_s": self._elapsed(),
             "best_value": self.best_value if math.isfinite(self.best_value) else None,
-            "best_metric": self.select_metric,
+            "best_metric": self.evaluation.select_metric,
             "best_step": self.best_step,
             "last_metrics": self.last_metrics,
         }
         trainer_state["distributed"] = {"strategy": self.dist.strategy, "world_size": self.dist.world_size}
         dist = self.dist
         if dist.strategy == "fsdp":  # every rank writes its shards (torch.distributed.checkpoint)
-            path = save_sharded_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+            path = save_sharded_checkpoint(self.run.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                            state=state, trainer_state=trainer_state, dist=dist)
         else:
             if dist.strategy == "zero1":
                 self.optimizer.consolidate_state_dict(to=0)  # collective: rank 0 receives every partition
             path = None
             if dist.is_main:
-                path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                path = save_checkpoint(self.run.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                        state=state, trainer_state=trainer_state)
             if dist.strategy == "zero1":
                 self.optimizer._all_state_dicts = []  # drop rank 0's consolidated copy (the whole AdamW state)
             dist.barrier()
-            path = path or latest_checkpoint(self.run_dir)
+            path = path or latest_checkpoint(self.run.run_dir)
         if dist.is_main:
             if new_best:
-                write_best(self.run_dir, self.step, self.best_value, self.select_metric)
-            prune_checkpoints(self.run_dir, self.cfg.keep_last)
+                write_best(self.run.run_dir, self.step, self.best_value, self.evaluation.select_metric)
+            prune_checkpoints(self.run.run_dir, self.cfg.keep_last)
         dist.barrier()
         assert path is not None
         return path
@@ -394,40 +446,43 @@ class Trainer:
         self.best_step = state.get("best_step")
         self.last_metrics = dict(state.get("last_metrics") or {})
         if self.dist.is_main:
-            cut_metrics(self.run_dir / METRICS_FILE, self.step)
+            cut_metrics(self.run.run_dir / METRICS_FILE, self.step)
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._fit_start)
 
     # ---- the loop -------------------------------------------------------------------------------
 
-    def fit(self) -> dict[str, Any]:
-        """Train to ``max_steps`` (resuming if the run dir says so); return the last logged metrics."""
+    def fit(self) -> FitResult:
+        """Train to ``run.max_steps`` (resuming if the run dir says so); with ``evaluation.restore_best``, end with
+        the best checkpoint's weights in the model (a collective under fsdp).  Returns the :class:`FitResult`."""
         self._fit_start = time.perf_counter()
         if self.resuming:
-            path = latest_checkpoint(self.run_dir)
+            path = latest_checkpoint(self.run.run_dir)
             assert path is not None
             self._restore(path)
         else:
-            seed_everything(self.seed)
+            seed_everything(self.run.seed)
         cfg = self.cfg
         main = self.dist.is_main  # only rank 0 logs, shows progress and writes metrics
-        logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
+        logger = MetricsLogger(self.run.run_dir, tensorboard=cfg.tensorboard,
                                purge_step=self.step + 1 if self.resuming else None) if main else None
-        progress = Progress(self.max_steps, self.step, enabled=self.progress_enabled if main else False)
+        progress = Progress(self.run.max_steps, self.step, enabled=self.progress_enabled if main else False)
         if self.resuming:
-            progress.message(f"resuming {self.run_dir} from step {self.step}")
+            progress.message(f"resuming {self.run.run_dir} from step {self.step}")
         if self.dist.enabled:
             progress.message(f"distributed: {self.dist.describe()}, {self.rows_per_rank} rows per rank per step")
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        evaluator, select_metric, select_mode = (self.evaluation.evaluator, self.evaluation.select_metric,
+                                                 self.evaluation.select_mode)
         window_tokens, window_start = 0, time.perf_counter()
         try:
-            while self.step < self.max_steps:
+            while self.step < self.run.max_steps:
                 step = self.step + 1
-                last = step == self.max_steps
+                last = step == self.run.max_steps
                 want_log = step % cfg.log_every == 0 or last
-                want_eval = self.evaluator is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0))
+                want_eval = evaluator is not None and (last or (cfg.eval_every > 0 and step % cfg.eval_every == 0))
                 want_ckpt = cfg.ckpt_every > 0 and (last or step % cfg.ckpt_every == 0)
                 batch = self.train_source.next_batch(cfg.global_batch_size)
                 stats, grad_norm, lr = self.train_step(batch, collect=want_log or want_eval)
@@ -450,9 +505,9 @@ class Trainer:
                         # rank may decide differently because of a last-bit difference in its evaluation.
                         val = self.dist.broadcast_object(self.evaluate())
                         record.update(val)
-                        v = val.get(self.select_metric)
+                        v = val.get(select_metric)
                         if v is not None and math.isfinite(v) and (
-                                v < self.best_value if self.select_mode == "min" else v > self.best_value):
+                                v < self.best_value if select_mode == "min" else v > self.best_value):
                             self.best_value, self.best_step, new_best = v, step, True
                         window_start = time.perf_counter()  # evaluation time is not training throughput
                     self.last_metrics = record
@@ -466,7 +521,31 @@ class Trainer:
             if logger is not None:
                 logger.close()
             progress.close()
-        return dict(self.last_metrics)
+        return self._result()
+
+    def _result(self) -> FitResult:
+        """Restore the best weights if asked, and say what the run left (every rank reads the shared run dir)."""
+        run_dir = self.run.run_dir
+        best_ckpt = best_checkpoint(run_dir)
+        restored = self.evaluation.restore_best and best_ckpt is not None
+        if restored:
+            self.load_weights(best_ckpt)
+        metrics_file = run_dir / METRICS_FILE
+        best = metrics_at(metrics_file, self.best_step) if self.best_step is not None else None
+        return FitResult(final=dict(self.last_metrics), best=best, best_step=self.best_step, run_dir=run_dir,
+                         metrics_file=metrics_file, last_checkpoint=latest_checkpoint(run_dir),
+                         best_checkpoint=best_ckpt, restored_best=restored)
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` as one more line, e.g. a recipe's test scores after ``fit()``
+        (rank 0 writes it; not mirrored to TensorBoard, which holds the training curves)."""
+        if not self.dist.is_main:
+            return
+        logger = MetricsLogger(self.run.run_dir, tensorboard=False)
+        try:
+            logger.log(record)
+        finally:
+            logger.close()
 
     def _measure_rank_memory(self, progress: Progress) -> None:
         """Bytes of parameters and optimizer state on this rank after the first update (the largest over
@@ -483,7 +562,7 @@ class Trainer:
 
     def load_weights(self, path: str | Path) -> None:
         """Load a checkpoint's model weights (not the optimizer) into the model being trained, e.g. the best one
-        before scoring (a collective under fsdp: every rank calls it)."""
+        at the end of ``fit()`` (a collective under fsdp: every rank calls it)."""
         if self.dist.strategy == "fsdp":
             load_sharded_checkpoint(path, model=self.model)
         else:
@@ -494,8 +573,6 @@ class Trainer:
         gathered into rank 0's unsharded copy (a collective: every rank calls it; ranks other than 0 get None)."""
         if self.dist.strategy != "fsdp":
             return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.dist.is_main:
             return None

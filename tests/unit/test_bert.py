@@ -331,7 +331,7 @@ def test_loss_is_mean_mlm_plus_mean_nsp_for_any_split(tok, stream):
 
 def test_tiny_training_loss_falls(tmp_path, tok, docs):
     from lmforge.data.shards import build_shards
-    from lmforge.train import Trainer, TrainerConfig
+    from lmforge.train import RunSpec, Trainer, TrainerConfig
 
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:400]))
@@ -342,7 +342,7 @@ def test_tiny_training_loss_falls(tmp_path, tok, docs):
                                   pad_token_id=tok.pad_id))
     cfg = TrainerConfig(global_batch_size=32, lr=3e-3, warmup_steps=3, log_every=1, ckpt_every=0, device="cpu",
                         tensorboard=False, weight_decay=0.01)
-    Trainer(model, MLMObjective(), src, cfg, run_dir=tmp_path / "run", max_steps=40, seed=0, progress=False).fit()
+    Trainer(model, MLMObjective(), src, cfg, RunSpec(tmp_path / "run", 40, seed=0), progress=False).fit()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"mlm_loss", "mlm_acc", "nsp_loss", "nsp_acc"} <= rows[-1].keys()
     first = np.mean([r["mlm_loss"] for r in rows[:3]])

@@ -323,7 +323,7 @@ def test_seq2seq_loss_is_summed_ce_with_the_output_scaling(ff):
 
 
 def test_span_corruption_loss_falls_with_the_trainer(tmp_path):
-    from lmforge.train.trainer import Trainer, TrainerConfig
+    from lmforge.train.trainer import Evaluation, RunSpec, Trainer, TrainerConfig
 
     rng = np.random.default_rng(0)
     phrases = [rng.integers(3, 60, 8) for _ in range(12)]  # a corpus of 12 recurring phrases
@@ -332,8 +332,8 @@ def test_span_corruption_loss_falls_with_the_trainer(tmp_path):
     val = SpanCorruptionSource(tokens[-2000:], SpanConfig(inputs_length=32), vocab_size=128, eos_id=EOS, shuffle=False)
     cfg = TrainerConfig(global_batch_size=16, lr=3e-3, warmup_steps=5, schedule="constant", log_every=1,
                         ckpt_every=0, device="cpu", tensorboard=False, weight_decay=0.0)
-    trainer = Trainer(tiny_t5(), Seq2SeqObjective(), source, cfg, run_dir=tmp_path / "run", max_steps=100, seed=0,
-                      progress=False, evaluator=lambda m: evaluate_span(m, val.val_batches(16, 4)))
+    trainer = Trainer(tiny_t5(), Seq2SeqObjective(), source, cfg, RunSpec(tmp_path / "run", 100, seed=0),
+                      Evaluation(lambda m: evaluate_span(m, val.val_batches(16, 4))), progress=False)
     trainer.fit()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, last = lines[0], lines[-1]

@@ -18,7 +18,7 @@ from lmforge.core.config import from_dict
 from lmforge.core.errors import ConfigError, RunError
 from lmforge.objectives.base import ObjectiveOutput
 from lmforge.objectives.causal_lm import CausalLMObjective
-from lmforge.train import Trainer, TrainerConfig, build_optimizer, param_groups
+from lmforge.train import Evaluation, RunSpec, Trainer, TrainerConfig, build_optimizer, param_groups
 from lmforge.train.checkpoint import list_checkpoints
 
 VOCAB = 24
@@ -97,13 +97,13 @@ def make_cfg(**kw) -> TrainerConfig:
 
 
 def make_trainer(tmp: Path, name: str, model=None, cfg=None, max_steps=10, source=None, objective=None,
-                 progress=False, **kw):
+                 progress=False, evaluator=None):
     torch.manual_seed(0)
     model = model if model is not None else ToyLM()
     objective = objective or PlainCLM()
     source = source or ToySource(objective)
-    return Trainer(model, objective, source, cfg or make_cfg(), run_dir=tmp / name, max_steps=max_steps, seed=1,
-                   progress=progress, **kw)
+    return Trainer(model, objective, source, cfg or make_cfg(), RunSpec(tmp / name, max_steps, seed=1),
+                   Evaluation(evaluator), progress=progress)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -255,8 +255,8 @@ def test_adafactor_trains_and_resumes_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         first.fit()
     torch.manual_seed(5)
-    second = Trainer(ToyLM(), objective, ToySource(objective), cfg, run_dir=tmp_path / "killed", max_steps=30,
-                     seed=1, resume="true", progress=False)
+    second = Trainer(ToyLM(), objective, ToySource(objective), cfg, RunSpec(tmp_path / "killed", 30, seed=1,
+                                                                            resume="true"), progress=False)
     second.fit()
     for (n, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), n
@@ -276,7 +276,7 @@ def test_fit_learns_and_logs(tmp_path, capsys):
                    tensorboard=True)
     trainer = make_trainer(tmp_path, "fit", cfg=cfg, max_steps=30, evaluator=evaluator, progress=None)
     assert trainer.model.checkpointing  # activation checkpointing switched on through the model's hook
-    final = trainer.fit()
+    final = trainer.fit().final
     lines = read_metrics(tmp_path / "fit")
     assert [r["step"] for r in lines] == [5, 10, 15, 20, 25, 30]
     for r in lines:
@@ -296,6 +296,48 @@ def test_fit_learns_and_logs(tmp_path, capsys):
     assert len(err) == 6 and err[0].startswith("step 5/30 | loss ") and "tok/s" in err[0] and "eta" in err[0]
     if importlib.util.find_spec("tensorboard") is not None:
         assert any((tmp_path / "fit" / "tb").iterdir())
+
+
+def test_fit_returns_final_and_best_metrics_and_restores_the_best_on_request(tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name, restore_best):
+        scores = iter([0.2, 0.9, 0.4])  # the evaluations at steps 3, 6, 9: the best is step 6's
+
+        def evaluator(model):
+            return {"val_accuracy": next(scores)}
+
+        evaluation = Evaluation(evaluator, select_metric="val_accuracy", select_mode="max", restore_best=restore_best)
+        trainer = Trainer(seeded_model(), PlainCLM(), ToySource(PlainCLM()), make_cfg(eval_every=3, ckpt_every=3,
+                                                                                      keep_last=1),
+                          RunSpec(tmp_path / name, 9, seed=1), evaluation, progress=False)
+        return trainer, trainer.fit()
+
+    trainer, result = run("restored", restore_best=True)
+    run_dir = tmp_path / "restored"
+    lines = read_metrics(run_dir)
+    assert result.final == lines[-1] and result.final["step"] == 9
+    assert result.best_step == 6 and result.best == lines[[r["step"] for r in lines].index(6)]
+    assert result.best["val_accuracy"] == 0.9
+    ckpts = run_dir / "checkpoints"
+    assert (result.run_dir, result.metrics_file) == (run_dir, run_dir / "metrics.jsonl")
+    assert (result.last_checkpoint, result.best_checkpoint) == (ckpts / "step_0000009", ckpts / "step_0000006")
+    assert result.restored_best
+    best = load_file(ckpts / "step_0000006" / "model.safetensors")
+    assert all(torch.equal(v, best[k]) for k, v in trainer.model.state_dict().items())
+
+    trainer, result = run("final", restore_best=False)  # pretraining's way: the model keeps its final weights
+    assert result.best_step == 6 and not result.restored_best
+    final = load_file(tmp_path / "final" / "checkpoints" / "step_0000009" / "model.safetensors")
+    assert all(torch.equal(v, final[k]) for k, v in trainer.model.state_dict().items())
+
+    # a recipe's own last line (test scores) goes through the logger, after the Trainer's
+    trainer.log_record({"step": 9, "test_accuracy": 1.0, "selected": "final"})
+    assert read_metrics(tmp_path / "final")[-1] == {"step": 9, "test_accuracy": 1.0, "selected": "final"}
+
+    plain = make_trainer(tmp_path, "plain", max_steps=3).fit()  # no evaluation, no checkpoints
+    assert plain.best is None and plain.best_step is None and plain.last_checkpoint is None
+    assert plain.best_checkpoint is None and not plain.restored_best
 
 
 def test_activation_checkpointing_refused_for_models_without_it(tmp_path):
@@ -327,8 +369,8 @@ def test_resume_is_exact(tmp_path):
     assert read_metrics(run)[-1]["step"] == 8  # lines 7 and 8 come after the checkpoint: resume cuts them
 
     torch.manual_seed(123)  # a different init and RNG: everything must come from the checkpoint
-    second = Trainer(ToyLM(dropout=0.2), objective, ToySource(objective), cfg, run_dir=run, max_steps=10, seed=1,
-                     resume="true", evaluator=evaluator, progress=False)
+    second = Trainer(ToyLM(dropout=0.2), objective, ToySource(objective), cfg,
+                     RunSpec(run, 10, seed=1, resume="true"), Evaluation(evaluator), progress=False)
     assert second.resuming
     second.fit()
     for (n, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items()):
@@ -346,12 +388,12 @@ def test_resume_with_more_steps_continues(tmp_path):
     first.fit()
     second = make_trainer(tmp_path, "ext", cfg=make_cfg(ckpt_every=5, schedule="constant", log_every=2),
                           max_steps=10)  # max_steps and log_every may change on resume
-    assert second.resuming and second.fit()["step"] == 10
+    assert second.resuming and second.fit().final["step"] == 10
     for a, b in zip(full.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
     again = make_trainer(tmp_path, "ext", cfg=make_cfg(ckpt_every=5, schedule="constant", log_every=2),
                          max_steps=10)
-    assert again.fit()["step"] == 10  # already finished: nothing to do
+    assert again.fit().final["step"] == 10  # already finished: nothing to do
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
