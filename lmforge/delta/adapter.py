@@ -15,18 +15,28 @@ adapted model starts exactly at the base and ``up`` gets a useful gradient from 
 initialisation He et al. 2022, arXiv:2110.04366, use for adapters, as LoRA does for its B).  Houlsby et al.'s
 "near-identity" N(0, 1e-2²) for both projections makes every gradient a product of two ~1e-2 factors; in
 measurements on the tiny GPT-2 (world sentiment, 200 steps) adapters so initialised stayed at chance.
+
+The ``adapter`` method saves in lmforge's format (PEFT has no bottleneck adapters) and does not merge (the
+adapter is nonlinear).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.core.errors import ConfigError, ModelError
+from lmforge.delta.apply import ADAPTERS
+from lmforge.delta.config import DeltaConfig
 from lmforge.delta.layer import DeltaLinear
+from lmforge.delta.registry import DeltaMethod, register
+from lmforge.delta.surgery import family_of, head_name, hf_alt, is_norm, layer_index, linear_examples, matches, set_module
 
+# ---- per family (the family registry in models/families/ will own these) ------------------------------------
 # (attention-output Linear, feed-forward-output Linear) per family; lists follow PEFT's matching rule, a
 # string is a regex (bert's FFN output 'output.dense' must not also match 'attention.output.dense').
 ADAPTER_SITES = {
@@ -64,7 +74,82 @@ class AdapterLinear(DeltaLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
+        if not self.delta_on:
+            return y
         return y + self.adapter_up(F.relu(self.adapter_down(y))).to(y.dtype)  # fp32 adapter on a bf16 base
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapter bottleneck={self.bottleneck}"
+
+
+# ---- the method ----------------------------------------------------------------------------------------------
+
+def adapter_targets(model: nn.Module, cfg: DeltaConfig) -> list[str]:
+    """The Linear layers ending the sublayers an adapter follows (attention and FFN for Houlsby, FFN for
+    Pfeiffer), from ``ADAPTER_SITES``, or ``adapter_modules`` when set."""
+    fam = family_of(model)
+    if cfg.adapter_modules is not None:
+        sites = [cfg.adapter_modules]
+    elif fam in ADAPTER_SITES:
+        attn, ffn = ADAPTER_SITES[fam]
+        sites = [attn, ffn] if cfg.adapter_type == "houlsby" else [ffn]
+    else:
+        raise ConfigError(f"peft.adapter_modules is required for adapters on a model of family {fam!r}: name the "
+                          f"Linear layers whose outputs the adapters follow")
+    found = []
+    for path, module in model.named_modules():
+        if path and isinstance(module, nn.Linear) and not path.endswith("lm_head") and path != head_name(model) \
+                and (cfg.layers is None or layer_index(path) in cfg.layers) \
+                and any(matches(path, s, hf_alt(model, path)) for s in sites):
+            found.append(path)
+    if not found:
+        raise ConfigError(f"peft: no Linear layer for adapters matches {sites!r}; Linear layers are named like "
+                          f"{linear_examples(model)}")
+    taken = [p for p in found if isinstance(model.get_submodule(p), DeltaLinear)]
+    if taken:
+        raise ConfigError(f"peft: {taken[:2]} already carry a LoRA layer; give adapter other layers "
+                          f"(peft.adapter_modules / peft.target_modules)")
+    return found
+
+
+def _adapters(model: nn.Module) -> list[AdapterLinear]:
+    return [m for m in model.modules() if isinstance(m, AdapterLinear)]
+
+
+class Adapter(DeltaMethod):
+    """``adapter``: Houlsby (attention and FFN, norms train) or Pfeiffer (FFN) bottleneck adapters."""
+
+    name = "adapter"
+    order = 50  # after LoRA, whose layers it refuses to wrap again
+    counted_as = ADAPTERS
+
+    def apply(self, model: nn.Module, cfg: DeltaConfig, tokenizer: Any) -> list[str]:
+        adapters = adapter_targets(model, cfg)
+        d_model = model.get_submodule(adapters[0]).out_features
+        size = cfg.adapter_size or max(1, d_model // cfg.reduction_factor)
+        for path in adapters:
+            layer = AdapterLinear.wrap(model.get_submodule(path), bottleneck=size)
+            set_module(model, path, layer)
+            layer.adapter_down.requires_grad_(True)
+            layer.adapter_up.requires_grad_(True)
+        if cfg.adapter_type == "houlsby":  # Houlsby et al. §2.1: the layer norms are trained as well
+            for module in model.modules():
+                if is_norm(module):
+                    module.requires_grad_(True)
+        return adapters
+
+    def present(self, model: nn.Module) -> bool:
+        return bool(_adapters(model))
+
+    def owns(self, name: str) -> bool:
+        return ".adapter_" in name
+
+    def disable(self, model: nn.Module, cfg: DeltaConfig, off: bool) -> None:
+        if cfg.adapter_type == "houlsby":
+            raise ModelError("houlsby adapters train the layer norms in place, so they cannot be switched off; "
+                             "pfeiffer adapters can")
+        for layer in _adapters(model):
+            layer.delta_on = not off
+
+
+register(Adapter())

@@ -1,4 +1,7 @@
-"""The ``peft:`` section of a fine-tuning config: which delta method(s), on which modules, with what sizes."""
+"""The ``peft:`` section of a fine-tuning config: which delta method(s), on which modules, with what sizes.
+
+``method`` names registered delta methods (:mod:`lmforge.delta.registry`); each method refuses the combinations
+it cannot be part of (:meth:`DeltaMethod.check`)."""
 
 from __future__ import annotations
 
@@ -6,13 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from lmforge.core.errors import ConfigError
-
-# Methods; "+" combines them (``lora+bitfit``).
-METHODS = ("none", "lora", "dora", "adapter", "ladder", "prefix", "prompt", "bitfit", "modules")
-
-# PEFT's default LoRA targets per model type (peft.utils.constants, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-                   "mistral": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"]}
+from lmforge.delta.registry import in_order, method_names
 
 
 @dataclass
@@ -70,21 +67,15 @@ class DeltaConfig:
     @property
     def methods(self) -> list[str]:
         parts = [p.strip() for p in str(self.method).split("+") if p.strip()]
+        valid = ["none", *method_names()]
         for p in parts:
-            if p not in METHODS:
-                raise ConfigError(f"peft.method: '{p}' is not a delta method; valid: {', '.join(METHODS)} "
+            if p not in valid:
+                raise ConfigError(f"peft.method: '{p}' is not a delta method; valid: {', '.join(valid)} "
                                   f"(combine with '+', e.g. lora+bitfit)")
         if "none" in parts and len(parts) > 1:
             raise ConfigError(f"peft.method='{self.method}' combines 'none' with a method; drop 'none'")
-        if "ladder" in parts and set(parts) - {"ladder", "modules"}:
-            raise ConfigError(f"peft.method='{self.method}': ladder side tuning stands alone (the backbone runs "
-                              f"without gradients, so nothing inside it can train); drop the other methods")
-        if "prefix" in parts and "prompt" in parts:
-            raise ConfigError("peft.method: use one of 'prefix' and 'prompt' (both add positions in front of the input)")
-        if "lora" in parts and "dora" in parts:
-            raise ConfigError("peft.method: 'dora' already is LoRA with a learned magnitude; use one of them")
-        if "modules" in parts and not self.train_modules:
-            raise ConfigError("peft.method 'modules' needs peft.train_modules (names of the modules to train)")
+        for method in in_order([p for p in parts if p != "none"]):
+            method.check(self, parts)
         if self.reduction_factor < 1 or (self.adapter_size is not None and self.adapter_size < 1):
             raise ConfigError(f"peft.reduction_factor={self.reduction_factor} / peft.adapter_size="
                               f"{self.adapter_size} must be >= 1")

@@ -10,7 +10,10 @@ from lmforge.models.layers import Linear
 
 
 class DeltaLinear(Linear):
-    """Subclasses build their delta modules in ``__init__`` and initialise them in :meth:`reset_delta`."""
+    """Subclasses build their delta modules in ``__init__`` and initialise them in :meth:`reset_delta`; their
+    forward computes the plain Linear while ``delta_on`` is False (a method's ``disable``)."""
+
+    delta_on = True
 
     def reset_delta(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError

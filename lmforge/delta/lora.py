@@ -18,18 +18,50 @@ The layer *replaces* the Linear it adapts and keeps that Linear's ``weight``/``b
 own names, so a model's state-dict keys for the base weights do not change and the new ones read like
 PEFT's (``...c_attn.lora_A.weight``, ``...c_attn.lora_magnitude_vector``).  ``merge()`` folds the update into
 ``weight`` (output unchanged within fp32 rounding), ``unmerge()`` takes it out again.
+
+The ``lora`` and ``dora`` methods wrap every ``nn.Linear`` that ``target_modules`` matches (PEFT's default per
+family when unset) and save in PEFT's LoRA format::
+
+    adapter_config.json          peft_type LORA, task_type, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                                 target_modules (leaf names), fan_in_fan_out (true for GPT-2's Conv1D),
+                                 modules_to_save (the head, for classifiers)
+    adapter_model.safetensors    base_model.model.<transformers path>.lora_A.weight  [r, in]
+                                 base_model.model.<transformers path>.lora_B.weight  [out, r]
+                                 base_model.model.<transformers path>.lora_magnitude_vector  [out]  (DoRA)
+                                 base_model.model.score.weight / classifier.{weight,bias}   (classifiers)
+
+PEFT's A/B are in ``nn.Linear`` layout even for GPT-2's Conv1D, as lmforge's are, so no transposes.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.core.errors import ConfigError, ModelError
+from lmforge.delta.apply import LORA_LAYERS
+from lmforge.delta.config import DeltaConfig
 from lmforge.delta.layer import DeltaLinear
+from lmforge.delta.names import hf_path, lmforge_path
+from lmforge.delta.peft_format import PEFT_PREFIX, copy_checked, head_names, head_state, task_type
+from lmforge.delta.registry import DeltaMethod, register
+from lmforge.delta.surgery import family_of, head_name, hf_alt, layer_index, linear_examples, matches, set_module
 from lmforge.models.layers import Linear
+
+# ---- per family (the family registry in models/families/ will own these) ------------------------------------
+# PEFT's default LoRA targets per model type (peft.utils.constants, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                   "mistral": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"]}
+
+
+def _fan_in_fan_out(model: nn.Module) -> bool:
+    """PEFT's ``fan_in_fan_out``: the transformers model stores these weights ``[in, out]`` (GPT-2's Conv1D)."""
+    return family_of(model) == "gpt2"
 
 
 class LoRALinear(DeltaLinear):
@@ -83,7 +115,7 @@ class LoRALinear(DeltaLinear):
         return [] if self.dora else [self.lora_A, self.lora_B]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or not self.delta_on:
             return super().forward(x)
         dx = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(dx)) * self.scaling
@@ -134,3 +166,170 @@ class LoRALinear(DeltaLinear):
         kind = "DoRA" if self.dora else "LoRA"
         return (f"{super().extra_repr()}, {kind} r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
                 f"{', merged' if self.merged else ''}")
+
+
+# ---- the methods ---------------------------------------------------------------------------------------------
+
+def lora_targets(model: nn.Module, cfg: DeltaConfig) -> list[str]:
+    """Module paths LoRA would wrap (``nn.Linear`` only; the task head and ``lm_head`` never)."""
+    patterns = cfg.target_modules
+    if patterns is None:
+        fam = family_of(model)
+        if fam not in DEFAULT_TARGETS:
+            raise ConfigError(f"peft.target_modules is required for a model of family {fam!r} (no default); "
+                              f"name the Linear layers to adapt, e.g. ['q_proj', 'v_proj']")
+        patterns = DEFAULT_TARGETS[fam]
+    head = head_name(model)
+    found, wrong_type = [], []
+    for path, module in model.named_modules():
+        if not path or path == head or path.endswith("lm_head"):
+            continue
+        if cfg.layers is not None and layer_index(path) not in cfg.layers:
+            continue
+        if matches(path, patterns, hf_alt(model, path)):
+            (found if isinstance(module, nn.Linear) else wrong_type).append(path)
+    if wrong_type and not found:
+        raise ConfigError(f"peft.target_modules={patterns!r} matches {wrong_type[:3]}, which are not Linear layers; "
+                          f"LoRA adapts Linear layers (e.g. {', '.join(DEFAULT_TARGETS.get(family_of(model) or '', []))})")
+    if not found:
+        raise ConfigError(f"peft.target_modules={patterns!r} matches no Linear layer of this model"
+                          f"{'' if cfg.layers is None else f' in layers {cfg.layers}'}; Linear layers are named like "
+                          f"{linear_examples(model)}")
+    return found
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+class LoRA(DeltaMethod):
+    """``lora`` (``dora=False``) and ``dora``: a LoRA / DoRA branch on every targeted Linear; merges."""
+
+    order = 40  # after the slot methods (their random starts come first), before adapters (which refuse LoRA layers)
+    counted_as = LORA_LAYERS
+    peft_type = "LORA"
+
+    def __init__(self, name: str, dora: bool) -> None:
+        self.name, self.dora = name, dora
+
+    def check(self, cfg: DeltaConfig, methods: list[str]) -> None:
+        if self.dora and "lora" in methods:
+            raise ConfigError("peft.method: 'dora' already is LoRA with a learned magnitude; use one of them")
+
+    def apply(self, model: nn.Module, cfg: DeltaConfig, tokenizer: Any) -> list[str]:
+        targets = lora_targets(model, cfg)
+        for path in targets:
+            set_module(model, path, LoRALinear.wrap(model.get_submodule(path), r=cfg.r, alpha=cfg.alpha,
+                                                    dropout=cfg.dropout, rslora=cfg.rslora, dora=self.dora))
+        for path in targets:
+            layer = model.get_submodule(path)
+            for name in ("lora_A", "lora_B"):
+                getattr(layer, name).requires_grad_(True)
+            if layer.dora:
+                layer.lora_magnitude_vector.requires_grad_(True)
+        return targets
+
+    def present(self, model: nn.Module) -> bool:
+        return any(layer.dora == self.dora for layer in lora_layers(model).values())
+
+    def owns(self, name: str) -> bool:
+        return ".lora_" in name
+
+    def mergeable(self, model: nn.Module) -> bool:
+        return True
+
+    def merge(self, model: nn.Module) -> None:
+        for path, layer in lora_layers(model).items():
+            if layer.dora == self.dora:
+                set_module(model, path, layer.to_linear())
+
+    def disable(self, model: nn.Module, cfg: DeltaConfig, off: bool) -> None:
+        for layer in lora_layers(model).values():
+            if layer.dora == self.dora:
+                layer.unmerge()
+                layer.delta_on = not off
+
+    # ---- PEFT's LoRA format -----------------------------------------------------------------------------------
+    def peft_files(self, model: nn.Module, cfg: DeltaConfig, base_model: str | None
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        layers = lora_layers(model)
+        first = next(iter(layers.values()))
+        config = {"peft_type": "LORA", "task_type": task_type(model), "r": first.r, "lora_alpha": first.alpha,
+                  "lora_dropout": cfg.dropout, "use_rslora": first.rslora, "use_dora": first.dora,
+                  "target_modules": _target_names(model, list(layers)), "bias": "none",
+                  "fan_in_fan_out": _fan_in_fan_out(model), "inference_mode": True, "init_lora_weights": True,
+                  "base_model_name_or_path": base_model,
+                  "modules_to_save": head_names(model)}
+        state: dict[str, torch.Tensor] = {}
+        for path, layer in layers.items():
+            base = PEFT_PREFIX + hf_path(model, path)
+            state[f"{base}.lora_A.weight"] = layer.lora_A.weight
+            state[f"{base}.lora_B.weight"] = layer.lora_B.weight
+            if layer.dora:
+                state[f"{base}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+        state.update(head_state(model, PEFT_PREFIX))
+        return config, state
+
+    def config_from_peft(self, pc: dict[str, Any], where: str) -> DeltaConfig:
+        for key, ok in (("bias", "none"), ("lora_bias", False), ("layer_replication", None)):
+            if pc.get(key, ok) not in (ok, None, {}, []):
+                raise ModelError(f"{where}: field '{key}' = {pc[key]!r} is not supported (only {ok!r})")
+        for key in ("rank_pattern", "alpha_pattern", "exclude_modules", "layers_pattern", "target_parameters",
+                    "trainable_token_indices"):
+            if pc.get(key):
+                raise ModelError(f"{where}: field '{key}' = {pc[key]!r} is not supported; re-save the adapter without it")
+        layers = pc.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        targets = pc.get("target_modules")
+        if isinstance(targets, str) and not targets:
+            targets = None
+        return DeltaConfig(method="dora" if pc.get("use_dora") else "lora", target_modules=targets,
+                           layers=layers, r=int(pc.get("r", 8)),
+                           alpha=float(pc.get("lora_alpha", 8)), dropout=float(pc.get("lora_dropout", 0.0)),
+                           rslora=bool(pc.get("use_rslora", False)))
+
+    def load_peft(self, model: nn.Module, state: dict[str, torch.Tensor], d: Path, pc: dict[str, Any]) -> None:
+        own = dict(model.named_parameters())
+        missing = set(n for n in own if ".lora_" in n)
+        head = head_name(model)
+        with torch.no_grad():
+            for key, value in state.items():
+                if not key.startswith(PEFT_PREFIX):
+                    raise ModelError(f"'{d}': key '{key}' does not start with '{PEFT_PREFIX}' as PEFT's LoRA keys do")
+                hf_key = key[len(PEFT_PREFIX):]
+                module, _, pname = hf_key.rpartition(".")
+                if pname == "lora_magnitude_vector":
+                    module, pname = hf_key, ""
+                if head is not None and module.split(".")[0] == head:
+                    name = f"{module}.{pname}"
+                else:
+                    name = lmforge_path(model, module) + (f".{pname}" if pname else "")
+                name = name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+                if name not in own:
+                    raise ModelError(f"'{d}': adapter tensor '{key}' has no place in this model (lmforge name '{name}'); "
+                                     f"load it onto the model family and size it was trained for")
+                copy_checked(own[name], value, key, d)
+                missing.discard(name)
+        if missing:
+            raise ModelError(f"'{d}' lacks adapter weights for {sorted(missing)[:3]}; the adapter is incomplete")
+
+
+def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
+    """PEFT's ``target_modules`` for the LoRA layers at ``paths``: their leaf names when those select exactly
+    these layers in the transformers model (``["c_attn"]``), else the full transformers paths (PEFT's list rule
+    matches a path equal to an entry), so reloading never adapts a layer that was not trained."""
+    hf = sorted(hf_path(model, p) for p in paths)
+    leaves = {p.rsplit(".", 1)[-1] for p in hf}
+    same_leaf = set()
+    for name, module in model.named_modules():
+        if name and isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in leaves:
+            try:
+                same_leaf.add(hf_path(model, name))
+            except Exception:  # noqa: BLE001  (a module without a transformers name cannot be selected there)
+                continue
+    return sorted(leaves) if same_leaf == set(hf) else hf
+
+
+register(LoRA("lora", dora=False))
+register(LoRA("dora", dora=True))

@@ -13,11 +13,11 @@ from __future__ import annotations
 from torch import nn
 
 from lmforge.core.errors import ModelError
+from lmforge.models import hf, hf_bert, hf_t5
 
 
+# ---- per family (the family registry in models/families/ will own the name maps) ----------------------------
 def _backbone_map(backbone: nn.Module, path: str, to_hf: bool) -> str:
-    from lmforge.models import hf, hf_bert, hf_t5
-
     fam = getattr(getattr(backbone, "config", None), "family", None)
     if fam == "bert":
         return hf_bert.hf_module_name(path) if to_hf else hf_bert.lmforge_module_name(path)

@@ -32,8 +32,8 @@ from lmforge.models.cache import KVCache
 from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.layers import (CausalSelfAttention, Embedding, GeluMLP, LayerNorm, Linear, RMSNorm,
                                    RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, reset_children)
-from lmforge.models.ladder import LadderCache, LadderSide
-from lmforge.models.prompt import Prefix, PrefixCache, SoftPrompt, prefilled
+from lmforge.models.slots import (INPUT, PAST_KV, SIDE, PrefixCache, SideCache, SlotHost, prefilled, prepend,
+                                  shifted_positions, with_leading_ones)
 
 
 class Block(nn.Module):
@@ -75,20 +75,21 @@ class Block(nn.Module):
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(SlotHost):
     """A decoder-only LM; ``forward`` returns final (normed) hidden states ``[B, T, d_model]``.
 
     Construction builds every module on the meta device, materialises it on ``device`` (default: the
     current default device) and runs :meth:`reset_parameters`, so an eager build and a meta build
     followed by ``to_empty(device=...)`` + ``reset_parameters()`` draw the same random numbers in the
     same order and are bitwise equal for the same seed.  Built under ``torch.device("meta")`` (or with
-    ``device="meta"``) the model stays on meta, uninitialised.
+    ``device="meta"``) the model stays on meta, uninitialised.  Delta methods' slots: :mod:`lmforge.models.slots`.
 
     A variant family (its own ``DecoderConfig`` subclass) subclasses DecoderLM and sets ``block_class`` to a
     :class:`Block` of its own (e.g. another MLP); everything else is shared.
     """
 
     block_class: type[Block] = Block
+    slot_kinds = (INPUT, PAST_KV, SIDE)
 
     def __init__(self, config: DecoderConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -109,9 +110,6 @@ class DecoderLM(nn.Module):
             self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, std=std)
         self.embed_dropout = c.dropout if c.family == "gpt2" else 0.0
         self.activation_checkpointing = False
-        self.soft_prompt: SoftPrompt | None = None  # prompt tuning's slot (lmforge.models.prompt)
-        self.prefix: Prefix | None = None  # prefix tuning's slot
-        self.ladder: LadderSide | None = None  # ladder side tuning's slot (lmforge.models.ladder)
         self.tie_weights()
         if target.type != "meta":
             self.to_empty(device=target)
@@ -164,15 +162,15 @@ class DecoderLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> KVCache:
         c = self.config
-        extra = self.soft_prompt if self.soft_prompt is not None else self.prefix  # their keys/values are cached too
-        cache = KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len + (extra.n if extra else 0),
+        front, past_kv, side = self.slot(INPUT), self.slot(PAST_KV), self.slot(SIDE)
+        extra = sum(s.n for s in (front, past_kv) if s is not None)  # their keys/values are cached too
+        cache = KVCache(c.n_layer, batch_size, c.kv_heads, c.head_dim, max_len + extra,
                         dtype=dtype or self.dtype, device=device or self.device)
-        if self.ladder is not None:  # the side network attends over the past too
-            cs = self.ladder.config
-            side = KVCache(cs.n_layer, batch_size, cs.kv_heads, cs.head_dim, max_len, dtype=dtype or self.dtype,
-                           device=device or self.device)
-            return LadderCache(cache, side)
-        return prefilled(cache, self.prefix, batch_size) if self.prefix is not None else cache
+        if past_kv is not None:
+            cache = prefilled(cache, past_kv, batch_size)
+        if side is not None:  # the side network attends over the past too
+            cache = SideCache(cache, side.new_cache(batch_size, max_len, dtype or self.dtype, device or self.device))
+        return cache
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -187,31 +185,32 @@ class DecoderLM(nn.Module):
         a mask and no ``position_ids``, positions are ``cumsum(mask) - 1`` clamped at 0, so a left-padded
         prompt sees the same positions as unpadded.  With ``cache``, ``cache.length`` positions are
         already stored; this call appends ``T`` and advances the cache.  Pass no mask when there is no
-        padding: that takes SDPA's ``is_causal`` fast path.  With a soft prompt or a prefix, masks and positions
-        given are the real tokens' (:mod:`lmforge.models.prompt`); with a ladder the blocks run without a graph
-        and the side network adds its part (:mod:`lmforge.models.ladder`).
+        padding: that takes SDPA's ``is_causal`` fast path.  With an ``input`` or ``past_kv`` slot filled, masks and
+        positions given are the real tokens'; with a ``side`` network the blocks run without a graph and the side
+        network adds its part (:mod:`lmforge.models.slots`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         side_cache = None
-        if isinstance(cache, LadderCache):
+        if isinstance(cache, SideCache):
             cache, side_cache = cache.main, cache.side
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.prefix is not None:  # the prefix: a cache already n positions long (prefilled by new_cache)
+        past_kv = self.slot(PAST_KV)
+        if past_kv is not None:  # a cache already n positions long (prefilled by new_cache)
             if cache is None:
-                cache = PrefixCache(self.prefix.kv(x.shape[0], x.dtype))
-            attention_mask = self.prefix.mask(attention_mask)
+                cache = PrefixCache(past_kv(x.shape[0], x.dtype))
+            attention_mask = with_leading_ones(attention_mask, past_kv.n)
             if position_ids is not None:
-                position_ids = position_ids + self.prefix.n
+                position_ids = position_ids + past_kv.n
         past = cache.length if cache is not None else 0
-        prompt = self.soft_prompt
-        prepend = prompt is not None and past == 0  # once cached, the prompt's keys/values are in the cache
-        if prompt is not None:
-            attention_mask = prompt.mask(attention_mask)
+        front = self.slot(INPUT)
+        in_front = front is not None and past == 0  # once cached, the vectors' keys/values are in the cache
+        if front is not None:
+            attention_mask = with_leading_ones(attention_mask, front.n)
             if position_ids is not None:
-                position_ids = prompt.positions(position_ids, with_prompt=prepend)
-            if prepend:
-                x = prompt.prepend(x)
+                position_ids = shifted_positions(position_ids, front.n, with_front=in_front)
+            if in_front:
+                x = prepend(front, x)
         B, T = x.shape[:2]
         S = past + T
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
@@ -235,22 +234,24 @@ class DecoderLM(nn.Module):
         else:
             rope = self.rotary(position_ids, x.dtype)
         attn_mask, is_causal = _attention_mask(attention_mask, past, T, x.device)
-        if self.ladder is not None:
-            return self._laddered(x, rope, attn_mask, is_causal, cache, side_cache, position_ids)
-        use_ckpt = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
-                    and (cache is None or isinstance(cache, PrefixCache)))  # a prefix cache stores nothing
-        for block in self.blocks:
-            if use_ckpt:
-                x = checkpoint(block, x, rope, attn_mask, is_causal, cache, use_reentrant=False)
-            else:
-                x = block(x, rope, attn_mask, is_causal, cache)
-        if cache is not None:
-            cache.advance(T)
-        x = self.norm(x)
-        return x[:, prompt.n:] if prepend else x
+        side = self.slot(SIDE)
+        if side is not None:
+            x = self._beside(side, x, rope, attn_mask, is_causal, cache, side_cache, position_ids)
+        else:
+            use_ckpt = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                        and (cache is None or isinstance(cache, PrefixCache)))  # a prefix cache stores nothing
+            for block in self.blocks:
+                if use_ckpt:
+                    x = checkpoint(block, x, rope, attn_mask, is_causal, cache, use_reentrant=False)
+                else:
+                    x = block(x, rope, attn_mask, is_causal, cache)
+            if cache is not None:
+                cache.advance(T)
+            x = self.norm(x)
+        return x[:, front.n:] if in_front else x
 
-    def _laddered(self, x: torch.Tensor, rope: Any, attn_mask: torch.Tensor | None, is_causal: bool,
-                  cache: KVCache | None, side_cache: KVCache | None, position_ids: torch.Tensor) -> torch.Tensor:
+    def _beside(self, side: nn.Module, x: torch.Tensor, rope: Any, attn_mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None, side_cache: KVCache | None, position_ids: torch.Tensor) -> torch.Tensor:
         """The frozen blocks without a graph, collecting each block's input and output; then the side network."""
         T = x.shape[1]
         with torch.no_grad():
@@ -259,9 +260,8 @@ class DecoderLM(nn.Module):
                 x = block(x, rope, attn_mask, is_causal, cache)
                 hiddens.append(x)
             final = self.norm(x)
-        side = self.ladder
-        side_rope = side.rotary(position_ids, x.dtype) if side.rotary is not None else None
-        out = side(hiddens, final, lambda blk, s: blk(s, side_rope, attn_mask, is_causal, side_cache))
+        out = side(hiddens, final, lambda blk, s, side_rope: blk(s, side_rope, attn_mask, is_causal, side_cache),
+                   position_ids)
         for c in (cache, side_cache):
             if c is not None:
                 c.advance(T)

@@ -34,19 +34,21 @@ from torch import nn
 
 from lmforge.models.cache import KVCache
 from lmforge.models.layers import Embedding, Linear
-from lmforge.models.prompt import Prefix, PrefixCache, SoftPrompt, prefilled
+from lmforge.models.slots import INPUT, PAST_KV, PrefixCache, SlotHost, prefilled, prepend, with_leading_ones
 from lmforge.models.t5_layers import EncDecCache, T5Config, T5Stack, padding_bias
 
 
-class EncoderDecoderLM(nn.Module):
+class EncoderDecoderLM(SlotHost):
     """T5: ``forward(input_ids, attention_mask, decoder_input_ids) -> dec_hidden [B, T, d]`` (head input).
 
     Built on the meta device, materialised on ``device`` and reset, like :class:`lmforge.models.decoder.DecoderLM`,
     so ``with torch.device("meta"): m = EncoderDecoderLM(c)`` + ``m.to_empty(...)`` + ``m.reset_parameters()``
-    equals an eager build bitwise for the same seed.
+    equals an eager build bitwise for the same seed.  Delta methods' slots (:mod:`lmforge.models.slots`): ``input``
+    (the encoder's) and ``past_kv`` (the decoder's self-attention).
     """
 
     is_encoder_decoder = True
+    slot_kinds = (INPUT, PAST_KV)
 
     def __init__(self, config: T5Config, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -57,8 +59,6 @@ class EncoderDecoderLM(nn.Module):
             self.encoder = T5Stack(c, is_decoder=False)
             self.decoder = T5Stack(c, is_decoder=True)
             self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, std=c.initializer_factor * 1.0)
-        self.soft_prompt: SoftPrompt | None = None  # prompt tuning's slot (lmforge.models.prompt)
-        self.prefix: Prefix | None = None  # prefix tuning's slot: the decoder's self-attention
         self.tie_weights()
         if target.type != "meta":
             self.to_empty(device=target)
@@ -98,10 +98,11 @@ class EncoderDecoderLM(nn.Module):
     # ---- pieces ----------------------------------------------------------------------------------
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids [B, S]`` (+ ``attention_mask [B, S]``, 1 = real, padding on either side) -> ``[B, S, d]``
-        (``[B, n + S, d]`` with a soft prompt; masks passed to :meth:`decode` stay the real tokens')."""
+        (``[B, n + S, d]`` with the ``input`` slot filled; masks passed to :meth:`decode` stay the real tokens')."""
         x = self.shared(input_ids)
-        if self.soft_prompt is not None:
-            x, attention_mask = self.soft_prompt.prepend(x), self.soft_prompt.mask(attention_mask)
+        front = self.slot(INPUT)
+        if front is not None:
+            x, attention_mask = prepend(front, x), with_leading_ones(attention_mask, front.n)
         return self.encoder(x, padding_bias(attention_mask))
 
     def decode(self, decoder_input_ids: torch.Tensor, enc_hidden: torch.Tensor | None,
@@ -113,17 +114,19 @@ class EncoderDecoderLM(nn.Module):
         follow ``cache.length`` stored ones; ``enc_hidden`` may be None once the cross keys/values are cached.
         """
         T = decoder_input_ids.shape[1]
-        if self.prefix is not None and cache is None:  # the prefix: a self-attention cache already n long
+        past_kv = self.slot(PAST_KV)
+        if past_kv is not None and cache is None:  # a self-attention cache already n long
             B = decoder_input_ids.shape[0]
-            cache = EncDecCache(PrefixCache(self.prefix.kv(B, self.dtype)), self.config.decoder_layers)
+            cache = EncDecCache(PrefixCache(past_kv(B, self.dtype)), self.config.decoder_layers)
         past = cache.length if cache is not None else 0
         causal = None
         if T > 1:  # one new token sees every stored key; several need a (possibly offset) causal mask
             q_pos = torch.arange(past, past + T, device=decoder_input_ids.device)[:, None]
             k_pos = torch.arange(past + T, device=decoder_input_ids.device)[None, :]
             causal = ((k_pos > q_pos).float() * torch.finfo(torch.float32).min)[None, None]
-        if self.soft_prompt is not None:  # the encoder output starts with the prompt's n positions
-            enc_mask = self.soft_prompt.mask(enc_mask)
+        front = self.slot(INPUT)
+        if front is not None:  # the encoder output starts with the input slot's n positions
+            enc_mask = with_leading_ones(enc_mask, front.n)
         h = self.decoder(self.shared(decoder_input_ids), causal, enc_hidden, padding_bias(enc_mask), cache)
         if cache is not None:
             cache.self_attn.advance(T)
@@ -151,7 +154,8 @@ class EncoderDecoderLM(nn.Module):
                   device: torch.device | str | None = None) -> EncDecCache:
         """A decoding cache for ``max_len`` decoder positions."""
         c = self.config
-        n = self.prefix.n if self.prefix is not None else 0
+        past_kv = self.slot(PAST_KV)
+        n = past_kv.n if past_kv is not None else 0
         kv = KVCache(c.decoder_layers, batch_size, c.num_heads, c.d_kv, max_len + n,
                      dtype=dtype or self.dtype, device=device or self.device)
-        return EncDecCache(prefilled(kv, self.prefix, batch_size) if n else kv, c.decoder_layers)
+        return EncDecCache(prefilled(kv, past_kv, batch_size) if n else kv, c.decoder_layers)

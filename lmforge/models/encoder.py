@@ -35,8 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.layers import Embedding, LayerNorm, Linear, reset_children
-from lmforge.models.ladder import LadderSide
-from lmforge.models.prompt import Prefix, SoftPrompt
+from lmforge.models.slots import INPUT, PAST_KV, SIDE, SlotHost, prepend, shifted_positions, with_leading_ones
 
 
 # ---- modules (HF's boundaries and leaf names) ----------------------------------------------------
@@ -196,14 +195,17 @@ class MLMHead(nn.Module):
 
 # ---- the model -----------------------------------------------------------------------------------
 
-class EncoderLM(nn.Module):
+class EncoderLM(SlotHost):
     """A BERT encoder with pooler and pretraining heads; ``forward`` returns hidden ``[B, T, d_model]``.
 
     Construction builds every module on the meta device, materialises it on ``device`` (default: the
     current default device) and runs :meth:`reset_parameters`, so an eager build equals a meta build +
     ``to_empty(device=...)`` + ``reset_parameters()`` bitwise for the same seed.  Built under
-    ``torch.device("meta")`` (or with ``device="meta"``) the model stays on meta, uninitialised.
+    ``torch.device("meta")`` (or with ``device="meta"``) the model stays on meta, uninitialised.  Delta methods'
+    slots: :mod:`lmforge.models.slots`.
     """
+
+    slot_kinds = (INPUT, PAST_KV, SIDE)
 
     def __init__(self, config: EncoderConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -216,9 +218,6 @@ class EncoderLM(nn.Module):
             self.predictions = MLMHead(c)
             self.seq_relationship = Linear(c.d_model, 2, std=c.initializer_range)
         self.activation_checkpointing = False
-        self.soft_prompt: SoftPrompt | None = None  # prompt tuning's slot (lmforge.models.prompt)
-        self.prefix: Prefix | None = None  # prefix tuning's slot
-        self.ladder: LadderSide | None = None  # ladder side tuning's slot (lmforge.models.ladder)
         self.tie_weights()
         if target.type != "meta":
             self.to_empty(device=target)
@@ -261,9 +260,9 @@ class EncoderLM(nn.Module):
 
         ``attention_mask [B, T]``: 1 = real token, 0 = padding (keys at padding are never attended; pass
         ``None`` when there is none: SDPA then needs no mask).  ``token_type_ids [B, T]``: segment ids
-        (default all 0).  ``position_ids``: default ``0..T-1`` for every row, as transformers does.  With a
-        soft prompt the inputs are the real tokens' and so is the output, unless ``keep_prompt`` (``[B, n + T,
-        d]``, for the pooler: :mod:`lmforge.models.prompt`).
+        (default all 0).  ``position_ids``: default ``0..T-1`` for every row, as transformers does.  With the
+        ``input`` slot filled the inputs are the real tokens' and so is the output, unless ``keep_prompt`` (``[B, n +
+        T, d]``, for the pooler: :mod:`lmforge.models.slots`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -272,34 +271,37 @@ class EncoderLM(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [{B}, {T}]")
         if position_ids is None:
             position_ids = torch.arange(T, device=self.device)[None]  # [1, T]
-        prompt = self.soft_prompt
-        if prompt is not None:  # prompt vectors get positions 0..n-1 and segment 0, as words would
+        front = self.slot(INPUT)
+        if front is not None:  # the vectors get positions 0..n-1 and segment 0, as words would
             if inputs_embeds is None:
                 inputs_embeds, input_ids = self.embeddings.word_embeddings(input_ids), None
-            inputs_embeds = prompt.prepend(inputs_embeds)
-            attention_mask = prompt.mask(attention_mask)
-            position_ids = prompt.positions(position_ids, with_prompt=True)
+            inputs_embeds = prepend(front, inputs_embeds)
+            attention_mask = with_leading_ones(attention_mask, front.n)
+            position_ids = shifted_positions(position_ids, front.n, with_front=True)
             if token_type_ids is not None:
-                token_type_ids = torch.cat([token_type_ids.new_zeros(B, prompt.n), token_type_ids], dim=1)
+                token_type_ids = torch.cat([token_type_ids.new_zeros(B, front.n), token_type_ids], dim=1)
         S = position_ids.shape[1]
         if S > self.config.max_seq_len:
             raise ValueError(f"sequence of {S} positions exceeds the model's max_seq_len={self.config.max_seq_len}")
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         prefixes = [None] * len(self.blocks)
-        if self.prefix is not None:  # every layer attends to its n prefix keys/values too
-            prefixes, attention_mask = self.prefix.kv(B, x.dtype), self.prefix.mask(attention_mask)
+        past_kv = self.slot(PAST_KV)
+        if past_kv is not None:  # every layer attends to its n extra keys/values too
+            prefixes, attention_mask = past_kv(B, x.dtype), with_leading_ones(attention_mask, past_kv.n)
         attn_mask = padding_mask(attention_mask)
-        if self.ladder is not None:  # frozen blocks without a graph, then the side network on their states
+        side = self.slot(SIDE)
+        if side is not None:  # frozen blocks without a graph, then the side network on their states
             with torch.no_grad():
                 hiddens = [x]
-                for block in self.blocks:
-                    x = block(x, attn_mask)
+                for block, kv in zip(self.blocks, prefixes):
+                    x = block(x, attn_mask, kv)
                     hiddens.append(x)
-            return self.ladder(hiddens, x, lambda blk, s: blk(s, attn_mask))
-        use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block, kv in zip(self.blocks, prefixes):
-            x = checkpoint(block, x, attn_mask, kv, use_reentrant=False) if use_ckpt else block(x, attn_mask, kv)
-        return x if prompt is None or keep_prompt else x[:, prompt.n:]
+            x = side(hiddens, x, lambda blk, s, rope: blk(s, attn_mask), position_ids)
+        else:
+            use_ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+            for block, kv in zip(self.blocks, prefixes):
+                x = checkpoint(block, x, attn_mask, kv, use_reentrant=False) if use_ckpt else block(x, attn_mask, kv)
+        return x if front is None or keep_prompt else x[:, front.n:]
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]`` -> ``[B, d]``: ``tanh(pooler.dense(hidden[:, 0]))``."""

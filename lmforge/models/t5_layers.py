@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.cache import KVCache
 from lmforge.models.layers import Embedding, Linear, need, reset_children
-from lmforge.models.prompt import PrefixCache
+from lmforge.models.slots import PrefixCache
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.delta import DeltaConfig, apply_delta, load_delta, merge_delta, mergeable, save_delta
-from lmforge.models.ladder import LadderSide
+from lmforge.delta.ladder import LadderSide
 from lmforge.models.task import SequenceClassifier
 from tests.unit.test_delta import IDS, model_of, run, train_steps
 
@@ -58,7 +58,7 @@ def test_ladder_with_bert_pooler_trained_and_nothing_inside_the_frozen_pass():
 
 
 def test_ladder_side_blocks_are_pruned_backbone_blocks():
-    from lmforge.models.ladder import hidden_dims
+    from lmforge.delta.ladder import hidden_dims
 
     model = model_of("gpt2")
     apply_delta(model, DeltaConfig(method="ladder", ladder_reduction=4))

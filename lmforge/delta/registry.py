@@ -1,0 +1,120 @@
+"""The registry of delta methods: one :class:`DeltaMethod` object per method, registered by the file that defines it.
+
+``apply_delta``, ``save_delta``, ``load_delta``, ``merge_delta``, ``mergeable`` and ``DeltaConfig``'s check of
+``peft.method`` only ever iterate over this registry, so a method defined anywhere -- a test file included -- works
+with all of them once registered::
+
+    class Scale(DeltaMethod):
+        name = "scale"
+        def apply(self, model, cfg, tokenizer):  # wrap or insert modules, set requires_grad on what trains
+            ...
+    register(Scale())
+
+A method only has to ``apply``; what it trains is saved in lmforge's own format (by parameter name) and loaded
+back by applying it again.  The rest is optional: PEFT's format (``peft_type`` and the ``peft_*`` methods), merging,
+switching off, recognising its own modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.core.errors import ModelError
+
+
+class DeltaMethod:
+    """One delta method.  ``cfg`` arguments are the run's ``DeltaConfig`` (the ``peft:`` section)."""
+
+    name: str = ""
+    order: int = 50
+    """Where ``apply`` runs among the methods of a combination (lower first; ``lora+bitfit`` wraps before it
+    unfreezes biases)."""
+    counted_as: str | None = None
+    """The noun the summary line counts the module paths ``apply`` returns with (``"LoRA layers"``)."""
+    peft_type: str | None = None
+    """PEFT's ``peft_type`` when PEFT has the method (its adapter files are then PEFT's, see ``peft_files``)."""
+
+    def check(self, cfg: Any, methods: list[str]) -> None:
+        """Refuse a combination of ``methods`` (all names, this one among them) this method cannot be part of."""
+
+    def apply(self, model: nn.Module, cfg: Any, tokenizer: Any) -> list[str]:
+        """Insert or wrap modules in ``model`` (already frozen) and set ``requires_grad`` on what the method trains;
+        returns the module paths it adapted (counted in the summary line when ``counted_as`` is set)."""
+        raise NotImplementedError
+
+    def present(self, model: nn.Module) -> bool:
+        """Whether ``model`` carries this method's modules (a second delta is refused)."""
+        return False
+
+    def owns(self, name: str) -> bool:
+        """Whether parameter ``name`` is one of this method's own (not the base model's: the fingerprint skips it)."""
+        return False
+
+    def mergeable(self, model: nn.Module) -> bool:
+        """Whether :meth:`merge` can give ``model`` back its original architecture."""
+        return not self.present(model)
+
+    def merge(self, model: nn.Module) -> None:
+        """Bake this method's part into the base weights (in place); called only when every method is mergeable."""
+
+    def disable(self, model: nn.Module, cfg: Any, off: bool) -> None:
+        """Switch this method's part off (``off=True``: the model computes the base model) or back on."""
+        raise ModelError(f"peft.method '{self.name}' changes the base weights in place; it cannot be switched off")
+
+    # ---- PEFT's format (methods whose peft_type is set) ------------------------------------------------------
+    def peft_supported(self, model: nn.Module) -> bool:
+        """Whether PEFT's format can hold this method on ``model`` (else lmforge's format is written)."""
+        return self.peft_type is not None
+
+    def peft_files(self, model: nn.Module, cfg: Any, base_model: str | None
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``adapter_config.json``'s dict and ``adapter_model.safetensors``' tensors for ``model``."""
+        raise NotImplementedError
+
+    def config_from_peft(self, pc: dict[str, Any], where: str) -> Any:
+        """The ``DeltaConfig`` an ``adapter_config.json`` of this ``peft_type`` stands for."""
+        raise NotImplementedError
+
+    def load_peft(self, model: nn.Module, state: dict[str, torch.Tensor], d: Path, pc: dict[str, Any]) -> None:
+        """Copy PEFT's tensors ``state`` (from ``d``) into ``model``, to which this method was just applied."""
+        raise NotImplementedError
+
+
+_METHODS: dict[str, DeltaMethod] = {}
+
+
+def register(method: DeltaMethod) -> DeltaMethod:
+    """Add ``method`` to the registry under ``method.name`` (the name ``peft.method`` takes)."""
+    if not method.name or method.name == "none" or "+" in method.name:
+        raise ValueError(f"a delta method needs a name other than 'none', without '+' (got {method.name!r})")
+    if method.name in _METHODS:
+        raise ValueError(f"a delta method named {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def method_names() -> list[str]:
+    """Registered names, in registration order."""
+    return list(_METHODS)
+
+
+def get_method(name: str) -> DeltaMethod:
+    return _METHODS[name]
+
+
+def registered() -> list[DeltaMethod]:
+    return list(_METHODS.values())
+
+
+def in_order(names: list[str]) -> list[DeltaMethod]:
+    """The methods ``names`` (each once) in the order they apply."""
+    return sorted((_METHODS[n] for n in dict.fromkeys(names)), key=lambda m: m.order)
+
+
+def peft_method(peft_type: Any) -> DeltaMethod | None:
+    """The first registered method with PEFT type ``peft_type`` (``lora`` for LORA; its config says DoRA or not)."""
+    return next((m for m in _METHODS.values() if m.peft_type is not None and m.peft_type == peft_type), None)
