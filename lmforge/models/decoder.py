@@ -43,7 +43,7 @@ class Block(nn.Module):
         super().__init__()
         c = config
         std = c.initializer_range
-        if c.family == "gpt2":
+        if c.architecture == "gpt2":
             out_std = gpt2_residual_std(std, c.n_layer)
             self.attn_norm = LayerNorm(c.d_model, eps=c.norm_eps)
             self.attn = CausalSelfAttention(c.d_model, c.n_head, c.n_head, layer_idx=layer_idx, fused=True,
@@ -97,18 +97,18 @@ class DecoderLM(SlotHost):
         target = torch.device(device) if device is not None else torch.get_default_device()
         with torch.device("meta"):
             std = c.initializer_range
-            pad = c.pad_token_id if c.family != "gpt2" else None
+            pad = c.pad_token_id if c.architecture != "gpt2" else None
             self.embed_tokens = Embedding(c.vocab_size, c.d_model, padding_idx=pad, std=std)
-            if c.family == "gpt2":
+            if c.architecture == "gpt2":
                 self.embed_positions = Embedding(c.max_seq_len, c.d_model, std=std)
                 self.rotary = None
             else:
                 self.embed_positions = None
                 self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
             self.blocks = nn.ModuleList(self.block_class(c, i) for i in range(c.n_layer))
-            self.norm = LayerNorm(c.d_model, eps=c.norm_eps) if c.family == "gpt2" else RMSNorm(c.d_model, eps=c.norm_eps)
+            self.norm = LayerNorm(c.d_model, eps=c.norm_eps) if c.architecture == "gpt2" else RMSNorm(c.d_model, eps=c.norm_eps)
             self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, std=std)
-        self.embed_dropout = c.dropout if c.family == "gpt2" else 0.0
+        self.embed_dropout = c.dropout if c.architecture == "gpt2" else 0.0
         self.activation_checkpointing = False
         self.tie_weights()
         if target.type != "meta":
@@ -139,7 +139,7 @@ class DecoderLM(SlotHost):
         """Set ``config.pad_token_id``; llama's embedding takes it as ``padding_idx`` too, as ``DecoderLM(config)``
         builds it (gpt2's has none)."""
         self.config.pad_token_id = pad
-        if self.config.family != "gpt2":
+        if self.config.architecture != "gpt2":
             self.embed_tokens.padding_idx = pad
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
@@ -225,7 +225,7 @@ class DecoderLM(SlotHost):
                 position_ids = torch.arange(past, S, device=x.device)[None]
         c = self.config
         rope = None
-        if c.family == "gpt2":
+        if c.architecture == "gpt2":
             if S > c.max_seq_len:
                 raise ValueError(f"sequence of {S} positions exceeds the model's max_seq_len={c.max_seq_len}")
             x = x + self.embed_positions(position_ids)
