@@ -10,14 +10,14 @@ A method defined elsewhere registers the same way (``register(MyMethod())``).
 """
 
 from lmforge.delta.registry import DeltaMethod, method_names, register  # noqa: I001  (registration order below)
-from lmforge.delta.lora import DEFAULT_TARGETS, LoRALinear, lora_layers, lora_targets  # lora, dora
+from lmforge.delta.lora import LoRALinear, lora_layers, lora_targets  # lora, dora
 from lmforge.delta.adapter import AdapterLinear, adapter_targets  # adapter
 from lmforge.delta import ladder, prefix, prompt, bitfit, modules  # noqa: F401  (they register themselves)
 from lmforge.delta.apply import DeltaSummary, apply_delta, delta_disabled, merge_delta, mergeable
 from lmforge.delta.config import DeltaConfig
 from lmforge.delta.files import base_fingerprint, is_delta_dir, load_delta, read_delta_meta, save_delta
 
-__all__ = ["AdapterLinear", "adapter_targets", "mergeable", "DEFAULT_TARGETS", "DeltaConfig", "DeltaMethod",
+__all__ = ["AdapterLinear", "adapter_targets", "mergeable", "DeltaConfig", "DeltaMethod",
            "DeltaSummary", "LoRALinear", "apply_delta", "base_fingerprint", "delta_disabled", "is_delta_dir",
            "load_delta", "lora_layers", "lora_targets", "merge_delta", "method_names", "read_delta_meta", "register",
            "save_delta"]

@@ -34,17 +34,8 @@ from lmforge.delta.apply import ADAPTERS
 from lmforge.delta.config import DeltaConfig
 from lmforge.delta.layer import DeltaLinear
 from lmforge.delta.registry import DeltaMethod, register
-from lmforge.delta.surgery import family_of, head_name, hf_alt, is_norm, layer_index, linear_examples, matches, set_module
-
-# ---- per family (the family registry in models/families/ will own these) ------------------------------------
-# (attention-output Linear, feed-forward-output Linear) per family; lists follow PEFT's matching rule, a
-# string is a regex (bert's FFN output 'output.dense' must not also match 'attention.output.dense').
-ADAPTER_SITES = {
-    "gpt2": (["attn.c_proj"], ["mlp.c_proj"]),
-    "llama": (["o_proj"], ["down_proj"]),
-    "bert": (r"(.*\.)?blocks\.\d+\.attention\.output\.dense", r"(.*\.)?blocks\.\d+\.output\.dense"),
-    "t5": (["self_attn.o", "cross_attn.o"], ["ff.wo"]),
-}
+from lmforge.delta.surgery import family_name, head_name, hf_alt, is_norm, layer_index, linear_examples, matches, set_module
+from lmforge.models.families import family_of
 
 
 class AdapterLinear(DeltaLinear):
@@ -86,16 +77,16 @@ class AdapterLinear(DeltaLinear):
 
 def adapter_targets(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     """The Linear layers ending the sublayers an adapter follows (attention and FFN for Houlsby, FFN for
-    Pfeiffer), from ``ADAPTER_SITES``, or ``adapter_modules`` when set."""
-    fam = family_of(model)
+    Pfeiffer), from the family's ``adapter_sites``, or ``adapter_modules`` when set."""
+    family = family_of(model)
     if cfg.adapter_modules is not None:
         sites = [cfg.adapter_modules]
-    elif fam in ADAPTER_SITES:
-        attn, ffn = ADAPTER_SITES[fam]
+    elif family and family.adapter_sites:
+        attn, ffn = family.adapter_sites
         sites = [attn, ffn] if cfg.adapter_type == "houlsby" else [ffn]
     else:
-        raise ConfigError(f"peft.adapter_modules is required for adapters on a model of family {fam!r}: name the "
-                          f"Linear layers whose outputs the adapters follow")
+        raise ConfigError(f"peft.adapter_modules is required for adapters on a model of family "
+                          f"{family_name(model)!r}: name the Linear layers whose outputs the adapters follow")
     found = []
     for path, module in model.named_modules():
         if path and isinstance(module, nn.Linear) and not path.endswith("lm_head") and path != head_name(model) \

@@ -48,7 +48,8 @@ from lmforge.models.slots import SIDE
 SLOT_NAME = "ladder"  # the backbone's submodule: parameters ``ladder.downs.0.weight`` ...
 TEMPERATURE = 0.1  # the paper's gate temperature
 
-# ---- per family (the family registry in models/families/ will own these) ------------------------------------
+# ---- per family, by name (the one place): pruning a block needs the layout of its parameters, which a Family ----
+# does not describe (``_ROLES``, ``_RANKERS`` below), so ladder knows these three families and refuses the others
 _FAMILIES = ("gpt2", "llama", "bert")
 
 

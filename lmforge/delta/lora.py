@@ -50,18 +50,14 @@ from lmforge.delta.layer import DeltaLinear
 from lmforge.delta.names import hf_path, lmforge_path
 from lmforge.delta.peft_format import PEFT_PREFIX, copy_checked, head_names, head_state, task_type
 from lmforge.delta.registry import DeltaMethod, register
-from lmforge.delta.surgery import family_of, head_name, hf_alt, layer_index, linear_examples, matches, set_module
+from lmforge.delta.surgery import family_name, head_name, hf_alt, layer_index, linear_examples, matches, set_module
+from lmforge.models.families import family_of
 from lmforge.models.layers import Linear
-
-# ---- per family (the family registry in models/families/ will own these) ------------------------------------
-# PEFT's default LoRA targets per model type (peft.utils.constants, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-                   "mistral": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"]}
-
 
 def _fan_in_fan_out(model: nn.Module) -> bool:
     """PEFT's ``fan_in_fan_out``: the transformers model stores these weights ``[in, out]`` (GPT-2's Conv1D)."""
-    return family_of(model) == "gpt2"
+    family = family_of(model)
+    return bool(family and family.fan_in_fan_out)
 
 
 class LoRALinear(DeltaLinear):
@@ -173,12 +169,13 @@ class LoRALinear(DeltaLinear):
 def lora_targets(model: nn.Module, cfg: DeltaConfig) -> list[str]:
     """Module paths LoRA would wrap (``nn.Linear`` only; the task head and ``lm_head`` never)."""
     patterns = cfg.target_modules
+    family = family_of(model)
+    defaults = list(family.lora_targets) if family else []  # PEFT's default for the family
     if patterns is None:
-        fam = family_of(model)
-        if fam not in DEFAULT_TARGETS:
-            raise ConfigError(f"peft.target_modules is required for a model of family {fam!r} (no default); "
-                              f"name the Linear layers to adapt, e.g. ['q_proj', 'v_proj']")
-        patterns = DEFAULT_TARGETS[fam]
+        if not defaults:
+            raise ConfigError(f"peft.target_modules is required for a model of family {family_name(model)!r} (no "
+                              f"default); name the Linear layers to adapt, e.g. ['q_proj', 'v_proj']")
+        patterns = defaults
     head = head_name(model)
     found, wrong_type = [], []
     for path, module in model.named_modules():
@@ -190,7 +187,7 @@ def lora_targets(model: nn.Module, cfg: DeltaConfig) -> list[str]:
             (found if isinstance(module, nn.Linear) else wrong_type).append(path)
     if wrong_type and not found:
         raise ConfigError(f"peft.target_modules={patterns!r} matches {wrong_type[:3]}, which are not Linear layers; "
-                          f"LoRA adapts Linear layers (e.g. {', '.join(DEFAULT_TARGETS.get(family_of(model) or '', []))})")
+                          f"LoRA adapts Linear layers (e.g. {', '.join(defaults)})")
     if not found:
         raise ConfigError(f"peft.target_modules={patterns!r} matches no Linear layer of this model"
                           f"{'' if cfg.layers is None else f' in layers {cfg.layers}'}; Linear layers are named like "

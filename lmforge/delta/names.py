@@ -5,7 +5,8 @@ The transformers model is the one :func:`lmforge.models.hf.save_model` writes: `
 and ``Bert*Classification`` share it) for an ``EncoderLM``, ``T5ForConditionalGeneration`` for an
 ``EncoderDecoderLM``, and ``*ForSequenceClassification`` / ``BertForTokenClassification`` for a classifier
 (its ``backbone.`` maps like the bare model, the head keeps its name).  Each family's table lives with its
-checkpoint code; this module only dispatches.
+checkpoint code and reaches this module as the family's ``hf_name`` / ``lmforge_name``; this module only
+dispatches.
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ from __future__ import annotations
 from torch import nn
 
 from lmforge.core.errors import ModelError
-from lmforge.models import hf, hf_bert, hf_t5
+from lmforge.models.families import family_of
 
 
-# ---- per family (the family registry in models/families/ will own the name maps) ----------------------------
 def _backbone_map(backbone: nn.Module, path: str, to_hf: bool) -> str:
-    fam = getattr(getattr(backbone, "config", None), "family", None)
-    if fam == "bert":
-        return hf_bert.hf_module_name(path) if to_hf else hf_bert.lmforge_module_name(path)
-    if fam == "t5":
-        return hf_t5.t5_hf_module_name(path, to_hf=to_hf)
-    if fam in ("gpt2", "llama"):
-        return hf.hf_module_name(backbone.config, path) if to_hf else hf.lmforge_module_name(backbone.config, path)
-    raise ModelError(f"{type(backbone).__name__} is not an lmforge model; it has no transformers names")
+    family = family_of(backbone)
+    if family is None:
+        raise ModelError(f"{type(backbone).__name__} is not an lmforge model; it has no transformers names")
+    return family.hf_name(path) if to_hf else family.lmforge_name(path)
 
 
 def hf_path(model: nn.Module, path: str) -> str:

@@ -27,7 +27,8 @@ from lmforge.delta.config import DeltaConfig
 from lmforge.delta.peft_format import (PROMPT_PREFIX, head_names, head_state, load_prompt_learning, prompt_table,
                                        task_type, virtual_tokens)
 from lmforge.delta.registry import DeltaMethod, register
-from lmforge.delta.surgery import backbone_of, family_of, slot_of, start_token_ids
+from lmforge.delta.surgery import backbone_of, slot_of, start_token_ids
+from lmforge.models.families import family_of
 from lmforge.models.slots import PAST_KV
 
 SLOT_NAME = "prefix"  # the backbone's submodule: parameters ``prefix.table`` (or ``prefix.embedding``, ``.transform``)
@@ -84,37 +85,29 @@ class Prefix(nn.Module):
                 + (f", projection={self.transform[0].out_features}" if self.transform is not None else ""))
 
 
-# ---- per family (the family registry in models/families/ will own these) ------------------------------------
-# family -> (module path of layer i's key output, of its value output); gpt2's fused c_attn holds both.
-_KV_SITES = {"gpt2": ("blocks.{i}.attn.c_attn", None), "llama": ("blocks.{i}.attn.k_proj", "blocks.{i}.attn.v_proj"),
-             "bert": ("blocks.{i}.attention.self.key", "blocks.{i}.attention.self.value"),
-             "t5": ("decoder.blocks.{i}.self_attn.k", "decoder.blocks.{i}.self_attn.v")}
+# ---- per family: the sites and shape come from the family (``prefix_sites``, ``prefix_shape``) ----------------
 # PEFT's PREFIX_TUNING holds decoders' prefixes; not t5's (PEFT cannot give each T5 decoder layer its own prefix:
 # _t5_prefix_rows), not bert's (transformers' BERT shifts positions by the prefix length where lmforge keeps them,
 # and its classifiers take no prefix)
-_PEFT_FAMILIES = ("gpt2", "llama")
+_PEFT_KINDS = ("decoder",)
 
 
 def prefix_shape(backbone: nn.Module) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of the attention layers a prefix feeds."""
-    c = backbone.config
-    if c.family == "t5":
-        return c.decoder_layers, c.num_heads, c.d_kv
-    if c.family == "bert":
-        return c.n_layer, c.n_head, c.head_dim
-    return c.n_layer, c.kv_heads, c.head_dim
+    return family_of(backbone).prefix_shape(backbone.config)
 
 
 def _read(backbone: nn.Module, x: torch.Tensor) -> None:
     """One forward pass over ``x [1, n]`` (T5: the decoder reads it, over its own encoding)."""
-    if backbone.config.family == "t5":
+    if family_of(backbone).kind == "encoder-decoder":
         backbone.decode(x, backbone.encode(x))
     else:
         backbone(x)
 
 
 def _from_peft_t5(model: nn.Module, pc: dict[str, Any]) -> bool:
-    """Whether a PEFT table must be re-ordered into lmforge's layout (:func:`_t5_prefix_rows`)."""
+    """Whether a PEFT table must be re-ordered into lmforge's layout (:func:`_t5_prefix_rows`): PEFT's row order
+    for T5 itself, so keyed by the family's name."""
     return model.config.family == "t5" and pc.get("num_transformer_submodules", 2) == 2
 
 
@@ -124,7 +117,7 @@ def _from_peft_t5(model: nn.Module, pc: dict[str, Any]) -> bool:
 def _activations(backbone: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Each layer's keys and values for the tokens ``ids [n]``, in PEFT's table layout ``[n, L * 2 * kv_dim]``."""
     L = prefix_shape(backbone)[0]
-    k_site, v_site = _KV_SITES[backbone.config.family]
+    k_site, v_site = family_of(backbone).prefix_sites
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for i in range(L):
@@ -228,7 +221,8 @@ class PrefixTuning(DeltaMethod):
 
     # ---- PEFT's PREFIX_TUNING format --------------------------------------------------------------------------
     def peft_supported(self, model: nn.Module) -> bool:
-        return family_of(model) in _PEFT_FAMILIES
+        family = family_of(model)
+        return family is not None and family.kind in _PEFT_KINDS
 
     def peft_files(self, model: nn.Module, cfg: DeltaConfig, base_model: str | None
                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

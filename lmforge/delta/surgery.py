@@ -18,7 +18,8 @@ from lmforge.core.errors import ConfigError
 from lmforge.delta.names import hf_path
 
 
-def family_of(model: nn.Module) -> str | None:
+def family_name(model: nn.Module) -> str | None:
+    """``config.family`` as written (a name messages quote; the family itself: ``models.families.family_of``)."""
     return getattr(getattr(model, "config", None), "family", None)
 
 

@@ -36,6 +36,7 @@ from lmforge.core.errors import ConfigError
 from lmforge.eval.sampling import (GenerationConfig, GenerationResult, StopChecker, apply_repetition_penalty,
                                    apply_top_k, apply_top_p, choose_next, collect_results, process_logits,
                                    text_decoder)
+from lmforge.models.slots import INPUT, PAST_KV
 
 __all__ = [
     "GenerationConfig",
@@ -63,12 +64,13 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def model_context_length(model: nn.Module) -> int | None:
     """Positions a decoder can take: its config's maximum, less the positions a soft prompt or prefix occupies in
-    front of the tokens (:mod:`lmforge.models.prompt`); None when the config names no maximum."""
+    front of the tokens (its ``input`` and ``past_kv`` slots, :mod:`lmforge.models.slots`); None when the config
+    names no maximum."""
     cfg = getattr(model, "config", None)
     for name in ("max_seq_len", "max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:
-            taken = [getattr(model, slot, None) for slot in ("soft_prompt", "prefix")]
+            taken = [model.slot(kind) for kind in (INPUT, PAST_KV)] if hasattr(model, "slot_kinds") else []
             return value - sum(t.n for t in taken if t is not None)
     return None
 

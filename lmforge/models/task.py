@@ -32,6 +32,7 @@ from lmforge.core.tokenizer import Tokenizer
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.families import families, family_of, get_family
 from lmforge.models.layers import Linear
+from lmforge.models.slots import INPUT
 
 PAD_TOKEN = "<|pad|>"
 
@@ -123,7 +124,7 @@ class _TaskHead(nn.Module):
         if get_family(self.family).kind == "encoder":  # segment ids are an encoder's (BERT's) input
             # BERT's pooler reads position 0 of the full sequence, under prompt tuning the first prompt vector
             # (as transformers + PEFT): the backbone then returns the prompt positions too
-            keep = self.pools_first_position and getattr(self.backbone, "soft_prompt", None) is not None
+            keep = self.pools_first_position and self.backbone.slot(INPUT) is not None
             return self.backbone(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                  **({"keep_prompt": True} if keep else {}))
         if token_type_ids is not None:
