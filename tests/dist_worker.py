@@ -24,7 +24,7 @@ from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
 from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.train.distributed import DistributedConfig, setup_distributed  # noqa: E402
-from lmforge.train.trainer import RunSpec, Trainer, TrainerConfig  # noqa: E402
+from lmforge.train import RunSpec, Trainer, TrainerConfig  # noqa: E402
 
 VOCAB, STEPS, BATCH = 64, 20, 8
 

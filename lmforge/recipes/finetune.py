@@ -52,7 +52,8 @@ from lmforge.objectives.token_classification import TokenClassificationObjective
 from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.memory import measure_training_memory
 from lmforge.train.rundir import check_run_dir
-from lmforge.train.trainer import Evaluation, RunSpec, Trainer, TrainerConfig
+from lmforge.train.run import Evaluation, RunSpec
+from lmforge.train.trainer import Trainer, TrainerConfig
 
 PREDICTIONS_FILE = "predictions-test.jsonl"  # RUN_DIR/: input, gold, prediction of every test example
 

@@ -38,7 +38,8 @@ from lmforge.objectives.registry import PretrainingObjective, pretraining_object
 from lmforge.objectives.span import SpanConfig
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir
-from lmforge.train.trainer import Evaluation, FitResult, RunSpec, Trainer, TrainerConfig
+from lmforge.train.run import Evaluation, FitResult, RunSpec
+from lmforge.train.trainer import Trainer, TrainerConfig
 
 
 @dataclass

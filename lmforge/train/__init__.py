@@ -4,7 +4,8 @@ from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_c
 from lmforge.train.optim import build_optimizer, param_groups
 from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, prepare_run_dir
 from lmforge.train.schedule import LRScheduler, build_scheduler, lr_factor
-from lmforge.train.trainer import Evaluation, FitResult, RunSpec, Trainer, TrainerConfig
+from lmforge.train.run import Evaluation, FitResult, RunSpec
+from lmforge.train.trainer import Trainer, TrainerConfig
 
 __all__ = [
     "DEFAULT_MUTABLE_KEYS", "Evaluation", "FitResult", "LRScheduler", "RunSpec", "Trainer", "TrainerConfig",

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,74 +57,12 @@ from lmforge.train.batching import batch_rows, split_batch, to_device
 from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
                                        rank_memory, wrap)
 from lmforge.train.optim import build_optimizer, freeze_parameters, param_groups
-from lmforge.train.rundir import (DEFAULT_MUTABLE_KEYS, METRICS_FILE, cut_metrics, metrics_at, normalize_resume,
-                                  prepare_run_dir)
+from lmforge.train.rundir import METRICS_FILE, cut_metrics, metrics_at, prepare_run_dir
+from lmforge.train.run import Evaluation, FitResult, RunSpec
 from lmforge.train.schedule import build_scheduler
 from lmforge.train.trainer_config import TrainerConfig, resolve_precision
 
-__all__ = ["Evaluation", "FitResult", "RunSpec", "StepStats", "Trainer", "TrainerConfig", "resolve_precision"]
-
-
-@dataclass
-class RunSpec:
-    """Where a run lives and how long it goes: the run config's top-level keys.
-
-    ``config_dict`` is the whole resolved run config, saved as ``RUN_DIR/config.yaml`` and compared on resume
-    (None: the top-level keys and ``train``); ``mutable_keys`` are the config keys allowed to change on resume
-    (see lmforge/train/rundir.py)."""
-
-    run_dir: str | Path
-    max_steps: int
-    seed: int = 0
-    resume: Any = "auto"
-    config_dict: dict[str, Any] | None = None
-    mutable_keys: Iterable[str] = DEFAULT_MUTABLE_KEYS
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_steps, int) or self.max_steps < 0:
-            raise ConfigError(f"max_steps must be a non-negative integer, got {self.max_steps!r}")
-        self.run_dir = Path(self.run_dir)
-        self.resume = normalize_resume(self.resume)
-
-
-@dataclass
-class Evaluation:
-    """Validation and the best-checkpoint rule.
-
-    ``evaluator(model) -> {"val_loss": ..., ...}`` is called in eval mode under ``no_grad`` (and autocast) every
-    ``train.eval_every`` steps and at the end; the Trainer saves and restores the RNG states around it, so
-    evaluation never perturbs training (None: no validation).  ``select_metric`` / ``select_mode`` pick the best
-    checkpoint (``val_loss``, lower is better, by default; fine-tuning selects e.g. ``val_accuracy`` with
-    ``max``).  ``restore_best``: ``fit()`` ends by loading the best checkpoint's weights into the model (fine-tuning
-    scores and saves the selected model); off, the model keeps its final weights (pretraining exports those)."""
-
-    evaluator: Callable[[nn.Module], dict[str, float]] | None = None
-    select_metric: str = "val_loss"
-    select_mode: Literal["min", "max"] = "min"
-    restore_best: bool = False
-
-    def __post_init__(self) -> None:
-        if self.select_mode not in ("min", "max"):
-            raise ValueError(f"select_mode must be 'min' or 'max', got {self.select_mode!r}")
-
-
-@dataclass
-class FitResult:
-    """What :meth:`Trainer.fit` leaves behind.
-
-    ``final``: the last metrics line (what ``metrics.jsonl`` ends with); ``best``: the line of the evaluation that
-    set the best ``select_metric``, and ``best_step`` its step (None without one).  ``metrics_file``,
-    ``last_checkpoint`` and ``best_checkpoint`` are the paths written (a checkpoint None when none was saved:
-    ``train.ckpt_every=0``); ``restored_best``: the model now holds ``best_checkpoint``'s weights."""
-
-    final: dict[str, Any]
-    best: dict[str, Any] | None
-    best_step: int | None
-    run_dir: Path
-    metrics_file: Path
-    last_checkpoint: Path | None
-    best_checkpoint: Path | None
-    restored_best: bool = False
+__all__ = ["StepStats", "Trainer", "TrainerConfig", "resolve_precision"]
 
 
 @dataclass

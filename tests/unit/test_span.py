@@ -323,7 +323,7 @@ def test_seq2seq_loss_is_summed_ce_with_the_output_scaling(ff):
 
 
 def test_span_corruption_loss_falls_with_the_trainer(tmp_path):
-    from lmforge.train.trainer import Evaluation, RunSpec, Trainer, TrainerConfig
+    from lmforge.train import Evaluation, RunSpec, Trainer, TrainerConfig
 
     rng = np.random.default_rng(0)
     phrases = [rng.integers(3, 60, 8) for _ in range(12)]  # a corpus of 12 recurring phrases
