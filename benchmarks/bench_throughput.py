@@ -32,7 +32,7 @@ from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.flops import config_params, device_peak_flops, flops_per_token  # noqa: E402
 from lmforge.train.distributed import DistributedConfig, setup_distributed  # noqa: E402
-from lmforge.train.trainer import RunSpec, Trainer, TrainerConfig  # noqa: E402
+from lmforge.train import RunSpec, Trainer, TrainerConfig  # noqa: E402
 
 MODELS = {
     # GPT-2 small: 124M parameters (vocab padded to a multiple of 64).

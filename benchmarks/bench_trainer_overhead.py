@@ -33,7 +33,7 @@ from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.models.heads import chunked_cross_entropy  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
-from lmforge.train.trainer import RunSpec, Trainer, TrainerConfig  # noqa: E402
+from lmforge.train import RunSpec, Trainer, TrainerConfig  # noqa: E402
 
 
 def bare_loop(model: DecoderLM, source: PackedWindows, steps: int, batch: int, lr: float) -> float:

@@ -1,5 +1,5 @@
 """Delta methods that add inputs or a side network instead of changing weights: prompt tuning, prefix tuning and
-ladder side tuning (lmforge.models.prompt / lmforge.models.ladder), without transformers/peft."""
+ladder side tuning (lmforge.delta.prompt / prefix / ladder and lmforge.models.slots), without transformers/peft."""
 
 from __future__ import annotations
 
