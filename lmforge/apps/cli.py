@@ -16,6 +16,7 @@ from lmforge import __version__
 from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import LmforgeError
+from lmforge.core.outputs import check_output_file, set_command
 from lmforge.data.shards import train_tokenizer
 from lmforge.data.world import write_corpus
 from lmforge.recipes.bench_peft import run_bench_peft
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=8192)
     tt.add_argument("--special-tokens", nargs="*", default=None, help="default: <|endoftext|> <|pad|>")
     tt.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
-    tt.add_argument("--out", required=True, help="output directory")
+    tt.add_argument("--out", required=True, help="output directory (new or empty; never a model dir)")
+    tt.add_argument("--force", action="store_true",
+                    help="write into an --out that holds files (tokenizer.json/tokenizer_config.json are replaced, "
+                    "nothing else)")
 
     # training commands
     _add_training_command(sub, "pretrain", "pretrain a language model — GPT-2/Llama causal LM, BERT masked LM + "
@@ -137,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "merge it into the weights and save a plain Hugging Face model directory to OUT.")
     me.add_argument("--base", required=True, help="the base model dir (or run dir) the delta was trained on")
     me.add_argument("--adapter", required=True, help="the delta dir (e.g. RUN_DIR/adapter of a fine-tuning run)")
-    me.add_argument("--out", required=True, help="output model dir")
+    me.add_argument("--out", required=True, help="output model dir (new or empty; not the base, the adapter or a run dir)")
+    me.add_argument("--force", action="store_true",
+                    help="write into an --out that holds files (the model's files are replaced, nothing else)")
     me.add_argument("--no-check-base", action="store_true",
                     help="skip the check that BASE is the model the delta was trained on")
 
@@ -145,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     wo = sub.add_parser("world", help="write the built-in synthetic world corpus to a JSONL file",
                         description="Write documents of the built-in world (encyclopedia entries, stories, "
                         "dialogues, lists, arithmetic) to a JSONL file with a 'text' field.")
-    wo.add_argument("--out", required=True)
+    wo.add_argument("--out", required=True, help="the JSONL file to write (refused if it exists, unless --force)")
+    wo.add_argument("--force", action="store_true", help="replace an existing --out file")
     wo.add_argument("--seed", type=int, default=0)
     wo.add_argument("--bytes", type=int, default=10_000_000, help="approximate size of text to write")
     return parser
@@ -155,7 +162,7 @@ def _cmd_tokenizer(args) -> int:
     if args.tok_command != "train":
         raise LmforgeError("usage: lmforge tokenizer train --data PATH --vocab-size N --out DIR")
     tok = train_tokenizer(args.data, args.vocab_size, args.out, special_tokens=args.special_tokens,
-                          max_bytes=args.max_bytes, field=args.field)
+                          max_bytes=args.max_bytes, field=args.field, overwrite=args.force)
     print(f"saved tokenizer ({tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}) to {args.out}")
     return 0
 
@@ -220,12 +227,13 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    out = merge(args.base, args.adapter, args.out, check_base=not args.no_check_base)
+    out = merge(args.base, args.adapter, args.out, check_base=not args.no_check_base, force=args.force)
     print(f"merged {args.adapter} into {args.base}: saved {out}")
     return 0
 
 
 def _cmd_world(args) -> int:
+    check_output_file(args.out, force=args.force, what=f"--out '{args.out}'")
     path = write_corpus(args.out, seed=args.seed, target_bytes=args.bytes)
     print(f"wrote {os.path.getsize(path):,} bytes to {path}")
     return 0
@@ -256,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command")
+                        if getattr(args, k, None)), None)
+    set_command(" ".join(filter(None, (args.command, sub_command))))  # recorded in what the command writes
     try:
         status = COMMANDS[args.command](args)
         if "WORLD_SIZE" in os.environ:  # under torchrun: leave the process group together

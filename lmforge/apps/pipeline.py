@@ -269,7 +269,8 @@ def stage_finetune(ctx: Context) -> None:
     task_cfg = TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source),
                           counterfactual=1.0 if task == "world-qa-context" else 0.0)
     cfg = FinetuneConfig(run_dir=str(ctx.run_dir / "finetune"), seed=ctx.cfg.seed, max_steps=steps,
-                         resume="auto", model=str(ctx.run_dir / "model"), task=task_cfg, train=train)
+                         resume="auto", overwrite=ctx.cfg.overwrite, model=str(ctx.run_dir / "model"), task=task_cfg,
+                         train=train)
     # a fresh pooler (BERT's, which the pooled classifier reads): the NSP-trained one stalls fine-tuning for hundreds
     # of steps (measured)
     if family.classifier == "pooled":

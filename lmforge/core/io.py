@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextmanager
@@ -51,17 +51,19 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, fix:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, publish: Callable[[Path, Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` whole.
 
-    An existing ``path`` is moved aside first and deleted only after the new directory is in place.
+    An existing ``path`` is moved aside first and deleted only after the new directory is in place.  ``publish``
+    (``publish(tmp, path)``) puts it in place instead, e.g. :func:`lmforge.core.outputs.publish_dir`, which keeps
+    the files of a directory lmforge did not write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        replace_dir(tmp, path)
+        (publish or replace_dir)(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

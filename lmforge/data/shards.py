@@ -41,6 +41,7 @@ import numpy as np
 
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.io import atomic_write_json
+from lmforge.core.outputs import check_output_dir, write_marker
 from lmforge.core.tokenizer import Tokenizer
 from lmforge.data.shard_writer import _chunks, _Encoder, _pack, _SplitWriter, token_dtype, val_mask
 from lmforge.data.sources import WORLD_BYTES, cache_root, describe_source, iter_documents, source_hash
@@ -267,14 +268,23 @@ def build_shards(spec: str | os.PathLike, tokenizer: Tokenizer, cache_dir: str |
 def train_tokenizer(data_spec: str | os.PathLike, vocab_size: int, out_dir: str | os.PathLike,
                     special_tokens: list[str] | None = None, max_bytes: int | None = None, *,
                     field: str = "text", min_frequency: int = 2, world_bytes: int = WORLD_BYTES,
-                    model_max_length: int | None = None) -> Tokenizer:
+                    model_max_length: int | None = None, overwrite: bool = True,
+                    kind: str = "tokenizer") -> Tokenizer:
     """Train a byte-level BPE on the documents of ``data_spec`` and save it to ``out_dir``.
 
     ``max_bytes`` caps the UTF-8 text read for training (documents are taken in order until the cap is
-    reached).  What ``lmforge tokenizer train --data PATH --vocab-size N --out DIR`` runs.
+    reached).  What ``lmforge tokenizer train --data PATH --vocab-size N --out DIR`` runs; there
+    ``overwrite=False`` (no ``--force``) refuses an ``out_dir`` that holds files, before any training.  A model
+    dir is refused always: its tokenizer belongs to its weights.  ``out_dir`` gets the ``lmforge.json`` marker of
+    ``kind`` (a run's own tokenizer: ``run-tokenizer``).
     """
     if max_bytes is not None and int(max_bytes) <= 0:
         raise ConfigError(f"max_bytes {max_bytes} must be > 0 (or unset to read all the data)")
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        raise ConfigError(f"--out '{out}' is a model directory (config.json): a new tokenizer there would no longer "
+                          f"match the model's embeddings; write the tokenizer to a new directory")
+    check_output_dir(out, force=overwrite, what=f"--out '{out}'")
 
     def texts() -> Iterator[str]:
         used = 0
@@ -286,5 +296,6 @@ def train_tokenizer(data_spec: str | os.PathLike, vocab_size: int, out_dir: str 
 
     tok = Tokenizer.train(texts(), vocab_size, special_tokens=special_tokens, min_frequency=min_frequency,
                           model_max_length=model_max_length)
-    tok.save(out_dir)
+    tok.save(out)
+    write_marker(out, kind, ["tokenizer.json", "tokenizer_config.json"])
     return tok

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.core.errors import ModelError
 from lmforge.core.io import atomic_dir
 from lmforge.core.io import read_json as io_read_json
+from lmforge.core.outputs import MARKER, make_marker, publish_dir, read_marker
 from lmforge.core.tokenizer import Tokenizer
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -95,12 +96,27 @@ def read_weights(d: Path) -> dict[str, torch.Tensor]:
                      f"model.safetensors.index.json or pytorch_model.bin)")
 
 
+def model_marker(d: Path) -> dict[str, Any] | None:
+    """The ``lmforge.json`` of a model dir lmforge wrote (None for other dirs, e.g. transformers' own)."""
+    marker = read_marker(d)
+    return marker if marker is not None and marker.get("kind") == "model" else None
+
+
 def load_tokenizer_for(d: Path, vocab_size: int) -> Any:
-    """The tokenizer saved in model dir ``d`` (None without tokenizer.json); one with more ids than the model
-    has embedding rows is refused.  Shared by every family's loader."""
+    """The tokenizer saved in model dir ``d`` (None without tokenizer.json), checked against the model: in a dir
+    lmforge wrote, it must be the very tokenizer the marker records (fingerprint and size: a swapped tokenizer of
+    the same size maps ids to other text); in any other dir it must not have more ids than the model has embedding
+    rows (fewer is fine: transformers pads embeddings).  Shared by every family's loader."""
     if not (d / "tokenizer.json").is_file():
         return None
     tokenizer = Tokenizer.load(d)
+    recorded = (model_marker(d) or {}).get("tokenizer")
+    if isinstance(recorded, dict) and recorded.get("fingerprint") != tokenizer.fingerprint:
+        raise ModelError(f"'{d / 'tokenizer.json'}' is not the tokenizer this model was saved with: "
+                         f"'{d / MARKER}' records fingerprint {str(recorded.get('fingerprint'))[:12]} "
+                         f"({recorded.get('vocab_size')} tokens), the file has {tokenizer.fingerprint[:12]} "
+                         f"({tokenizer.vocab_size} tokens); put the model's own tokenizer back (e.g. from its "
+                         f"run dir's tokenizer/) or re-export the model with the tokenizer it was trained with")
     if tokenizer.vocab_size > vocab_size:
         raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
                          f"{vocab_size} embedding rows (vocab_size); use the tokenizer the model was trained with")
@@ -119,7 +135,9 @@ def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config:
                     generation_config: dict[str, Any] | None = None) -> Path:
     """Write a HF checkpoint dir atomically (tmp dir, then rename): ``config.json`` (+ ``dtype``),
     ``model.safetensors`` (CPU, contiguous), ``generation_config.json`` when given and the tokenizer's files.
-    Every family's saver ends here, so the layout and the tokenizer check live in one place."""
+    Every family's saver ends here, so the layout and the tokenizer check live in one place.  The dir's
+    ``lmforge.json`` marker records what wrote it and the tokenizer's fingerprint (checked on load); an existing
+    ``path`` holding files lmforge did not write keeps them (only namesakes are replaced)."""
     if tokenizer is not None and vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise ModelError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size} "
                          f"embedding rows; build the model with vocab_size >= the tokenizer's")
@@ -127,7 +145,7 @@ def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config:
     name = str(dtype).removeprefix("torch.")
     hf_config = {**hf_config, "dtype": name, "torch_dtype": name}
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, publish=publish_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n",
@@ -135,4 +153,8 @@ def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp, model_max_length=model_max_length)
+        recorded = None if tokenizer is None else {"fingerprint": tokenizer.fingerprint,
+                                                    "vocab_size": tokenizer.vocab_size}
+        marker = make_marker("model", [p.name for p in tmp.iterdir()], tokenizer=recorded)
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return path

@@ -30,6 +30,7 @@ import torch
 from lmforge.core.config import load_config, split_config_arg, to_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.io import atomic_write_json, atomic_write_text
+from lmforge.core.outputs import describe, entries, read_marker, write_marker
 from lmforge.recipes.finetune import load_finetune_config, run_finetune
 
 # method name in the table -> the fine-tuning overrides that select it
@@ -76,7 +77,8 @@ class BenchPeftConfig:
     reuse: bool = True
     """A (method, seed) whose run directory already holds the results of the same command is read, not run again:
     an interrupted bench, or one extended with more seeds or methods, picks up where it stopped.  A run directory
-    from a different command (or cut off before it finished) is replaced."""
+    from a different command (or cut off before it finished) is replaced, if the bench made it (its ``lmforge.json``
+    says so); a directory there that the bench did not make is refused, never deleted."""
 
 
 def _finetune_lr(cfg: BenchPeftConfig) -> float:
@@ -162,6 +164,21 @@ def _finetune_in_process(cfg: BenchPeftConfig, overrides: list[str],
         os.unlink(stderr_path)
 
 
+def _claim_run_dir(run_dir: Path) -> None:
+    """Make ``run_dir`` an empty directory of the bench's, marked as such (``lmforge.json``, kind ``bench-run``)
+    before its run starts.  One the bench made earlier (a run of another command, or one cut off) is removed whole:
+    everything in it is that run's.  A non-empty one without the mark was not made by the bench and is refused."""
+    present = entries(run_dir)
+    if present:
+        marker = read_marker(run_dir)
+        if marker is None or marker.get("kind") != "bench-run":
+            raise ConfigError(f"bench peft: '{run_dir}' holds files the bench did not write "
+                              f"({describe(present, run_dir)}); move them away or choose another run_dir")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(run_dir, "bench-run", [])
+
+
 def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float,
              run_report: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir) / "runs" / f"{method}-seed{seed}"
@@ -173,8 +190,7 @@ def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float,
     reused = cfg.reuse and stamp.is_file() and stamp.read_text(encoding="utf-8") == command
     t0 = time.perf_counter()
     if not reused:
-        if run_dir.exists():  # the bench's own run from another command, or one cut off: it is replaced
-            shutil.rmtree(run_dir)
+        _claim_run_dir(run_dir)  # the bench's own run from another command, or one cut off, is replaced
         status, stderr = _finetune_in_process(cfg, overrides, run_report)
         if status is None:
             raise LmforgeError(f"bench peft: the {method} run (seed {seed}) took longer than "

@@ -51,7 +51,7 @@ from lmforge.objectives.text_to_text import TextToTextObjective
 from lmforge.objectives.token_classification import TokenClassificationObjective
 from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.memory import measure_training_memory
-from lmforge.train.rundir import check_run_dir
+from lmforge.train.rundir import check_run_dir, check_run_outputs
 from lmforge.train.run import Evaluation, RunSpec
 from lmforge.train.trainer import Trainer, TrainerConfig
 
@@ -96,6 +96,9 @@ class FinetuneConfig:
     seed: int = 0
     max_steps: int = 300
     resume: Literal["auto", "true", "false"] = "false"
+    overwrite: bool = False
+    """Write the run into a dir holding files lmforge did not write for it (a model/ of yours, other files): only
+    the run's own files are replaced, nothing else is deleted.  False: such a dir is refused."""
     model: str = "runs/pipeline"
     """A model dir (HF checkpoint, lmforge or transformers) or an lmforge run dir (its ``model/`` is used)."""
     init: Literal["pretrained", "random"] = "pretrained"
@@ -227,6 +230,7 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
         dist.check_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)  # before any expensive work
     dist.on_main(lambda: check_run_dir(cfg.run_dir, cfg.resume))  # fails fast, on every rank alike
+    dist.on_main(lambda: check_run_outputs(cfg.run_dir, cfg.overwrite))
     with dist.main_first():  # rank 0 fills caches first
         task = load_task(cfg.task)
     model_dir = resolve_model_dir(cfg.model)

@@ -9,12 +9,14 @@ from typing import Any
 
 from safetensors import safe_open
 
-from lmforge.core.errors import ModelError
+from lmforge.core.errors import ConfigError, ModelError
+from lmforge.core.outputs import check_output_dir
 from lmforge.delta import load_delta, merge_delta, read_delta_meta
 from lmforge.models.families import family_of
 from lmforge.models.io import load_model, save_model
 from lmforge.models.task import SequenceClassifier, TokenClassifier, ensure_pad_token
 from lmforge.recipes.finetune import resolve_model_dir
+from lmforge.train.rundir import has_run
 
 
 def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) -> Any:
@@ -49,12 +51,34 @@ def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) 
     return model
 
 
-def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_base: bool = True) -> Path:
-    base_dir, adapter = resolve_model_dir(str(base_dir)), Path(adapter_dir)
+def check_out(out: Path, base: Path, base_dir: Path, adapter: Path, force: bool) -> None:
+    """``--out`` must be a directory of its own: not the base model or the adapter, nor inside or around either of
+    them, nor a run dir (even with ``--force``); one holding other files only with ``--force``."""
+    where = out.resolve()
+    # a run dir given as --base may hold the merged model (RUN_DIR/merged); its model/ and the adapter may not
+    for flag, given, inside in (("--base", base, False), ("--base", base_dir, True), ("--adapter", adapter, True)):
+        p = given.resolve()
+        if where == p or where in p.parents or (inside and p in where.parents):
+            how = "is" if where == p else ("holds" if where in p.parents else "is inside")
+            raise ConfigError(f"--out '{out}' {how} {flag} '{given}'; merge writes a new model dir next to its inputs, "
+                              f"never over them: choose another --out (e.g. '{base_dir.parent / 'merged'}')")
+    if has_run(out):
+        raise ConfigError(f"--out '{out}' is a run dir (it holds config.yaml / metrics.jsonl / checkpoints); merge "
+                          f"writes a model dir: choose another --out (e.g. '{out / 'merged'}')")
+    check_output_dir(out, force=force, what=f"--out '{out}'")
+
+
+def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, check_base: bool = True,
+          force: bool = False) -> Path:
+    """Base + delta -> ``out_dir``, a plain model dir.  ``force``: write into an ``out_dir`` that holds files
+    (only the merged model's files are replaced)."""
+    base, adapter, out = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    base_dir = resolve_model_dir(str(base))
+    check_out(out, base, base_dir, adapter, force)  # before loading anything: a refused --out costs no time
     base, tokenizer = load_model(base_dir)
     meta = read_delta_meta(adapter)
     model = _task_model(base, tokenizer, adapter, meta)
     load_delta(model, adapter, check_base=check_base)
     merge_delta(model)
     model.requires_grad_(False)
-    return save_model(model.eval(), out_dir, tokenizer=tokenizer)
+    return save_model(model.eval(), out, tokenizer=tokenizer)

@@ -37,7 +37,7 @@ from lmforge.objectives.mlm import MLMConfig
 from lmforge.objectives.registry import PretrainingObjective, pretraining_objective
 from lmforge.objectives.span import SpanConfig
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
-from lmforge.train.rundir import check_run_dir
+from lmforge.train.rundir import check_run_dir, check_run_outputs
 from lmforge.train.run import Evaluation, FitResult, RunSpec
 from lmforge.train.trainer import Trainer, TrainerConfig
 
@@ -92,6 +92,9 @@ class PretrainConfig:
     seed: int = 0
     max_steps: int = 1000
     resume: Literal["auto", "true", "false"] = "false"
+    overwrite: bool = False
+    """Write the run into a dir holding files lmforge did not write for it (a model/ of yours, other files): only
+    the run's own files are replaced, nothing else is deleted.  False: such a dir is refused."""
     model: Annotated[Any, FamilySection()] = field(default_factory=DecoderConfig)
     """The architecture; ``model.family`` (gpt2 | llama | bert | t5, or a registered family) picks the config
     fields and the objective."""
@@ -127,7 +130,7 @@ def resolve_tokenizer(cfg: PretrainConfig, resuming: bool) -> Tokenizer:
     tok = train_tokenizer(cfg.data.source, vocab - spec.sentinels, saved,
                           special_tokens=specials, max_bytes=cfg.tokenizer.train_bytes,
                           field=cfg.data.field, world_bytes=cfg.data.world_bytes,
-                          model_max_length=max_len_of(cfg.model))
+                          model_max_length=max_len_of(cfg.model), kind="run-tokenizer")
     if spec.sentinels:  # <extra_id_i> = vocab_size - 1 - i, as T5 expects
         tok = add_sentinels(tok, spec.sentinels)
         tok.save(saved)
@@ -198,6 +201,7 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
         dist.check_batch(cfg.train.global_batch_size, cfg.train.micro_batch_size)  # before any expensive work
     resuming = dist.on_main(lambda: check_run_dir(cfg.run_dir, cfg.resume))  # fails fast, on every rank alike
+    dist.on_main(lambda: check_run_outputs(cfg.run_dir, cfg.overwrite))
     # Rank 0 trains the tokenizer and builds the shards; the other ranks then load them.
     with dist.main_first():
         seed_everything(cfg.seed)

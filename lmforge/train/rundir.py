@@ -47,10 +47,11 @@ import yaml
 from lmforge.core.config import diff_configs, dump_yaml
 from lmforge.core.errors import ConfigError, RunError
 from lmforge.core.io import atomic_write_text
+from lmforge.core.outputs import MARKER, describe, entries, foreign_entries, read_marker
 from lmforge.train.checkpoint import CHECKPOINTS, latest_checkpoint
 
 DEFAULT_MUTABLE_KEYS: frozenset[str] = frozenset({
-    "max_steps", "resume", "run_dir",
+    "max_steps", "resume", "run_dir", "overwrite",
     "train.log_every", "train.eval_every", "train.eval_max_batches", "train.ckpt_every", "train.keep_last",
     "train.tensorboard",
     "train.device", "train.micro_batch_size", "train.compile", "train.activation_checkpointing",
@@ -104,6 +105,42 @@ def has_run(run_dir: str | Path) -> bool:
     run_dir = Path(run_dir)
     return (run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists() or (
         (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir()))
+
+
+def _leftover_of_a_run(run_dir: Path, name: str) -> bool:
+    """Is entry ``name`` of a dir without a run something lmforge left there for a run: a temporary or hidden file,
+    the tokenizer a run trained before it was cut off (``tokenizer/`` marked ``run-tokenizer``), or the marker of a
+    bench's run dir?"""
+    if name.startswith("."):
+        return True
+    marker = read_marker(run_dir / name) if name != MARKER else read_marker(run_dir)
+    if name == MARKER:
+        return marker is not None and marker.get("kind") == "bench-run"
+    return name == "tokenizer" and marker is not None and marker.get("kind") == "run-tokenizer" and \
+        not foreign_entries(run_dir / name)
+
+
+def check_run_outputs(run_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse a run dir whose files the run would replace though lmforge did not write them for it, unless
+    ``overwrite`` (then only the files the run writes are replaced; nothing else is deleted).  A dir holding a run
+    owns its outputs (resume decides) except a ``model/`` lmforge did not write (the export would replace it); a
+    dir without a run must hold nothing but what an interrupted start of a run left.  Recipes call it after
+    :func:`check_run_dir`, before any work."""
+    run_dir = Path(run_dir)
+    if overwrite or not run_dir.is_dir():
+        return
+    if has_run(run_dir):
+        foreign = foreign_entries(run_dir / "model")
+        if foreign:
+            raise RunError(f"run dir '{run_dir}' has a model/ that lmforge did not write for this run "
+                           f"({describe(foreign, run_dir / 'model')}); move it away, or pass overwrite=true to "
+                           f"write the run's model files into it (files of other names are kept)")
+        return
+    stray = [n for n in entries(run_dir) if not _leftover_of_a_run(run_dir, n)]
+    if stray:
+        raise RunError(f"run dir '{run_dir}' holds no run (no {CONFIG_FILE}) but files lmforge did not write "
+                       f"({describe(stray, run_dir)}); choose a new or empty run_dir, or pass overwrite=true to "
+                       f"write the run beside them (files of other names are kept)")
 
 
 def check_config_change(run_dir: Path, config_dict: dict[str, Any], mutable_keys: Iterable[str]) -> None:
