@@ -16,7 +16,7 @@ from lmforge import __version__
 from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import LmforgeError
-from lmforge.core.outputs import check_output_file, set_command
+from lmforge.core.outputs import check_output_file, running
 from lmforge.data.shards import train_tokenizer
 from lmforge.data.world import write_corpus
 from lmforge.recipes.bench_peft import run_bench_peft
@@ -266,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command")
                         if getattr(args, k, None)), None)
-    set_command(" ".join(filter(None, (args.command, sub_command))))  # recorded in what the command writes
     try:
-        status = COMMANDS[args.command](args)
+        with running(" ".join(filter(None, (args.command, sub_command)))):  # recorded in what the command writes
+            status = COMMANDS[args.command](args)
         if "WORLD_SIZE" in os.environ:  # under torchrun: leave the process group together
             shutdown()
         return status

@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lmforge import __version__
 from lmforge.core.errors import ConfigError
@@ -30,10 +31,15 @@ MARKER = "lmforge.json"
 _command = "python"  # what wrote the outputs of this process: the CLI sets its command, the library says python
 
 
-def set_command(name: str) -> None:
-    """Name the command this process runs (``lmforge merge``, ...): recorded in every marker it writes."""
+@contextmanager
+def running(command: str) -> Iterator[None]:
+    """Inside the block, markers record ``command`` as their writer (the CLI wraps each command in it)."""
     global _command
-    _command = name
+    before, _command = _command, command
+    try:
+        yield
+    finally:
+        _command = before
 
 
 def make_marker(kind: str, files: list[str], **extra: Any) -> dict[str, Any]:

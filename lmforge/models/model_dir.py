@@ -110,6 +110,9 @@ def load_tokenizer_for(d: Path, vocab_size: int) -> Any:
     if not (d / "tokenizer.json").is_file():
         return None
     tokenizer = Tokenizer.load(d)
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
+                         f"{vocab_size} embedding rows (vocab_size); use the tokenizer the model was trained with")
     recorded = (model_marker(d) or {}).get("tokenizer")
     if isinstance(recorded, dict) and recorded.get("fingerprint") != tokenizer.fingerprint:
         raise ModelError(f"'{d / 'tokenizer.json'}' is not the tokenizer this model was saved with: "
@@ -117,9 +120,6 @@ def load_tokenizer_for(d: Path, vocab_size: int) -> Any:
                          f"({recorded.get('vocab_size')} tokens), the file has {tokenizer.fingerprint[:12]} "
                          f"({tokenizer.vocab_size} tokens); put the model's own tokenizer back (e.g. from its "
                          f"run dir's tokenizer/) or re-export the model with the tokenizer it was trained with")
-    if tokenizer.vocab_size > vocab_size:
-        raise ModelError(f"tokenizer of '{d}' has {tokenizer.vocab_size} tokens but the model has only "
-                         f"{vocab_size} embedding rows (vocab_size); use the tokenizer the model was trained with")
     return tokenizer
 
 

@@ -58,7 +58,7 @@ def test_check_output_dir_refuses_non_empty_unless_forced_or_owned(tmp_path):
         check_output_dir(d, force=False, what="--out 'd'")
     check_output_dir(d, force=True, what="--out")
     write_marker(d, "model", ["x"])
-    with pytest.raises(ConfigError, match="lmforge's 'python'"):
+    with pytest.raises(ConfigError, match="written by lmforge's '"):
         check_output_dir(d, force=False, what="--out")
     check_output_dir(d, force=False, what="--out", owned=lambda m: m["kind"] == "model")
     (d / MARKER).write_text("{not json")  # a torn or foreign marker owns nothing
