@@ -33,7 +33,7 @@ runs count them as skipped steps whatever ``train.nonfinite`` says.  Skipped ste
 A non-finite loss stops the run the same way.  Every checkpoint and exported model is checked before it is
 written (weights and optimizer state all finite), so a bad state is never saved.
 
-Step numbering: ``step`` counts completed optimizer updates.  The ``metrics.jsonl`` line with
+Step numbering: ``step`` counts completed optimizer steps (a skipped one included).  The ``metrics.jsonl`` line with
 ``step: 100`` describes the 100th update, and ``checkpoints/step_0000100`` holds the state after it.
 
 The constructor takes the pieces (model, objective, batch source), the ``train:`` config and two groups:
