@@ -21,6 +21,7 @@ from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.io import save_model
 from lmforge.train import Evaluation, RunSpec, Trainer
 from lmforge.train.checkpoint import checkpoint_dir, list_checkpoints
+from lmforge.train.logging import format_record
 from lmforge.train.trainer import last_finite_checkpoint
 from tests.conftest import ROOT, cli
 from tests.faults import assert_refused, assert_unchanged, hashes
@@ -87,6 +88,7 @@ def test_skip_leaves_weights_and_optimizer_state_as_they_were(tmp_path, fused):
     assert [r["skipped_steps"] for r in lines] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert lines[4]["lr"] != lines[3]["lr"] and lines[4]["grad_norm"] == "nan"  # the schedule advanced
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert "skipped steps 1" in format_record(lines[5], 8) and "skipped" not in format_record(lines[3], 8)
 
 
 def test_resume_across_skipped_steps_is_exact(tmp_path):
