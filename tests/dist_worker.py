@@ -3,6 +3,7 @@
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py parity OUT_DIR     (+ an fsdp run with checkpoints, the bf16 LoRA case)
     torchrun --standalone --nproc_per_node=N tests/dist_worker.py resume OUT_FILE fsdp=RUN_DIR zero1=RUN_DIR
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py crash
+    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py nonfinite OUT_DIR   (rank 1's gradient alone is inf)
 
 Tiny Llama (2 blocks, d=32, GQA, tied embeddings), variable-length right-padded batches of a learnable pattern, dropout 0, fp32,
 global batch 8, 20 steps, grad clipping on.  Rank 0 writes what the test compares with ``torch.save``.
@@ -10,6 +11,7 @@ global batch 8, 20 steps, grad clipping on.  Rank 0 writes what the test compare
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,7 +26,9 @@ from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
 from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
 from lmforge.train.distributed import DistributedConfig, setup_distributed  # noqa: E402
+from lmforge.core.errors import RunError  # noqa: E402
 from lmforge.train import RunSpec, Trainer, TrainerConfig  # noqa: E402
+from tests.unit.toy_training import poison_gradient  # noqa: E402
 
 VOCAB, STEPS, BATCH = 64, 20, 8
 
@@ -146,6 +150,26 @@ def bf16_lora_case(out: Path, dist) -> None:
                     "lora_B_norm": float(sd["blocks.0.attn.q_proj.lora_B.weight"].norm())}, out / "bf16_lora.pt")
 
 
+def nonfinite_case(run_dir: Path, dist, mode: str) -> dict:
+    """6 steps where only rank 1's gradient is inf at step 3 (the loss stays finite): what this rank decided."""
+    objective = CausalLMObjective(pad_id=0)
+    source = PatternSource(objective)
+    model = make_model(meta=dist.strategy == "fsdp" and not dist.is_main)
+    if dist.rank == 1:
+        poison_gradient(model.blocks[1], lambda: source.pos == 3)
+    cfg = dataclasses.replace(train_cfg(None), nonfinite=mode)
+    trainer = Trainer(model, objective, source, cfg, RunSpec(run_dir, 6, seed=3), progress=False, dist=dist)
+    try:
+        trainer.fit()
+    except RunError as e:
+        return {"error": str(e), "step": trainer.step}
+    # ddp / zero1 replicate the weights: the ranks' sums agree bit for bit; fsdp: each rank's shard is finite
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    digest = (float(sum(p.detach().double().sum() for p in local)) if dist.strategy != "fsdp"
+              else all(bool(p.isfinite().all()) for p in local))
+    return {"skipped_steps": trainer.skipped_steps, "step": trainer.step, "weights": digest}
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     torch.set_num_threads(1)
@@ -188,6 +212,14 @@ def main(argv: list[str]) -> int:
                                    "world_size": dist.world_size, "unused_state": unused_state}
         if dists[0].is_main:
             torch.save(found, argv[1])
+        dists[0].close()
+    elif mode == "nonfinite":  # every rank writes OUT_DIR/rankR.json: the test compares them
+        out, found, dists = Path(argv[1]), {}, []
+        for strategy, policy in (("ddp", "skip"), ("zero1", "skip"), ("fsdp", "skip"), ("ddp", "stop")):
+            dist, _ = setup_distributed(DistributedConfig(strategy=strategy))
+            dists.append(dist)
+            found[f"{strategy}-{policy}"] = nonfinite_case(out / f"{strategy}-{policy}", dist, policy)
+        (out / f"rank{dists[0].rank}.json").write_text(json.dumps(found, indent=1))
         dists[0].close()
     elif mode == "crash":  # rank 1 fails while rank 0 waits in a collective: the job must end, naming rank 1
         dist, _ = setup_distributed(DistributedConfig(strategy="ddp", timeout_s=60))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lmforge.core.errors import ModelError
+from lmforge.core.finite import first_nonfinite
 from lmforge.models.families import family_for_hf_config, family_of
 from lmforge.models.hf_task import load_task_model, save_task_model, task_of_config
 from lmforge.models.model_dir import require_model_dir, unwrap_model
@@ -34,7 +35,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
 def save_model(model: torch.nn.Module, path: str | Path, tokenizer: Any = None,
                generation_config: dict[str, Any] | None = None) -> Path:
     """Write any lmforge model as a HF checkpoint directory (atomically), by the model's family;
-    classifiers (:mod:`lmforge.models.task`) as transformers' task models."""
+    classifiers (:mod:`lmforge.models.task`) as transformers' task models.  A model holding a NaN or an infinity
+    is refused (a ModelError naming the tensor; nothing is written): no model dir lmforge writes is non-finite."""
+    bad = first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise ModelError(f"weight '{bad}' of the model to save holds NaN or infinite values; nothing was written to "
+                         f"{path} — the model diverged or was built from non-finite weights: save an earlier "
+                         f"checkpoint's weights instead")
     if isinstance(unwrap_model(model), (SequenceClassifier, TokenClassifier)):
         return save_task_model(model, path, tokenizer=tokenizer)
     family = family_of(model)

@@ -76,6 +76,8 @@ def format_record(record: dict[str, Any], max_steps: int) -> str:
             parts.append(f"{key} {fmt.format(v)}")
     if isinstance(record.get("tokens_per_s"), (int, float)):
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if record.get("skipped_steps"):  # train.nonfinite=skip (or fp16's scaler) dropped updates: say so
+        parts.append(f"skipped steps {record['skipped_steps']}")
     for key, v in record.items():
         if key.startswith("val_") and key != "val_loss" and isinstance(v, (int, float)):
             parts.append(f"{key} {v:.4g}")

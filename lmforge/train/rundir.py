@@ -25,6 +25,8 @@ records, where and how it computes — never what it computes:
 - ``train.device`` (e.g. continue a CPU run on a GPU), ``train.micro_batch_size`` (the Trainer normalises
   by the global batch's target count, so accumulation does not change the gradient), ``train.compile``,
   ``train.activation_checkpointing``, ``train.fused_adamw``;
+- what a non-finite step does: ``train.nonfinite``, ``train.max_skipped_steps`` (a run that stopped at a bad
+  step resumes with ``train.nonfinite=skip``; steps with a finite gradient compute the same either way);
 - how the work is spread: ``distributed.*`` except ``param_dtype`` (the number of ranks is not a config key
   at all; an fsdp checkpoint resumes on any number of ranks).
 
@@ -55,7 +57,7 @@ DEFAULT_MUTABLE_KEYS: frozenset[str] = frozenset({
     "train.log_every", "train.eval_every", "train.eval_max_batches", "train.ckpt_every", "train.keep_last",
     "train.tensorboard",
     "train.device", "train.micro_batch_size", "train.compile", "train.activation_checkpointing",
-    "train.fused_adamw",
+    "train.fused_adamw", "train.nonfinite", "train.max_skipped_steps",
     "distributed.strategy", "distributed.backend", "distributed.reshard_after_forward", "distributed.cpu_offload",
     "distributed.find_unused_parameters", "distributed.timeout_s",
 })

@@ -16,10 +16,24 @@ same gradient (averaging per micro-batch instead is the classic accumulation bug
 Per-step overhead is kept small: no host sync inside the micro-batch loop; losses, grad norms and the
 non-finite check accumulate on the device and are read only at log / eval / checkpoint steps.
 
-A non-finite loss stops the run with a :class:`RunError` naming the step and the last good checkpoint;
-the check runs before every checkpoint, so a bad state is never saved.
+Non-finite steps.  The global gradient norm (after the all-reduce under DDP / ZeRO-1, a replicated DTensor under
+FSDP: the same number on every rank, so every rank decides alike) is checked before every optimizer step, and a
+step whose norm is NaN or infinite is never applied: no parameter moves, AdamW's moments and step counts stay as
+they were.  The step still counts: ``step``, the LR schedule, the data position and ``tokens`` advance (so the
+run's length and schedule do not depend on how many steps were skipped, and a resume replays the same batches).
+``train.nonfinite=stop`` (default) then ends the run with a :class:`RunError` naming the step and the last good
+checkpoint; ``skip`` goes on, stopping only after more than ``train.max_skipped_steps`` skips in a row.  The
+decision stays on the device where the optimizer can take it there (fused AdamW's ``found_inf`` flag, as the
+GradScaler uses it; a stopped run applies nothing after the bad step), so the error is raised at the next log /
+eval / checkpoint step; other optimizers (foreach AdamW, Adafactor, ZeRO-1, FSDP) read one flag on the host per
+step.  Under fp16 the GradScaler skips non-finite steps itself (its overflow skips find the loss scale), so fp16
+runs count them as skipped steps whatever ``train.nonfinite`` says.  Skipped steps are counted in every
+``metrics.jsonl`` line (``skipped_steps``) and listed in ``trainer_state.json`` (``nonfinite``).
 
-Step numbering: ``step`` counts completed optimizer updates.  The ``metrics.jsonl`` line with
+A non-finite loss stops the run the same way.  Every checkpoint and exported model is checked before it is
+written (weights and optimizer state all finite), so a bad state is never saved.
+
+Step numbering: ``step`` counts completed optimizer steps (a skipped one included).  The ``metrics.jsonl`` line with
 ``step: 100`` describes the 100th update, and ``checkpoints/step_0000100`` holds the state after it.
 
 The constructor takes the pieces (model, objective, batch source), the ``train:`` config and two groups:
@@ -40,18 +54,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from lmforge.core.config import to_dict
 from lmforge.core.device import resolve_device
 from lmforge.core.errors import ConfigError, RunError
+from lmforge.core.finite import first_nonfinite, nonfinite_flag
 from lmforge.core.seed import rng_state, seed_everything, set_rng_state
 from lmforge.models.flops import device_peak_flops
 from lmforge.objectives.base import count_input_tokens
-from lmforge.train.checkpoint import (best_checkpoint, latest_checkpoint, load_checkpoint, load_model_weights,
-                                      load_sharded_checkpoint, prune_checkpoints, save_checkpoint,
-                                      save_sharded_checkpoint, write_best)
+from lmforge.train.checkpoint import (best_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                      load_model_weights, load_sharded_checkpoint, prune_checkpoints,
+                                      save_checkpoint, save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress
 from lmforge.train.batching import batch_rows, split_batch, to_device
 from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
@@ -156,6 +172,9 @@ class Trainer:
         self._impl_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
         self.scheduler = build_scheduler(self.optimizer, cfg, run.max_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # fp16: the GradScaler already skips non-finite steps (routinely, while it finds its scale)
+        self.nonfinite = "skip" if self.scaler is not None else cfg.nonfinite
+        self._skip_on_device = self._takes_found_inf()
         self.forward_model: nn.Module = torch.compile(model) if cfg.compile and not self.dist.enabled else model
         if cfg.compile and self.dist.enabled and self.dist.is_main:
             print(f"note: train.compile is not applied under distributed.strategy={self.dist.strategy} yet; training "
@@ -171,6 +190,11 @@ class Trainer:
         self._fit_start = time.perf_counter()
         self._bad_step = torch.zeros((), dtype=torch.long, device=self.device)  # first non-finite step, 0 = none
         self._bad_value = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.skipped_steps: list[int] = []  # steps whose update was not applied (non-finite gradient norm)
+        self._consecutive = 0  # skipped steps in a row, as of the last check
+        self._run_on_device = torch.zeros((), dtype=torch.long, device=self.device)  # the same, step by step
+        self._halt = torch.zeros((), dtype=torch.bool, device=self.device)  # stop: apply nothing from now on
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, non-finite?, norm) to read
 
     # ---- setup ------------------------------------------------------------------------------------
 
@@ -197,6 +221,14 @@ class Trainer:
             fused = "false"  # sharded (DTensor) parameters on the CPU: PyTorch's CPU fused kernel does not take them
         return build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, fused, cfg.param_lr,
                                kind=cfg.optimizer)
+
+    def _takes_found_inf(self) -> bool:
+        """Can the optimizer skip a step on a device flag (no host read)?  torch's fused Adam/AdamW kernels take
+        ``found_inf`` (the GradScaler's mechanism; moments and step counts left as they were); ZeRO-1 and FSDP
+        step other optimizers or DTensors, and the GradScaler passes its own flag."""
+        opt = self.optimizer
+        return (self.scaler is None and self.dist.strategy not in ("zero1", "fsdp")
+                and isinstance(opt, torch.optim.Adam) and all(g.get("fused") for g in opt.param_groups))
 
     def _place_frozen_modules(self) -> None:
         frozen_fn = getattr(self.objective, "frozen_modules", None)
@@ -261,30 +293,81 @@ class Trainer:
         stats = self.compute_gradients(batch, collect_metrics=collect)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        # The norm is needed every step now (the skip decision), also without clipping: one more norm kernel.
         grad_norm = None
         if self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        elif collect:
+        else:
             grads = [p.grad for p in self.params if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # fsdp: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
+        skip = self._skip_flag(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        self._apply_update(skip)
+        self.scheduler.step()  # a skipped step still advances the schedule (see the module docstring)
         self.optimizer.zero_grad(set_to_none=True)
-        # Remember the first non-finite loss on the device (read at the next log/eval/checkpoint step).
+        # Remember the first non-finite loss on the device (read at the next log/eval/checkpoint step); under
+        # skip, a step that was not applied does not count (its gradient was non-finite too).
         step_loss = stats.loss
         first_bad = (~torch.isfinite(step_loss)) & (self._bad_step == 0)
+        if self.nonfinite == "skip":
+            first_bad = first_bad & ~skip
         self._bad_step = torch.where(first_bad, self.step + 1, self._bad_step)
         self._bad_value = torch.where(first_bad, step_loss, self._bad_value)
         return stats, grad_norm, lr
 
+    def _skip_flag(self, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """Device-side: is this step's update to be dropped?  Its norm is non-finite, or the run must stop (stop
+        mode after a non-finite step, skip mode after too many in a row): nothing is applied until the next check
+        raises."""
+        if grad_norm is None:  # no gradient at all: nothing to apply or skip
+            return self._halt
+        bad = ~torch.isfinite(grad_norm)
+        self._run_on_device = torch.where(bad, self._run_on_device + 1, 0)
+        over = bad if self.nonfinite == "stop" else self._run_on_device > self.cfg.max_skipped_steps
+        self._halt = self._halt | over
+        self._pending.append((self.step + 1, bad, grad_norm.detach()))
+        return bad | self._halt
+
+    def _apply_update(self, skip: torch.Tensor) -> None:
+        """``optimizer.step()`` unless ``skip`` (a 0-d bool tensor on the device)."""
+        if self.scaler is not None:  # its own inf check skips the same steps (and lowers the scale)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self._skip_on_device:
+            self.optimizer.found_inf = skip.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(skip):  # the one host read per step of optimizers without a device-side skip
+            self.optimizer.step()
+
+    def _read_skips(self) -> tuple[int, float, int] | None:
+        """Read the steps since the last check (one host read): record the skipped ones, and return
+        ``(step, norm, in a row)`` of the step that stops the run, or None."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return None
+        flags = torch.stack([bad for _, bad, _ in pending]).tolist()
+        norms = torch.stack([norm.float() for _, _, norm in pending]).tolist()
+        halt = None
+        for (step, _, _), bad, norm in zip(pending, flags, norms):
+            self._consecutive = self._consecutive + 1 if bad else 0
+            if bad:
+                self.skipped_steps.append(step)
+                if halt is None and (self.nonfinite == "stop" or self._consecutive > self.cfg.max_skipped_steps):
+                    halt = (step, norm, self._consecutive)
+        return halt
+
+    def _last_good(self) -> str:
+        """Where the error sends the user: the newest checkpoint whose weights are finite."""
+        good = last_finite_checkpoint(self.run.run_dir)
+        return f"the last good checkpoint is {good}" if good is not None else "no good checkpoint was written yet"
+
     def _check_finite(self) -> None:
+        halt = self._read_skips()  # the same on every rank: the norm it reads is global
         bad_step = int(self._bad_step)
         value = float(self._bad_value)
         if self.dist.enabled:  # every rank reaches this line at the same steps: all stop together, at the earliest
@@ -293,13 +376,39 @@ class Trainer:
             bad_step = 0 if int(first) == never else int(first)
             if bad_step and int(self._bad_step) != bad_step:
                 value = float("nan")  # another rank saw it
-        if bad_step == 0:
-            return
-        latest = latest_checkpoint(self.run.run_dir)
-        where = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
         fix = "lower train.lr or enable train.grad_clip" if self.cfg.grad_clip == 0 else \
             "lower train.lr or train.grad_clip"
-        raise RunError(f"loss is {value} at step {bad_step}; {where} — {fix}")
+        if bad_step and (halt is None or bad_step <= halt[0]):
+            raise RunError(f"loss is {value} at step {bad_step}; {self._last_good()} — {fix}")
+        if halt is None:
+            return
+        step, norm, in_a_row = halt
+        if self.nonfinite == "stop":
+            raise RunError(f"the gradient norm is {norm} at step {step} (the loss was finite); the step was not "
+                           f"applied and {self._last_good()} — {fix}, or resume with train.nonfinite=skip to skip "
+                           f"such steps")
+        raise RunError(f"{in_a_row} steps in a row up to step {step} had a non-finite gradient norm, more than "
+                       f"train.max_skipped_steps={self.cfg.max_skipped_steps}; none was applied and "
+                       f"{self._last_good()} — {fix}")
+
+    def _first_nonfinite_state(self, optimizer: bool = True) -> str | None:
+        """The first weight (or, with ``optimizer``, a parameter's optimizer state) holding a NaN or an infinity,
+        by name, or None: each rank checks what it holds (its shards, its ZeRO-1 partition), and the ranks agree
+        on the answer (one all-reduce), so all of them raise together."""
+        names, flags = [], []
+        for name, t in self.model.state_dict().items():
+            names.append(f"weight '{name}'")
+            flags.append(nonfinite_flag(t))
+        if optimizer:
+            state = getattr(self.optimizer, "optim", self.optimizer).state  # ZeRO-1: this rank's partition
+            for name, p in self.model.named_parameters():  # one flag per parameter: the same list on every rank
+                names.append(f"the optimizer state of '{name}'")
+                flags.append(nonfinite_flag(*state.get(p, {}).values()))
+        mask = torch.stack([f.to(self.device) for f in flags]).int()
+        if self.dist.enabled:
+            mask = self.dist.all_reduce(mask, "max")
+        bad = mask.nonzero()
+        return names[int(bad[0])] if len(bad) else None
 
     # ---- evaluation and checkpoints -------------------------------------------------------------
 
@@ -319,6 +428,11 @@ class Trainer:
         return {k: float(v) for k, v in (result or {}).items()}
 
     def save_checkpoint(self, new_best: bool = False) -> Path:
+        self._check_finite()
+        bad = self._first_nonfinite_state()
+        if bad is not None:
+            raise RunError(f"{bad} holds NaN or infinite values at step {self.step}; no checkpoint of it was "
+                           f"written and {self._last_good()} — lower train.lr or train.grad_clip")
         state = {
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -332,6 +446,9 @@ class Trainer:
             "best_metric": self.evaluation.select_metric,
             "best_step": self.best_step,
             "last_metrics": self.last_metrics,
+            # a skipped step advanced step, schedule and data position; only the update was dropped
+            "nonfinite": {"skipped_steps": list(self.skipped_steps), "consecutive": self._consecutive,
+                          "schedule_advanced": True},
         }
         trainer_state["distributed"] = {"strategy": self.dist.strategy, "world_size": self.dist.world_size}
         dist = self.dist
@@ -383,6 +500,10 @@ class Trainer:
             self.best_value = float(best)
         self.best_step = state.get("best_step")
         self.last_metrics = dict(state.get("last_metrics") or {})
+        nonfinite = state.get("nonfinite") or {}
+        self.skipped_steps = [int(s) for s in nonfinite.get("skipped_steps", [])]
+        self._consecutive = int(nonfinite.get("consecutive", 0))
+        self._run_on_device.fill_(self._consecutive)
         if self.dist.is_main:
             cut_metrics(self.run.run_dir / METRICS_FILE, self.step)
 
@@ -508,7 +629,12 @@ class Trainer:
 
     def export_model(self) -> nn.Module | None:
         """The trained model, whole and unwrapped, for saving: the model itself, or under fsdp its full weights
-        gathered into rank 0's unsharded copy (a collective: every rank calls it; ranks other than 0 get None)."""
+        gathered into rank 0's unsharded copy (a collective: every rank calls it; ranks other than 0 get None).
+        A model holding a NaN or an infinity is a RunError on every rank: nothing non-finite is ever exported."""
+        bad = self._first_nonfinite_state(optimizer=False)
+        if bad is not None:
+            raise RunError(f"the trained model's {bad} holds NaN or infinite values after step {self.step}; "
+                           f"nothing was exported and {self._last_good()} — lower train.lr or train.grad_clip")
         if self.dist.strategy != "fsdp":
             return self.model
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -532,6 +658,7 @@ class Trainer:
             "lr": lr,
             "tokens": self.tokens,
             "tokens_per_s": window_tokens / window_s if window_s > 0 else 0.0,
+            "skipped_steps": len(self.skipped_steps),
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -548,3 +675,18 @@ class Trainer:
             record["rank_param_mb"] = round(self.rank_memory["param_bytes"] / 2**20, 3)
             record["rank_optim_mb"] = round(self.rank_memory["optim_bytes"] / 2**20, 3)
         return record
+
+
+def last_finite_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose weights are all finite (a run of an earlier lmforge may have saved a
+    diverged one); a sharded (fsdp) checkpoint is taken as it is, since every save checks the state first."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            return path
+        try:
+            if first_nonfinite(load_file(weights)) is None:
+                return path
+        except Exception:  # noqa: BLE001 - an unreadable (e.g. truncated) file is no good checkpoint either
+            continue
+    return None

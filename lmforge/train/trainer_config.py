@@ -41,6 +41,15 @@ class TrainerConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 = off."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose global gradient norm is NaN or infinite is never applied.  ``stop`` (default) ends the run
+    with an error naming the step and the last good checkpoint: a non-finite gradient usually means the run is
+    diverging, and saying so at once costs nothing (resume with ``skip`` to step over a bad batch).  ``skip``
+    drops that update and goes on (the step still counts: the LR schedule and the data position advance),
+    recording it in ``skipped_steps``.  Under fp16 the GradScaler skips such steps itself (overflow is how it
+    finds its scale), so fp16 runs always skip, within ``max_skipped_steps``."""
+    max_skipped_steps: int = 25
+    """The most consecutive skipped steps tolerated; one more stops the run (a run that only skips is stuck)."""
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     """Autocast dtype on CUDA (fp16 adds a GradScaler); auto = bf16 where supported, else fp32.  Other devices
     train in fp32.  Weights (and checkpoints) stay fp32 either way."""
@@ -92,11 +101,14 @@ class TrainerConfig:
         for key in ("log_every",):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "ckpt_every", "keep_last", "warmup_steps", "eval_max_batches"):
+        for key in ("eval_every", "ckpt_every", "keep_last", "warmup_steps", "eval_max_batches",
+                    "max_skipped_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.optimizer not in ("adamw", "adafactor"):
             raise ConfigError(f"train.optimizer must be adamw or adafactor, got {self.optimizer!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite must be stop or skip, got {self.nonfinite!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
         for pattern, lr in self.param_lr.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -155,6 +156,21 @@ def test_checkpoints_resume_on_one_and_two_ranks(parity, tmp_path):
     for strategy, want in uninterrupted.items():
         bad = {k: v for k, v in rel_weight_diff(weights[(strategy, 2)], want).items() if v > 1e-4}
         assert not bad, f"{strategy}: the resumed run ends at different weights than the uninterrupted one: {bad}"
+
+
+def test_one_ranks_nonfinite_gradient_makes_every_rank_skip_or_stop(tmp_path):
+    """Only rank 1's gradient is inf at step 3: the all-reduced norm is non-finite on both ranks, so under ddp,
+    zero1 and fsdp both skip step 3 (and end with the same weights), and under stop both raise at step 3."""
+    check_ok(torchrun(2, "nonfinite", str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    found = ranks[0]
+    for strategy in ("ddp", "zero1", "fsdp"):
+        case = found[f"{strategy}-skip"]
+        assert case["skipped_steps"] == [3] and case["step"] == 6, (strategy, case)
+        assert case["weights"] is True or math.isfinite(case["weights"]), (strategy, case)
+    assert re.search(r"gradient norm is (inf|nan) at step 3 ", found["ddp-stop"]["error"]), found["ddp-stop"]
+    assert found["ddp-stop"]["step"] == 3
 
 
 def test_a_failing_rank_ends_the_job_and_is_named():

@@ -101,3 +101,23 @@ def make_trainer(tmp: Path, name: str, model=None, cfg=None, max_steps=10, sourc
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class _PoisonGrad(torch.autograd.Function):
+    """Identity forward; backward replaces the incoming gradient with ``value`` everywhere (the loss stays finite,
+    every gradient upstream of the poisoned tensor becomes non-finite)."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        ctx.value = value
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, ctx.value), None
+
+
+def poison_gradient(module: nn.Module, when, value: float = float("inf")):
+    """Make ``module``'s output gradient ``value`` (inf or nan) on forwards where ``when()`` is true: a non-finite
+    gradient with a finite loss.  Returns the hook handle."""
+    return module.register_forward_hook(lambda m, args, out: _PoisonGrad.apply(out, value) if when() else out)
