@@ -251,6 +251,9 @@ def _cmd_world(args) -> int:
     return 0
 
 
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench")
+"""The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
+
 COMMANDS: dict[str, Callable] = {
     "tokenizer": _cmd_tokenizer,
     "pretrain": _cmd_pretrain,
@@ -284,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         return _report(e)
     except (OSError, RuntimeError) as e:  # a full disk, an unwritable path: the user's; anything else is a bug
-        error = user_error(e)
+        error = user_error(e, training=args.command in TRAINING_COMMANDS)
         if error is None:
             raise
         return _report(error)
     except KeyboardInterrupt:
-        training = args.command in ("pretrain", "pipeline", "finetune", "bench")
-        print(f"error: interrupted (Ctrl-C){'; ' + RESUME_HINT if training else ''}", file=sys.stderr)
+        hint = f"; {RESUME_HINT}" if args.command in TRAINING_COMMANDS else ""
+        print(f"error: interrupted (Ctrl-C){hint}", file=sys.stderr)
         return 130
 
 

@@ -160,7 +160,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         # No knob means anything at nan or inf, and torch takes some of them silently (a nan grad_clip or
         # weight_decay trains to a nan model): refused here, for every float key of every config, by name.
         if not math.isfinite(number):
-            raise ConfigError(f"config key '{where}': {value!r} is not a finite number")
+            raise ConfigError(f"config key '{where}': {number} is not allowed; give a finite number")
         return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -62,17 +62,19 @@ def _untmp(match: re.Match) -> str:
     return match.group(1) + match.group(2)
 
 
-def user_error(exc: BaseException) -> LmforgeError | None:
+def user_error(exc: BaseException, training: bool = False) -> LmforgeError | None:
     """The one-line :class:`RunError` for an OS-level failure a user causes (a full disk, a read-only or
     unwritable path, a file where a directory should be), naming the path; None for anything else (a bug).
-    The CLI applies it to whatever escapes a command, so every command gets the same wording."""
+    The CLI applies it to whatever escapes a command, so every command gets the same wording; ``training``: the
+    command trains, so a full disk's line says how the run goes on."""
+    hint = f"; {RESUME_HINT}" if training else ""
     if isinstance(exc, OSError) and exc.errno in _OS_FIXES:
         path = exc.filename2 if exc.filename2 is not None else exc.filename  # a rename: its destination
         where = f" '{_TMP_NAME.sub(_untmp, str(path))}'" if path is not None else " (path unknown)"
         disk = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        return RunError(f"{exc.strerror or os.strerror(exc.errno)}:{where}; "
-                        f"{_OS_FIXES[exc.errno]}{'; ' + RESUME_HINT if disk else ''}")
+        return RunError(f"{exc.strerror or os.strerror(exc.errno)}:{where}; {_OS_FIXES[exc.errno]}"
+                        f"{hint if disk else ''}")
     if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _SERIALIZER_DISK_FULL):
         return RunError(f"writing a file failed mid-way (torch.save: {str(exc).strip().splitlines()[-1][:120]}), "
-                        f"which is what a full disk looks like; free space and run the command again; {RESUME_HINT}")
+                        f"which is what a full disk looks like; free space and run the command again{hint}")
     return None

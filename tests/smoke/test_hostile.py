@@ -28,6 +28,7 @@ from typing import Callable
 
 import pytest
 
+from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.rundir import has_run
 from tests.conftest import ROOT, cli, run_cli
 from tests.faults import assert_refused, assert_unchanged, hashes
@@ -66,13 +67,15 @@ class Case:
     argv: Callable[[Fixtures, Path], list[str]]
     """The command line, given the fixtures and the case's own empty directory (where it may write files first)."""
     expect: tuple[str, ...] = ()
-    """Fragments of the one error line (case-folded); "{tmp}" stands for the case's directory."""
+    """Fragments of the one error line (case-folded)."""
     fresh: bool = False
     """The run dir ``{tmp}/run`` must not exist afterwards: the refusal came before anything was written."""
     root_ok: bool = True
     """False: the fault needs file permissions, which root ignores (skipped as root, with the reason)."""
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
     """A fault injected into this process before the command runs (a full disk)."""
+    trains: bool = False
+    """The fault strikes after training started: the run dir keeps a checkpoint that resume=true continues from."""
 
 
 def case(id: str, argv, *expect: str, **kw) -> Case:
@@ -464,6 +467,8 @@ def disk_cases() -> list[Case]:
         case("merge-quota-exceeded", merge, "quota", patch=lambda mp: _disk_full(mp, edquot)),
         case("merge-read-only-fs", merge, "read-only", patch=lambda mp: _disk_full(mp, erofs)),
         case("merge-serializer-unexpected-pos", merge, "disk", patch=lambda mp: _disk_full(mp, unexpected_pos)),
+        case("finetune-export-disk-full", finetune("train.ckpt_every=1"), "no space", "model", "resume=true",
+             patch=lambda mp: _disk_full(mp, enospc), trains=True),
         case("tokenizer-train-disk-full", lambda fx, tmp: ["tokenizer", "train", "--data", str(fx.text), "--vocab-size",
                                                            "300", "--out", str(tmp / "tok")], "no space", "tok",
              patch=lambda mp: _disk_full(mp, enospc, "lmforge.core.tokenizer", "atomic_write_text", 0)),
@@ -527,11 +532,13 @@ def test_hostile(c: Case, fx: Fixtures, tmp_path: Path, monkeypatch: pytest.Monk
     if c.patch is not None:
         c.patch(monkeypatch)
     proc = cli(*argv)
-    assert_refused(proc, *(f.replace("{tmp}", str(tmp_path)) for f in c.expect))
+    assert_refused(proc, *c.expect)
     assert_unchanged(before)
     if c.fresh:
         assert not (tmp_path / "run").exists(), sorted(p.name for p in (tmp_path / "run").iterdir())
-    if new_run:
+    if c.trains:
+        assert latest_checkpoint(tmp_path / "run") is not None
+    elif new_run:
         assert not has_run(tmp_path / "run"), "a refused run left a run dir that a re-run cannot take over"
 
 
@@ -561,3 +568,14 @@ def test_sigint_during_training_is_one_line_and_exit_130(fx: Fixtures, tmp_path:
     again = cli(*finetune(f"max_steps={step + 1}", "train.log_every=1", "train.ckpt_every=1", "resume=true")(fx, tmp_path))
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] >= step + 1
+
+
+def test_a_run_refused_at_its_first_step_is_taken_over_by_a_plain_rerun(fx: Fixtures, tmp_path: Path):
+    """A refusal after config.yaml was written (here: a train.param_lr pattern that matches no parameter, found when
+    the optimizer is built) leaves a run dir the corrected command, with the default resume=false, simply reuses."""
+    bad = cli(*finetune("train.param_lr={no_such_param: 0.1}")(fx, tmp_path))
+    assert_refused(bad, "no_such_param")
+    assert (tmp_path / "run" / "config.yaml").is_file()  # it got as far as the run dir
+    good = cli(*finetune()(fx, tmp_path))
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "no_such_param" not in (tmp_path / "run" / "config.yaml").read_text()
