@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from lmforge.core.errors import ConfigError
 
-_DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
 def check_device_name(name: str, key: str = "device") -> None:
-    """Refuse a device name no machine has, when the config is read (whether this machine has the device is
+    """Refuse a device name torch does not know, when the config is read (whether this machine has the device is
     :func:`resolve_device`'s question: a config may be written on one machine and run on another)."""
-    if not _DEVICE_NAME.fullmatch(name):
-        raise ConfigError(f"config key '{key}': unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"config key '{key}': unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
