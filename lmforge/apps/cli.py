@@ -15,7 +15,7 @@ from typing import Callable
 from lmforge import __version__
 from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import write_bench_peft_report, write_finetune_report
-from lmforge.core.errors import LmforgeError
+from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
 from lmforge.data.shards import train_tokenizer
 from lmforge.data.world import write_corpus
@@ -33,6 +33,26 @@ TRAINING_EPILOG = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as every other error: one ``error:`` line naming the command, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low`` (a count or size), refused at parse time by the flag's name."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
 def _add_training_command(sub, name: str, help_text: str, config_optional: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text, epilog=TRAINING_EPILOG)
     p.add_argument("config", nargs="?" if config_optional else None, help="YAML config file")
@@ -41,7 +61,7 @@ def _add_training_command(sub, name: str, help_text: str, config_optional: bool 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmforge",
         description="lmforge: a language model through its whole life — tokenizer, pretraining, evaluation, "
         "generation — on your data or the built-in world.",
@@ -57,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "+ tokenizer_config.json into --out.")
     tt.add_argument("--data", default="world", help="text source: file, folder, glob, HF dataset dir or 'world' (default)")
     tt.add_argument("--field", default="text", help="field/column for .jsonl/.csv/.parquet (default: text)")
-    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--vocab-size", type=_at_least(1), default=8192)
     tt.add_argument("--special-tokens", nargs="*", default=None, help="default: <|endoftext|> <|pad|>")
-    tt.add_argument("--max-bytes", type=int, default=None, help="train on at most this many bytes of text")
+    tt.add_argument("--max-bytes", type=_at_least(1), default=None, help="train on at most this many bytes of text")
     tt.add_argument("--out", required=True, help="output directory (new or empty; never a model dir)")
     tt.add_argument("--force", action="store_true",
                     help="write into an --out that holds files (tokenizer.json/tokenizer_config.json are replaced, "
@@ -91,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--field", default="text")
     pp.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
     pp.add_argument("--stride", type=int, default=None, help="window advance (default: max-length)")
-    pp.add_argument("--batch-size", type=int, default=8)
-    pp.add_argument("--max-docs", type=int, default=None, help="score only the first N documents")
+    pp.add_argument("--batch-size", type=_at_least(1), default=8)
+    pp.add_argument("--max-docs", type=_at_least(1), default=None, help="score only the first N documents")
     pp.add_argument("--device", default="auto")
     pp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
@@ -154,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     wo.add_argument("--out", required=True, help="the JSONL file to write (refused if it exists, unless --force)")
     wo.add_argument("--force", action="store_true", help="replace an existing --out file")
     wo.add_argument("--seed", type=int, default=0)
-    wo.add_argument("--bytes", type=int, default=10_000_000, help="approximate size of text to write")
+    wo.add_argument("--bytes", type=_at_least(1), default=10_000_000, help="approximate size of text to write")
     return parser
 
 
@@ -239,6 +259,9 @@ def _cmd_world(args) -> int:
     return 0
 
 
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench")
+"""The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
+
 COMMANDS: dict[str, Callable] = {
     "tokenizer": _cmd_tokenizer,
     "pretrain": _cmd_pretrain,
@@ -273,13 +296,24 @@ def main(argv: list[str] | None = None) -> int:
             shutdown()
         return status
     except LmforgeError as e:
-        world = os.environ.get("WORLD_SIZE", "1")
-        where = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world not in ("", "1") else ""
-        print(f"error: {where}{e}", file=sys.stderr)
-        return e.exit_code
+        return _report(e)
+    except (OSError, RuntimeError) as e:  # a full disk, an unwritable path: the user's; anything else is a bug
+        error = user_error(e, training=args.command in TRAINING_COMMANDS)
+        if error is None:
+            raise
+        return _report(error)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = f"; {RESUME_HINT}" if args.command in TRAINING_COMMANDS else ""
+        print(f"error: interrupted (Ctrl-C){hint}", file=sys.stderr)
         return 130
+
+
+def _report(e: LmforgeError) -> int:
+    """Print ``e`` as the one ``error:`` line (under torchrun, prefixed with the rank) and return its exit code."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    where = f"[rank {os.environ.get('RANK', '?')}/{world}] " if world not in ("", "1") else ""
+    print(f"error: {where}{e}", file=sys.stderr)
+    return e.exit_code
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 from pathlib import Path
@@ -146,19 +147,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"config key '{where}': {value!r} is not an int")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{where}': {value!r} is not a number")
+        if number is None:
+            raise ConfigError(f"config key '{where}': {value!r} is not a number")
+        # No knob means anything at nan or inf, and torch takes some of them silently (a nan grad_clip or
+        # weight_decay trains to a nan model): refused here, for every float key of every config, by name.
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{where}': {number} is not allowed; give a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"config key '{where}': {value!r} is not a string")
     return value
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """A config value outside its range is one line naming the key: ``require(n >= 1, "data.seq_len", n, ">= 1")``.
+    Config dataclasses call it from ``__post_init__``, so the value fails when the config is read, before a run
+    dir is touched."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': {value!r} must be {rule}")
 
 
 def _family_values(cls: type) -> tuple[Any, ...]:
@@ -261,6 +277,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' does not exist (pass a YAML file, e.g. configs/tiny-gpt2.yaml)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); pass a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

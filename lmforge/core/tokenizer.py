@@ -31,6 +31,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.io import atomic_write_json, atomic_write_text, read_json
 
+MAX_VOCAB = 2**24
+"""The largest vocabulary :meth:`Tokenizer.train` accepts: far beyond any real one (256k), far below the ids
+HF tokenizers can count."""
+
 DEFAULT_EOS = "<|endoftext|>"
 DEFAULT_PAD = "<|pad|>"
 DEFAULT_SPECIAL_TOKENS = [DEFAULT_EOS, DEFAULT_PAD]
@@ -115,6 +119,9 @@ class Tokenizer:
         if int(vocab_size) < minimum:
             raise ConfigError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least "
                               f"{minimum} (256 bytes + {len(specials)} special tokens); use e.g. 4096")
+        if int(vocab_size) > MAX_VOCAB:  # HF tokenizers aborts the whole process (a Rust panic) past 2**32
+            raise ConfigError(f"vocab_size {vocab_size} is more than a tokenizer can hold (at most {MAX_VOCAB:,}); "
+                              f"use e.g. 4096")
         if int(min_frequency) < 1:
             raise ConfigError(f"min_frequency {min_frequency} must be >= 1")
         hf = HFTokenizer(models.BPE())

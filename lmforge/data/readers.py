@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
@@ -43,6 +44,16 @@ def open_binary(path: Path) -> IO[bytes]:
     if path.name.lower().endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb")
+
+
+def _whole_gzip(path: Path, items: Iterator[Any]) -> Iterator[Any]:
+    """``items`` read from ``path``; a torn or foreign ``.gz`` (gzip fails only once reading reaches the damage) is
+    one line naming the file."""
+    try:
+        yield from items
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"'{path}' is not a complete gzip file ({e}); re-compress it or pass the file "
+                        f"uncompressed") from None
 
 
 class Wording:
@@ -121,9 +132,9 @@ def read_records(path: Path, columns: Sequence[str] = (), wording: Wording = _DO
     of a CSV or Parquet file (a missing one is an error; Parquet reads only those)."""
     fmt = record_format(path)
     if fmt == "json":
-        return _json_records(path, wording)
+        return _whole_gzip(path, _json_records(path, wording))
     if fmt == "csv":
-        return _csv_records(path, columns, wording)
+        return _whole_gzip(path, _csv_records(path, columns, wording))
     if fmt == "parquet":
         return _parquet_records(path, columns, wording)
     raise ValueError(f"'{path}' is not a JSON, CSV, TSV or Parquet file")
@@ -295,4 +306,6 @@ READERS = {".txt": _read_txt, ".jsonl": _read_json, ".json": _read_json, ".csv":
 def reader_for(path: Path):
     """The reader of ``path``'s format: ``reader_for(path)(path, field)`` yields its documents."""
     ext = file_ext(path)
-    return READERS[ext[:-3] if ext.endswith(".gz") else ext]
+    if ext.endswith(".gz"):
+        return lambda p, field: _whole_gzip(p, READERS[ext[:-3]](p, field))
+    return READERS[ext]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.core.errors import ConfigError, ModelError
-from lmforge.core.io import atomic_write_json
+from lmforge.core.io import atomic_write_json, read_json
 from lmforge.delta.apply import apply_delta
 from lmforge.delta.config import DeltaConfig
 from lmforge.delta.peft_format import _config_from_peft, cpu_state, peft_holds
 from lmforge.delta.registry import DeltaMethod, get_method, in_order, registered
+from lmforge.models.families import family_of
 
 # A classifier's backbone keeps its pretraining heads, which a transformers classifier checkpoint does not hold
 # (they are freshly initialised on every load) and which never touch the classifier's output.
@@ -111,12 +111,37 @@ def is_delta_dir(path: str | Path) -> bool:
     return (d / "adapter_config.json").is_file() or (d / "delta_config.json").is_file()
 
 
+_FIX = "restore the adapter dir (or fine-tune again: RUN_DIR/adapter)"
+
+
 def read_delta_meta(path: str | Path) -> dict[str, Any]:
     d = Path(path)
     for name in ("delta_config.json", "lmforge_delta.json"):
         if (d / name).is_file():
-            return json.loads((d / name).read_text(encoding="utf-8"))
+            meta = read_json(d / name, ModelError, _FIX)
+            if not isinstance(meta, dict):
+                raise ModelError(f"'{d / name}' holds a JSON {type(meta).__name__}, not an object; {_FIX}")
+            return meta
     return {}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A delta's safetensors file; a missing, truncated or foreign file is one line naming it."""
+    if not path.is_file():
+        raise ModelError(f"'{path}' is missing: the adapter dir is incomplete; {_FIX}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a torn or foreign file
+        raise ModelError(f"cannot read '{path}' as safetensors ({e}); {_FIX}") from None
+
+
+def _check_family(model: nn.Module, meta: dict[str, Any], d: Path) -> None:
+    """A delta trained on one family cannot fit another (its layer names and shapes are the family's): say that,
+    before target modules that match nothing or shapes that differ would say something less to the point."""
+    trained_on, family = meta.get("family"), family_of(model)
+    if trained_on and family is not None and trained_on != family.name:
+        raise ModelError(f"'{d}' was trained on a {trained_on} base ({meta.get('base_model') or 'base unknown'}) "
+                         f"but the base given is a {family.name} model; pass the {trained_on} base it was trained on")
 
 
 def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> DeltaConfig:
@@ -124,13 +149,14 @@ def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> D
     place; returns its config.  A base whose fingerprint differs from the one recorded fails."""
     d = Path(path)
     meta = read_delta_meta(d)
+    _check_family(model, meta, d)
     peft_file = d / "adapter_config.json"
     if (d / "delta_config.json").is_file():
         cfg = _coerce_delta_config(meta.get("peft", {}), str(d / "delta_config.json"))
         # the saved tensors overwrite any start: no text (tokenizer) or activation init on reload
         apply_delta(model, dataclasses.replace(cfg, prompt_init="random"))
         _check_base(model, meta, d, check_base)
-        state = load_file(str(d / "delta.safetensors"))
+        state = _read_tensors(d / "delta.safetensors")
         own = dict(model.named_parameters())
         unknown = [k for k in state if k not in own]
         if unknown:
@@ -150,13 +176,15 @@ def load_delta(model: nn.Module, path: str | Path, check_base: bool = True) -> D
     if not peft_file.is_file():
         raise ModelError(f"'{d}' holds no delta (adapter_config.json or delta_config.json); pass the adapter dir "
                          f"a fine-tuning run wrote (RUN_DIR/adapter)")
-    pc = json.loads(peft_file.read_text(encoding="utf-8"))
+    pc = read_json(peft_file, ModelError, _FIX)
+    if not isinstance(pc, dict):
+        raise ModelError(f"'{peft_file}' holds a JSON {type(pc).__name__}, not PEFT's config object; {_FIX}")
     cfg = _config_from_peft(pc, str(peft_file))
     if meta.get("peft"):
         cfg.train_head = bool(meta["peft"].get("train_head", True))
     apply_delta(model, cfg)
     _check_base(model, meta, d, check_base)
-    get_method(cfg.methods[0]).load_peft(model, load_file(str(d / "adapter_model.safetensors")), d, pc)
+    get_method(cfg.methods[0]).load_peft(model, _read_tensors(d / "adapter_model.safetensors"), d, pc)
     return cfg
 
 

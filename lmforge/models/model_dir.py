@@ -60,7 +60,11 @@ def require_model_dir(d: Path) -> dict[str, Any]:
         why = ": the path does not exist" if not d.exists() else (": it is a file" if d.is_file() else " in it")
         raise ModelError(f"'{d}' is not a model directory: no config.json{why} (pass a directory written by lmforge "
                          f"or a Hugging Face checkpoint)")
-    return read_json(d / "config.json")
+    config = read_json(d / "config.json")
+    if not isinstance(config, dict):  # every loader reads keys from it
+        raise ModelError(f"'{d / 'config.json'}' holds a JSON {type(config).__name__}, not an object of config "
+                         f"fields; restore the file or re-save the model directory")
+    return config
 
 
 def read_weights(d: Path) -> dict[str, torch.Tensor]:

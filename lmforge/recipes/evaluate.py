@@ -19,12 +19,15 @@ from lmforge.eval.pseudo_perplexity import pseudo_perplexity
 from lmforge.eval.span_eval import span_corruption_loss
 from lmforge.models.families import family_of
 from lmforge.models.io import load_model
+from lmforge.models.task import SequenceClassifier, TokenClassifier
 
 
-def load_for_inference(path: str, device: str = "auto"):
-    """A model dir (lmforge or HF) -> (model in eval mode on the device, tokenizer)."""
+def load_for_inference(path: str, device: str = "auto", command: str = "generate"):
+    """A model dir (lmforge or HF) -> (model in eval mode on the device, tokenizer); a dir of the wrong kind for
+    ``lmforge COMMAND`` (a classifier, an encoder for ``generate``) is one line naming its kind and what fits."""
     dev = resolve_device(device)
     model, tokenizer = load_model(path, device=dev)
+    _check_kind(model, path, command)
     if tokenizer is None:
         raise ModelError(f"model directory '{path}' has no tokenizer.json; save the tokenizer next to the model "
                          f"(lmforge writes it automatically)")
@@ -32,11 +35,22 @@ def load_for_inference(path: str, device: str = "auto"):
     return model, tokenizer
 
 
+def _check_kind(model: torch.nn.Module, path: str, command: str) -> None:
+    family = family_of(model)
+    if isinstance(model, (SequenceClassifier, TokenClassifier)):
+        raise ModelError(f"'{path}' is a {family.name if family else ''} {type(model).__name__} (a fine-tuned task "
+                         f"model), not a language model; `lmforge {command}` needs a language model dir: pass the "
+                         f"model it was fine-tuned from (model= in its run's config.yaml)")
+    if command == "generate" and family is not None and family.kind == "encoder":
+        raise ModelError(f"'{path}' is a {family.name} encoder (a masked LM), which does not generate text; use "
+                         f"`lmforge fill-mask` on it, or `lmforge generate` on a decoder or encoder-decoder model")
+
+
 def run_perplexity(args) -> dict[str, Any]:
     """By the family's pretraining objective.  Causal LMs (gpt2, llama): strided perplexity + bits-per-byte.
     Masked LMs (bert): pseudo-perplexity (each token masked in turn).  Span corruption (t5): span-corruption
     loss on the text, as perplexity of the target tokens."""
-    model, tokenizer = load_for_inference(args.model, args.device)
+    model, tokenizer = load_for_inference(args.model, args.device, "eval perplexity")
     docs = list(iter_documents(args.data, field=args.field, max_docs=args.max_docs))
     objective = family_of(model).pretrain_objective
     with torch.inference_mode():
@@ -56,7 +70,7 @@ def run_perplexity(args) -> dict[str, Any]:
 
 
 def run_fill_mask(args) -> list[list[tuple[str, float]]]:
-    model, tokenizer = load_for_inference(args.model, args.device)
+    model, tokenizer = load_for_inference(args.model, args.device, "fill-mask")
     if family_of(model).pretrain_objective != "mlm_nsp":  # fill-mask is the masked LM's own task
         raise ModelError(f"fill-mask needs a masked-LM (bert) model; '{args.model}' is a {model.config.family} model")
     with torch.inference_mode():

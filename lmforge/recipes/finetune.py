@@ -33,7 +33,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from lmforge.core.config import load_config, split_config_arg, to_dict
+from lmforge.core.config import load_config, require, split_config_arg, to_dict
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.core.io import atomic_write_json, atomic_write_text
 from lmforge.core.seed import seed_everything
@@ -52,7 +52,7 @@ from lmforge.objectives.token_classification import TokenClassificationObjective
 from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.memory import measure_training_memory
 from lmforge.train.rundir import check_run_dir, check_run_outputs
-from lmforge.train.run import Evaluation, RunSpec
+from lmforge.train.run import Evaluation, RunSpec, check_run_keys
 from lmforge.train.trainer import Trainer, TrainerConfig
 
 PREDICTIONS_FILE = "predictions-test.jsonl"  # RUN_DIR/: input, gold, prediction of every test example
@@ -74,6 +74,10 @@ class HeadConfig:
     next-sentence pretraining (Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning").  The saved model is
     still a plain ``BertForSequenceClassification``.  With a delta method the fresh pooler must train too
     (``peft.method=<method>+modules``, ``peft.train_modules=[pooler]``); a frozen random pooler is an error."""
+
+    def __post_init__(self) -> None:
+        require(self.dropout is None or 0.0 <= self.dropout < 1.0, "head.dropout", self.dropout, "in [0, 1)")
+        require(self.aux_lm_weight >= 0, "head.aux_lm_weight", self.aux_lm_weight, ">= 0")
 
 
 @dataclass
@@ -121,6 +125,11 @@ class FinetuneConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Data parallelism under torchrun (ddp, zero1, fsdp): the delta is applied before wrapping/sharding; rank 0
     gathers the model to restore the best checkpoint, score the test split and save."""
+
+    def __post_init__(self) -> None:
+        check_run_keys(self)
+        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
 
 
 # ---- building the pieces ------------------------------------------------------------------------

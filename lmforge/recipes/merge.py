@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ from safetensors import safe_open
 
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.core.outputs import check_output_dir
+from lmforge.core.io import read_json
 from lmforge.delta import load_delta, merge_delta, read_delta_meta
 from lmforge.models.families import family_of
 from lmforge.models.io import load_model, save_model
@@ -23,7 +23,8 @@ def _task_model(base: Any, tokenizer: Any, adapter: Path, meta: dict[str, Any]) 
     """Wrap ``base`` in the classifier the delta was trained with (its head is part of the delta)."""
     task_type = {"SequenceClassifier": "SEQ_CLS", "TokenClassifier": "TOKEN_CLS"}.get(meta.get("model_class", ""))
     if task_type is None and (adapter / "adapter_config.json").is_file():
-        task_type = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("task_type")
+        peft_config = read_json(adapter / "adapter_config.json", ModelError, "restore the adapter dir")
+        task_type = peft_config.get("task_type") if isinstance(peft_config, dict) else None
     labels = meta.get("id2label")
     if task_type not in ("SEQ_CLS", "TOKEN_CLS"):
         want, family = meta.get("vocab_size"), family_of(base)

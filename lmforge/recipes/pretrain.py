@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import torch
 
-from lmforge.core.config import SectionChoice, load_config, to_dict
+from lmforge.core.config import SectionChoice, load_config, require, to_dict
 from lmforge.core.errors import ConfigError, DataError, ModelError
 from lmforge.core.seed import seed_everything
 from lmforge.core.tokenizer import Tokenizer
@@ -38,7 +38,7 @@ from lmforge.objectives.registry import PretrainingObjective, pretraining_object
 from lmforge.objectives.span import SpanConfig
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir, check_run_outputs
-from lmforge.train.run import Evaluation, FitResult, RunSpec
+from lmforge.train.run import Evaluation, FitResult, RunSpec, check_run_keys
 from lmforge.train.trainer import Trainer, TrainerConfig
 
 
@@ -59,6 +59,13 @@ class DataConfig:
     num_workers: Optional[int] = None
     """Tokenisation workers (None: the tokenizer's own thread pool)."""
 
+    def __post_init__(self) -> None:
+        require(self.seq_len >= 1, "data.seq_len", self.seq_len, ">= 1")
+        require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1) (e.g. 0.01)")
+        require(self.world_bytes >= 1, "data.world_bytes", self.world_bytes, ">= 1")
+        require(self.num_workers is None or self.num_workers >= 0, "data.num_workers", self.num_workers,
+                ">= 0 (or null for the tokenizer's own threads)")
+
 
 @dataclass
 class TokenizerConfig:
@@ -68,6 +75,9 @@ class TokenizerConfig:
     """Vocabulary of a newly trained tokenizer (None: model.vocab_size)."""
     train_bytes: int = 4_000_000
     """Text used to train a new tokenizer (the first bytes of the data)."""
+
+    def __post_init__(self) -> None:
+        require(self.train_bytes >= 1, "tokenizer.train_bytes", self.train_bytes, ">= 1")
 
 
 class FamilySection(SectionChoice):
@@ -107,6 +117,9 @@ class PretrainConfig:
     """Span-corruption settings (t5 only); ``span.inputs_length`` is the encoder length (data.seq_len is unused)."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Data parallelism under torchrun (ddp, zero1, fsdp); see lmforge/train/distributed.py."""
+
+    def __post_init__(self) -> None:
+        check_run_keys(self)
 
 
 def objective_spec(model_cfg: Any) -> PretrainingObjective:

@@ -11,10 +11,18 @@ from typing import Any, Callable, Iterable, Literal
 
 from torch import nn
 
+from lmforge.core.config import require
 from lmforge.core.errors import ConfigError
 from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, normalize_resume
 
-__all__ = ["Evaluation", "FitResult", "RunSpec"]
+__all__ = ["Evaluation", "FitResult", "RunSpec", "check_run_keys"]
+
+
+def check_run_keys(cfg: Any) -> None:
+    """The top-level keys every run config has (``max_steps``, ``seed``), checked when the config is read (its
+    ``__post_init__``), so a bad value fails before a run dir is touched."""
+    require(cfg.max_steps >= 0, "max_steps", cfg.max_steps, ">= 0")
+    require(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
 
 
 @dataclass

@@ -5,8 +5,8 @@
 1. creates ``run_dir`` (one-line :class:`RunError` if it cannot be written);
 2. decides whether this run resumes, from ``resume``:
 
-   - ``false``: the directory must not already hold a run (``config.yaml``, ``metrics.jsonl`` or
-     checkpoints) — lmforge never trains over an existing run;
+   - ``false``: the directory must not already hold a run (metrics lines or checkpoints) — lmforge never trains
+     over an existing run; a ``config.yaml`` alone (a run that failed before its first step) is taken over;
    - ``true``: continue from the latest complete checkpoint, which must exist;
    - ``auto``: resume when a complete checkpoint exists, else start from step 0 (an existing run dir
      without a checkpoint — a run killed before its first save — is started over, after the config check);
@@ -103,9 +103,12 @@ def _ensure_writable(run_dir: Path) -> None:
 
 
 def has_run(run_dir: str | Path) -> bool:
-    """Does ``run_dir`` already hold (part of) a run?"""
+    """Does ``run_dir`` already hold a run that got going: a metrics line or a checkpoint?  A ``config.yaml``
+    alone is a run that failed before its first step (a bad value, a data error): it holds nothing worth keeping,
+    so a re-run with any ``resume`` but ``true`` takes the directory over, whatever its config was."""
     run_dir = Path(run_dir)
-    return (run_dir / CONFIG_FILE).exists() or (run_dir / METRICS_FILE).exists() or (
+    metrics = run_dir / METRICS_FILE
+    return (metrics.is_file() and metrics.stat().st_size > 0) or (
         (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir()))
 
 
@@ -152,7 +155,7 @@ def check_config_change(run_dir: Path, config_dict: dict[str, Any], mutable_keys
         return
     try:
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+    except (yaml.YAMLError, UnicodeDecodeError):
         raise RunError(f"'{saved_path}' is not valid YAML; restore it or start a new run_dir") from None
     # A key the saved config lacks, now at an empty value ({} or []), is an option added by a newer lmforge
     # at its "off" default (e.g. train.param_lr): the saved run ran without it, so it is no change.

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 import torch
 
+from lmforge.core.device import check_device_name
 from lmforge.core.errors import ConfigError
 
 
@@ -94,10 +95,20 @@ class TrainerConfig:
                 raise ConfigError(
                     f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                     f"train.micro_batch_size={micro}; set train.micro_batch_size to a divisor of it (e.g. {fits})")
+        # Every number torch's optimizer or the schedule would reject (or take and train to nonsense) fails here,
+        # before a run dir is touched; non-finite values are refused for every float key by the config layer.
         if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"train.lr must be > 0, got {self.lr} (e.g. 3e-4)")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must be two numbers, e.g. [0.9, 0.95]; got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"train.betas[{i}] must be in [0, 1), got {beta} (e.g. train.betas=[0.9,0.95])")
+        if self.eps < 0:
+            raise ConfigError(f"train.eps must be >= 0, got {self.eps} (e.g. 1e-8)")
+        for key in ("min_lr_ratio", "decay_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"train.{key} must be in [0, 1], got {getattr(self, key)}")
         for key in ("log_every",):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -109,8 +120,10 @@ class TrainerConfig:
             raise ConfigError(f"train.optimizer must be adamw or adafactor, got {self.optimizer!r}")
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite must be stop or skip, got {self.nonfinite!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("train.grad_clip and train.weight_decay must be >= 0")
+        check_device_name(self.device, "train.device")
+        for key in ("grad_clip", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         for pattern, lr in self.param_lr.items():
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
                 raise ConfigError(f"train.param_lr.{pattern} must be a learning rate > 0, got {lr!r}")

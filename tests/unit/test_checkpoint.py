@@ -135,6 +135,7 @@ def test_unwritable_run_dir(tmp_path):
 
 def test_existing_run_dir_without_resume_is_refused(tmp_path):
     prepare_run_dir(tmp_path, CFG, "auto")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
     with pytest.raises(RunError) as e:
         prepare_run_dir(tmp_path, CFG, "false")
     assert str(e.value) == (f"run dir '{tmp_path}' already exists; pass resume=true to continue it or choose a "
@@ -165,6 +166,18 @@ def test_resume_refuses_changed_immutable_keys_by_name(tmp_path):
     assert prepare_run_dir(tmp_path, _with(model__n_layer=3, max_steps=20, train__log_every=5,
                                            train__micro_batch_size=2),
                            "true", mutable_keys=DEFAULT_MUTABLE_KEYS | {"model"}) is True
+
+
+def test_a_run_that_failed_before_its_first_step_is_taken_over(tmp_path):
+    """config.yaml alone (e.g. train.lr was refused at the first step, or the data failed to load): a plain re-run
+    (resume=false) and resume=auto take the dir over, even with the corrected config; resume=true still refuses."""
+    prepare_run_dir(tmp_path, CFG, "false")
+    fixed = _with(train__lr=2e-3)
+    assert prepare_run_dir(tmp_path, fixed, "false") is False
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == fixed
+    assert prepare_run_dir(tmp_path, CFG, "auto") is False
+    with pytest.raises(RunError, match="no complete checkpoint"):
+        prepare_run_dir(tmp_path, CFG, "true")
 
 
 def test_auto_restarts_a_run_that_never_checkpointed(tmp_path):
