@@ -115,14 +115,27 @@ def has_run(run_dir: str | Path) -> bool:
 def _leftover_of_a_run(run_dir: Path, name: str) -> bool:
     """Is entry ``name`` of a dir without a run something lmforge left there for a run: a temporary or hidden file,
     the tokenizer a run trained before it was cut off (``tokenizer/`` marked ``run-tokenizer``), or the marker of a
-    bench's run dir?"""
+    bench's run dir, or what a start that failed before its first step wrote?"""
     if name.startswith("."):
         return True
+    if name in (CONFIG_FILE, METRICS_FILE, CHECKPOINTS):  # a start that failed before its first step (see has_run)
+        return _written_by_a_start(run_dir / name)
     marker = read_marker(run_dir / name) if name != MARKER else read_marker(run_dir)
     if name == MARKER:
         return marker is not None and marker.get("kind") == "bench-run"
     return name == "tokenizer" and marker is not None and marker.get("kind") == "run-tokenizer" and \
         not foreign_entries(run_dir / name)
+
+
+def _written_by_a_start(path: Path) -> bool:
+    """An empty metrics.jsonl or checkpoints/, or a config.yaml lmforge resolved (a mapping naming a run_dir)."""
+    if path.name != CONFIG_FILE:
+        return (path.is_file() and path.stat().st_size == 0) or (path.is_dir() and not any(path.iterdir()))
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(saved, dict) and "run_dir" in saved
 
 
 def check_run_outputs(run_dir: str | Path, overwrite: bool = False) -> None:
@@ -143,7 +156,7 @@ def check_run_outputs(run_dir: str | Path, overwrite: bool = False) -> None:
         return
     stray = [n for n in entries(run_dir) if not _leftover_of_a_run(run_dir, n)]
     if stray:
-        raise RunError(f"run dir '{run_dir}' holds no run (no {CONFIG_FILE}) but files lmforge did not write "
+        raise RunError(f"run dir '{run_dir}' holds no run (no metrics or checkpoints) but files lmforge did not write "
                        f"({describe(stray, run_dir)}); choose a new or empty run_dir, or pass overwrite=true to "
                        f"write the run beside them (files of other names are kept)")
 

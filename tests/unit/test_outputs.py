@@ -122,7 +122,7 @@ def test_run_outputs_of_a_dir_without_a_run(tmp_path):
 
 
 def test_run_outputs_of_a_run_refuse_a_model_dir_lmforge_did_not_write(tmp_path):
-    run = _tmp_dir(tmp_path, "run", {"config.yaml": "seed: 0\n"})
+    run = _tmp_dir(tmp_path, "run", {"config.yaml": "seed: 0\n", "metrics.jsonl": '{"step": 1}\n'})
     model = _tmp_dir(run, "model", {"config.json": "{}"})
     with pytest.raises(RunError, match="has a model/ that lmforge did not write"):
         check_run_outputs(run)
