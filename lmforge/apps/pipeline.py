@@ -43,6 +43,7 @@ from lmforge.recipes import pretrain as pretrain_recipe
 from lmforge.recipes.finetune import FinetuneConfig, finetune, finetune_train_defaults
 from lmforge.recipes.pretrain import PretrainConfig, paradigm_parts
 from lmforge.train.distributed import require_single_process
+from lmforge.train.runlock import training_run
 
 DEFAULT_PROMPTS = [
     "There once was a fisher named",
@@ -303,6 +304,11 @@ def load_pipeline_config(config_path: str | None, overrides: list[str]) -> Pipel
 
 def run_pipeline(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
     cfg = load_pipeline_config(config_path, overrides)
+    with training_run(cfg.run_dir):  # one live pipeline per run dir, for all its stages
+        return _run_stages(cfg)
+
+
+def _run_stages(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     report = Report(title=f"lmforge pipeline — {run_dir.name}")
     ctx = Context(cfg=cfg, report=report, run_dir=run_dir)

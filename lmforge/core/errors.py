@@ -58,6 +58,15 @@ _TMP_NAME = re.compile(r"(^|/)\.([^/]+)\.[^/.]+\.tmp(?=/|$)")
 RESUME_HINT = "a training run continues from its last checkpoint with resume=true"
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Is ``exc`` a full disk or quota, as an errno or in a serializer's own words (torch.save's zip writer,
+    safetensors' Rust writer: "No space left on device (os error 28)")?"""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return any(s in text for s in (*_SERIALIZER_DISK_FULL, "No space left on device", "os error 28"))
+
+
 def _untmp(match: re.Match) -> str:
     return match.group(1) + match.group(2)
 

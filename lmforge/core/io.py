@@ -1,12 +1,19 @@
-"""Atomic file writes: nothing already saved is lost if a run dies mid-write.  And :func:`read_json`, whose
-failure is one line naming the file.
+"""Atomic, durable file writes: nothing already saved is lost if a run dies mid-write or the power fails.  And
+:func:`read_json`, whose failure is one line naming the file.
 
 Every file lmforge writes goes to a temporary name in the same directory and is renamed into place
-(``os.replace`` is atomic on POSIX), so a reader sees either the old file or the new one.
+(``os.replace`` is atomic on POSIX), so a reader sees either the old file or the new one.  Before the rename
+the new file (or every file and directory of the new tree) is fsynced, and the parent directory after it:
+without the first a power cut can publish a name whose data never reached the disk (a truncated checkpoint
+that looks complete); without the second the rename itself can be lost.
+
+A full disk met while writing one file (:func:`writing`) is re-raised as ``OSError(ENOSPC)`` naming the file it
+was publishing, however the serializer worded it, so that :func:`lmforge.core.errors.user_error` words it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +21,56 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from lmforge.core.errors import is_disk_full
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Around the write of one file (``path``: the name it is published as): a full disk, however the writer
+    reports it (torch.save's zip writer and safetensors raise without an errno or a file name), becomes
+    ``OSError(ENOSPC)`` naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (renames, new files) durable; a filesystem that cannot fsync a directory
+    (some network and Windows filesystems) is left to its own guarantees."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file under ``root``, then every directory, deepest first (``root`` last)."""
+    dirs = []
+    for d, _, files in os.walk(root):
+        dirs.append(d)
+        for f in files:
+            fsync_file(os.path.join(d, f))
+    for d in reversed(dirs):
+        fsync_dir(d)
 
 
 @contextmanager
@@ -25,8 +82,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with writing(path):
+            yield tmp_path
+            fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -70,15 +130,23 @@ def atomic_dir(path: str | os.PathLike, publish: Callable[[Path, Path], None] | 
 
 
 def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Rename the finished directory ``tmp`` onto ``path``; an existing ``path`` is moved aside first and
-    deleted only after the new one is in place."""
+    """Rename the finished directory ``tmp`` onto ``path`` (its contents fsynced first, the parent after); an
+    existing ``path`` is moved aside first, put back if the rename fails, and deleted only after the new one is
+    in place."""
     tmp, path = Path(tmp), Path(path)
+    fsync_tree(tmp)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old"
         if old.exists():
             shutil.rmtree(old)
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

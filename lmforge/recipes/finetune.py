@@ -53,6 +53,7 @@ from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.memory import measure_training_memory
 from lmforge.train.rundir import check_run_dir, check_run_outputs
 from lmforge.train.run import Evaluation, RunSpec, check_run_keys
+from lmforge.train.runlock import training_run
 from lmforge.train.trainer import Trainer, TrainerConfig
 
 PREDICTIONS_FILE = "predictions-test.jsonl"  # RUN_DIR/: input, gold, prediction of every test example
@@ -324,6 +325,11 @@ def evaluate_split(parts: FinetuneParts, split: str, model: torch.nn.Module | No
 def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any]:
     """Train (ending on the best checkpoint), score the test split once, save; return the results (also
     written to ``RUN_DIR/results.json``)."""
+    with training_run(cfg.run_dir):  # the run dir's lock first: before the process group and any write
+        return _finetune(cfg, progress)
+
+
+def _finetune(cfg: FinetuneConfig, progress: bool | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     parts = build(cfg, progress)
     trainer = parts.trainer
@@ -438,7 +444,8 @@ def compare(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any]
 
 def run_compare(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
     cfg = load_finetune_config(config_path, overrides)
-    check_run_dir(cfg.run_dir, cfg.resume)
-    return compare(cfg)
+    with training_run(cfg.run_dir):  # the parent dir too (compare.json), each run's own dir inside
+        check_run_dir(cfg.run_dir, cfg.resume)
+        return compare(cfg)
 
 

@@ -39,6 +39,7 @@ from lmforge.objectives.span import SpanConfig
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir, check_run_outputs
 from lmforge.train.run import Evaluation, FitResult, RunSpec, check_run_keys
+from lmforge.train.runlock import training_run
 from lmforge.train.trainer import Trainer, TrainerConfig
 
 
@@ -270,8 +271,9 @@ def train_and_save(parts: PretrainParts) -> FitResult:
 
 
 def pretrain(cfg: PretrainConfig, progress: bool | None = None) -> dict[str, Any]:
-    parts = build(cfg, progress)
-    fit = train_and_save(parts)
+    with training_run(cfg.run_dir):  # the run dir's lock first: before the process group and any write
+        parts = build(cfg, progress)
+        fit = train_and_save(parts)
     return {"run_dir": str(cfg.run_dir), **fit.final, **parts.timings}
 
 

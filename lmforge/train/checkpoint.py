@@ -9,12 +9,23 @@ One directory per saved step (7-digit, zero-padded: ``step_0000100``) holding
 ``state.pt``                scheduler, grad scaler, RNG states (python, numpy, torch, cuda) and
                             the batch source's position (``train_source.state_dict()``)
 ``trainer_state.json``      step, tokens, elapsed time, best validation loss so far, last metrics
+``manifest.json``           every other file's size and sha256 (written after them)
 ``COMPLETE``                written last; a directory without it is not a checkpoint
 ==========================  ====================================================================
 
-The directory is assembled under a temporary name and renamed into place (:func:`lmforge.core.io.atomic_dir`),
-so a run killed mid-save leaves at most a hidden ``.step_*.tmp`` directory, which is ignored and cleaned
-up by the next save.  Frozen modules an objective owns (a DPO reference, a reward model) are not saved.
+The directory is assembled under a temporary name, fsynced and renamed into place
+(:func:`lmforge.core.io.atomic_dir`), so a run killed mid-save leaves at most a hidden ``.step_*.tmp``
+directory, which is ignored and cleaned up by the next save.  Frozen modules an objective owns (a DPO
+reference, a reward model) are not saved.
+
+Verification (:func:`verify_checkpoint`): before a resume the chosen checkpoint's files are checked against
+its manifest (sizes, then sha256: about 1.5 GB/s, the files hashed in parallel); a checkpoint an older lmforge
+wrote without a manifest is checked for what can be checked (its files present, ``trainer_state.json``
+readable, ``model.safetensors`` as long as its header says, the ``.pt`` archives' CRCs).
+:func:`resume_checkpoint` picks the newest checkpoint that verifies; a newer bad one (a power cut, a
+truncated copy) is renamed aside to ``step_NNNNNNN.bad`` — kept for inspection, no longer a checkpoint — and
+one line says which one was bad, why, and which one is used.  :func:`last_good_checkpoint` is the same choice
+without renaming anything (what the non-finite error names).
 
 Retention: :func:`prune_checkpoints` keeps the ``keep_last`` newest checkpoints **plus** the
 best-by-validation one, which ``RUN_DIR/checkpoints/best.json`` names (``{"step", "val_loss", "path"}``).
@@ -26,27 +37,35 @@ on the way out).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import struct
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_model as load_safetensors, save_model as save_safetensors
+from safetensors.torch import load_file, load_model as load_safetensors, save_model as save_safetensors
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
 from lmforge.core.errors import ModelError, RunError
-from lmforge.core.io import atomic_dir, atomic_write_json, replace_dir
+from lmforge.core.finite import first_nonfinite
+from lmforge.core.io import atomic_dir, atomic_write_json, replace_dir, writing
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"
 BEST = "best.json"
+BAD_SUFFIX = ".bad"
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 
 
@@ -133,13 +152,25 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimiz
     """
     path = checkpoint_dir(run_dir, step)
     with atomic_dir(path) as tmp:
-        save_safetensors(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        with writing(path / "model.safetensors"):
+            save_safetensors(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+        with writing(path / "optimizer.pt"):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _finish(tmp, path, step, state, trainer_state)
+    return path
+
+
+def _finish(tmp: Path, path: Path, step: int, state: dict[str, Any], trainer_state: dict[str, Any]) -> None:
+    """What every checkpoint form ends with, in this order: ``state.pt``, ``trainer_state.json``, the manifest of
+    all of them, ``COMPLETE`` (``tmp``: the directory being written; ``path``: its published name)."""
+    with writing(path / "state.pt"):
         torch.save(to_plain(state), tmp / "state.pt")
+    with writing(path / "trainer_state.json"):
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n",
                                                 encoding="utf-8")
+    write_manifest(tmp, path)
+    with writing(path / COMPLETE):
         (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")
-    return path
 
 
 SHARDED = "dcp"
@@ -151,8 +182,9 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
 
     Model and optimizer state go through ``torch.distributed.checkpoint`` into ``dcp/``, each rank writing
     its own shards, keyed by parameter name so that a different world size can load them (resharding);
-    ``state.pt``, ``trainer_state.json`` and ``COMPLETE`` come from rank 0, which renames the directory into
-    place once every rank has written (same atomic rule as a single-process checkpoint).
+    ``state.pt``, ``trainer_state.json``, the manifest (every rank's shard files too) and ``COMPLETE`` come
+    from rank 0, which renames the directory into place once every rank has written (same atomic rule as a
+    single-process checkpoint).
     """
     path = checkpoint_dir(run_dir, step)
     tmp = path.parent / f".{path.name}.tmp"  # one name every rank derives: no broadcast needed
@@ -162,16 +194,206 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module,
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED))
+    with writing(path / SHARDED):
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED))
     dist.barrier()
     if dist.is_main:
-        torch.save(to_plain(state), tmp / "state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n",
-                                                encoding="utf-8")
-        (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")
+        _finish(tmp, path, step, state, trainer_state)
         replace_dir(tmp, path)
     dist.barrier()
     return path
+
+
+# ---- manifest and verification --------------------------------------------------------------------
+
+def _listed_files(root: Path) -> list[str]:
+    """The files a manifest lists: everything under ``root`` but the manifest and the marker (relative, sorted)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and str(p.relative_to(root)) not in (MANIFEST, COMPLETE))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """sha256 of each file, several at once (hashlib releases the GIL: the model and optimizer files, the bulk
+    of a checkpoint, hash side by side)."""
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def write_manifest(tmp: Path, path: Path) -> None:
+    """``manifest.json`` in the checkpoint being written at ``tmp``: each file's size and sha256."""
+    names = _listed_files(tmp)
+    digests = _sha256_all([tmp / n for n in names])
+    files = {n: {"size": (tmp / n).stat().st_size, "sha256": d} for n, d in zip(names, digests)}
+    with writing(path / MANIFEST):
+        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n", encoding="utf-8")
+
+
+def _missing_file(path: Path) -> str | None:
+    """The first file every checkpoint needs that ``path`` lacks (whatever its manifest lists), or None."""
+    weights = ["model.safetensors", "optimizer.pt"] if not (path / SHARDED).is_dir() else [f"{SHARDED}/.metadata"]
+    return next((n for n in [*weights, "state.pt", "trainer_state.json"] if not (path / n).is_file()), None)
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """A safetensors file shorter or longer than its own header says, or with an unreadable header."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError):
+        return f"{file.name} has an unreadable header"
+    size, want = file.stat().st_size, 8 + n + end
+    return None if size == want else f"{file.name} has {size} bytes, its header says {want}"
+
+
+def _unlisted_problem(path: Path) -> str | None:
+    """What can be checked in a checkpoint without a manifest (one an older lmforge wrote)."""
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "trainer_state.json is unreadable"
+    if (path / "model.safetensors").is_file():
+        problem = _safetensors_problem(path / "model.safetensors")
+        if problem:
+            return problem
+    for name in ("optimizer.pt", "state.pt"):
+        if not (path / name).is_file():
+            continue
+        try:
+            with zipfile.ZipFile(path / name) as archive:
+                bad = archive.testzip()  # reads every member against its CRC-32
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+            return f"{name} is not a complete archive"
+        if bad is not None:
+            return f"{name} fails its CRC check ({bad})"
+    return None
+
+
+def _manifest_problem(path: Path, checksums: bool) -> str | None:
+    """Each file the manifest lists against its size and (``checksums``) its sha256."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        listed = [(str(n), int(e["size"]), str(e["sha256"])) for n, e in files.items()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size, _ in listed:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        actual = (path / name).stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, {MANIFEST} says {size}"
+    if checksums:
+        for (name, _, want), got in zip(listed, _sha256_all([path / n for n, _, _ in listed])):
+            if got != want:
+                return f"{name} does not match its sha256 in {MANIFEST}"
+    return None
+
+
+_verified: dict[Path, tuple[Any, str | None]] = {}  # verdicts of this process, by the files' sizes and times
+
+
+def _nonfinite_problem(path: Path) -> str | None:
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return None
+    try:
+        bad = first_nonfinite(load_file(weights))
+    except Exception as e:  # noqa: BLE001 - a file the size checks passed but safetensors cannot read
+        return f"model.safetensors is unreadable ({type(e).__name__})"
+    return f"model.safetensors holds a non-finite value ({bad})" if bad else None
+
+
+def verify_checkpoint(path: str | Path, checksums: bool = True) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (a phrase naming the file), or None when it verifies:
+    with a manifest, every file's size and (``checksums``) sha256; without one, what can be checked; with
+    ``checksums``, also that its weights are finite (an earlier lmforge could save a diverged model; a sharded
+    checkpoint is taken as it is, every save checks the state first).  ``checksums=False`` reads no file's
+    contents.  A verdict is remembered while the files' sizes and modification times stay the same."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        return f"no {COMPLETE} marker"
+    missing = _missing_file(path)
+    if missing:
+        return f"{missing} is missing"
+    stamp = (checksums, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+                              if p.is_file()))
+    known = _verified.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    if (path / MANIFEST).exists():
+        problem = _manifest_problem(path, checksums)
+    else:
+        problem = _unlisted_problem(path)
+    if problem is None and checksums:
+        problem = _nonfinite_problem(path)
+    _verified[path] = (stamp, problem)
+    return problem
+
+
+def last_good_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint that verifies (:func:`verify_checkpoint`: manifest sizes and checksums,
+    finite weights), or None; changes nothing.  What "the last good checkpoint" means wherever lmforge names one
+    (the non-finite errors, ``resume=true``'s check) and where a resume falls back to (:func:`resume_checkpoint`)."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        if verify_checkpoint(path) is None:
+            return path
+    return None
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def resume_checkpoint(run_dir: str | Path, say: Callable[[str], None] = _say) -> Path | None:
+    """The checkpoint a resume starts from: the newest that verifies.  Each newer one that does not is renamed
+    aside to ``step_NNNNNNN.bad`` (so that pruning, ``best.json`` and the next resume no longer see it) and one
+    line, given to ``say``, names them, why, and the checkpoint used; ``best.json`` naming a set-aside one is
+    rewound to the best the used checkpoint knew."""
+    bad: list[tuple[Path, str]] = []
+    chosen = None
+    for _, path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            chosen = path
+            break
+        bad.append((path, problem))
+    if not bad:
+        return chosen
+    for path, _ in bad:
+        aside = path.with_name(path.name + BAD_SUFFIX)
+        if aside.exists():  # an earlier bad copy of the same step, already reported
+            shutil.rmtree(aside)
+        path.rename(aside)
+    _rewind_best(run_dir, chosen)
+    what = "; ".join(f"checkpoint {p.name} is bad ({why}), set aside as {p.name}{BAD_SUFFIX}" for p, why in bad)
+    say(f"warning: {what}; " + (f"resuming from {chosen.name}" if chosen else "no good checkpoint left: starting from step 0"))
+    return chosen
+
+
+def _rewind_best(run_dir: str | Path, chosen: Path | None) -> None:
+    """After a fallback to ``chosen``: a ``best.json`` whose checkpoint was set aside names the best that
+    ``chosen`` recorded instead (or is removed when that one is gone too: the resumed run writes it again)."""
+    best = read_best(run_dir)
+    root = Path(run_dir) / CHECKPOINTS
+    if best is None or (root / str(best.get("path", "")) / COMPLETE).is_file():
+        return
+    known = json.loads((chosen / "trainer_state.json").read_text(encoding="utf-8")) if chosen else {}
+    step, value = known.get("best_step"), known.get("best_value", known.get("best_val_loss"))
+    if step is not None and value is not None and (checkpoint_dir(run_dir, step) / COMPLETE).is_file():
+        write_best(run_dir, int(step), float(value), str(known.get("best_metric") or "val_loss"))
+    else:
+        (root / BEST).unlink()
 
 
 def load_sharded_checkpoint(path: str | Path, *, model: nn.Module,
@@ -242,7 +464,8 @@ def load_model_weights(model: nn.Module, path: str | Path, device: torch.device 
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     device: torch.device | str = "cpu", optimizer_map_location: Any = None) -> dict[str, Any]:
     """Restore model (and optimizer) from a checkpoint dir; return ``trainer_state.json`` merged with
-    ``state.pt`` (keys ``scheduler``, ``scaler``, ``rng``, ``data`` ... as saved)."""
+    ``state.pt`` (keys ``scheduler``, ``scaler``, ``rng``, ``data`` ... as saved).  Verification is the caller's
+    (:func:`resume_checkpoint` before a resume)."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise RunError(f"'{path}' is not a complete checkpoint (no {COMPLETE} marker); resume from another one")
@@ -257,7 +480,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the ``keep_last`` newest complete checkpoints (``<= 0``: keep all), always keeping the
-    best one named by ``best.json``; also remove leftovers of interrupted saves."""
+    best one named by ``best.json`` and the newest one whose files still have their manifest's sizes (so a bad
+    newer checkpoint never costs the last good one); also remove leftovers of interrupted saves."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return
@@ -271,6 +495,8 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     keep = {p for _, p in found[-keep_last:]}
     if best is not None:
         keep.add(root / str(best.get("path", "")))
+    # sizes only: the checkpoints here were just written or verified at the resume, hashing them again is waste
+    keep.update([next((p for _, p in reversed(found) if verify_checkpoint(p, checksums=False) is None), root)])
     for _, p in found:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)

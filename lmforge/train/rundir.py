@@ -7,8 +7,10 @@
 
    - ``false``: the directory must not already hold a run (metrics lines or checkpoints) — lmforge never trains
      over an existing run; a ``config.yaml`` alone (a run that failed before its first step) is taken over;
-   - ``true``: continue from the latest complete checkpoint, which must exist;
-   - ``auto``: resume when a complete checkpoint exists, else start from step 0 (an existing run dir
+   - ``true``: continue from the latest complete checkpoint that verifies (its manifest's sizes and
+     checksums), which must exist — a bad newer one is set aside when training starts
+     (:func:`lmforge.train.checkpoint.resume_checkpoint`);
+   - ``auto``: resume when such a checkpoint exists, else start from step 0 (an existing run dir
      without a checkpoint — a run killed before its first save — is started over, after the config check);
 
 3. when the directory already holds a run, compares its ``config.yaml`` with the new config and refuses
@@ -50,7 +52,7 @@ from lmforge.core.config import diff_configs, dump_yaml
 from lmforge.core.errors import ConfigError, RunError
 from lmforge.core.io import atomic_write_text
 from lmforge.core.outputs import MARKER, describe, entries, foreign_entries, read_marker
-from lmforge.train.checkpoint import CHECKPOINTS, latest_checkpoint
+from lmforge.train.checkpoint import CHECKPOINTS, last_good_checkpoint, list_checkpoints, verify_checkpoint
 
 DEFAULT_MUTABLE_KEYS: frozenset[str] = frozenset({
     "max_steps", "resume", "run_dir", "overwrite",
@@ -191,11 +193,13 @@ def check_run_dir(run_dir: str | Path, resume: Any = "auto") -> bool:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run dir '{run_dir}' is a file, not a directory; choose another run_dir")
     _ensure_writable(run_dir)
-    ckpt = latest_checkpoint(run_dir)
     if resume == "false" and has_run(run_dir):
         raise RunError(f"run dir '{run_dir}' already exists; pass resume=true to continue it or choose a new run_dir")
+    ckpt = last_good_checkpoint(run_dir) if resume != "false" else None
     if resume == "true" and ckpt is None:
-        raise RunError(f"resume=true but run dir '{run_dir}' has no complete checkpoint to resume from; "
+        found = list_checkpoints(run_dir)
+        why = f" (the latest, {found[-1][1].name}, is bad: {verify_checkpoint(found[-1][1])})" if found else ""
+        raise RunError(f"resume=true but run dir '{run_dir}' has no complete checkpoint to resume from{why}; "
                        f"pass resume=auto to start it over or choose a new run_dir")
     return ckpt is not None
 

@@ -54,20 +54,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from lmforge.core.config import to_dict
 from lmforge.core.device import resolve_device
 from lmforge.core.errors import ConfigError, RunError
-from lmforge.core.finite import first_nonfinite, nonfinite_flag
+from lmforge.core.finite import nonfinite_flag
 from lmforge.core.seed import rng_state, seed_everything, set_rng_state
 from lmforge.models.flops import device_peak_flops
 from lmforge.objectives.base import count_input_tokens
-from lmforge.train.checkpoint import (best_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                      load_model_weights, load_sharded_checkpoint, prune_checkpoints,
-                                      save_checkpoint, save_sharded_checkpoint, write_best)
+from lmforge.train.checkpoint import (best_checkpoint, last_good_checkpoint, latest_checkpoint, list_checkpoints,
+                                      load_checkpoint, load_model_weights, load_sharded_checkpoint, prune_checkpoints,
+                                      resume_checkpoint, save_checkpoint, save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress
 from lmforge.train.batching import batch_rows, split_batch, to_device
 from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
@@ -75,6 +74,7 @@ from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, 
 from lmforge.train.optim import build_optimizer, freeze_parameters, param_groups
 from lmforge.train.rundir import METRICS_FILE, cut_metrics, metrics_at, prepare_run_dir
 from lmforge.train.run import Evaluation, FitResult, RunSpec
+from lmforge.train.runlock import RunLock
 from lmforge.train.schedule import build_scheduler
 from lmforge.train.trainer_config import TrainerConfig, resolve_precision
 
@@ -199,10 +199,19 @@ class Trainer:
     # ---- setup ------------------------------------------------------------------------------------
 
     def _prepare_run_dir(self) -> bool:
-        """Rank 0 checks and writes the run dir; every rank learns the outcome (the same error on every rank)."""
+        """Rank 0 locks (until ``fit()`` ends; re-entrant with a recipe's lock), checks and writes the run dir;
+        every rank learns the outcome (the same error on every rank)."""
         run = self.run
-        return bool(self.dist.on_main(lambda: prepare_run_dir(run.run_dir, self.config_dict, run.resume,
-                                                              run.mutable_keys)))
+        self._run_lock = RunLock(run.run_dir, take=False)
+
+        def prepare() -> bool:
+            self._run_lock = RunLock(run.run_dir)
+            try:
+                return prepare_run_dir(run.run_dir, self.config_dict, run.resume, run.mutable_keys)
+            except BaseException:
+                self._run_lock.release()
+                raise
+        return bool(self.dist.on_main(prepare))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg, strategy = self.cfg, self.dist.strategy
@@ -362,8 +371,8 @@ class Trainer:
         return halt
 
     def _last_good(self) -> str:
-        """Where the error sends the user: the newest checkpoint whose weights are finite."""
-        good = last_finite_checkpoint(self.run.run_dir)
+        """Where the error sends the user: the newest checkpoint that verifies and whose weights are finite."""
+        good = last_good_checkpoint(self.run.run_dir)
         return f"the last good checkpoint is {good}" if good is not None else "no good checkpoint was written yet"
 
     def _check_finite(self) -> None:
@@ -516,8 +525,11 @@ class Trainer:
         """Train to ``run.max_steps`` (resuming if the run dir says so); with ``evaluation.restore_best``, end with
         the best checkpoint's weights in the model (a collective under fsdp).  Returns the :class:`FitResult`."""
         self._fit_start = time.perf_counter()
+        run_dir = self.run.run_dir
+        # The newest checkpoint that verifies (rank 0 sets bad newer ones aside, saying so; every rank gets its
+        # path); a fresh run in a dir whose checkpoints are all bad (resume=auto) sets them aside too.
+        path = self.dist.on_main(lambda: resume_checkpoint(run_dir) if list_checkpoints(run_dir) else None)
         if self.resuming:
-            path = latest_checkpoint(self.run.run_dir)
             assert path is not None
             self._restore(path)
         else:
@@ -580,7 +592,10 @@ class Trainer:
             if logger is not None:
                 logger.close()
             progress.close()
-        return self._result()
+        try:
+            return self._result()
+        finally:
+            self._run_lock.release()
 
     def _result(self) -> FitResult:
         """Restore the best weights if asked, and say what the run left (every rank reads the shared run dir)."""
@@ -676,17 +691,3 @@ class Trainer:
             record["rank_optim_mb"] = round(self.rank_memory["optim_bytes"] / 2**20, 3)
         return record
 
-
-def last_finite_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose weights are all finite (a run of an earlier lmforge may have saved a
-    diverged one); a sharded (fsdp) checkpoint is taken as it is, since every save checks the state first."""
-    for _, path in reversed(list_checkpoints(run_dir)):
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            return path
-        try:
-            if first_nonfinite(load_file(weights)) is None:
-                return path
-        except Exception:  # noqa: BLE001 - an unreadable (e.g. truncated) file is no good checkpoint either
-            continue
-    return None

@@ -47,7 +47,7 @@ def test_round_trip_with_tied_weights_optimizer_and_numpy_state(tmp_path):
     path = save_checkpoint(tmp_path, 3, model=model, optimizer=opt, state=state, trainer_state={"tokens": 99})
     assert path.name == "step_0000003" and (path / "COMPLETE").is_file()
     assert {p.name for p in path.iterdir()} == {"model.safetensors", "optimizer.pt", "state.pt",
-                                                "trainer_state.json", "COMPLETE"}
+                                                "trainer_state.json", "manifest.json", "COMPLETE"}
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
     torch.manual_seed(1)

@@ -20,9 +20,8 @@ from lmforge.models.decoder import DecoderLM
 from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.io import save_model
 from lmforge.train import Evaluation, RunSpec, Trainer
-from lmforge.train.checkpoint import checkpoint_dir, list_checkpoints
+from lmforge.train.checkpoint import checkpoint_dir, last_good_checkpoint, list_checkpoints
 from lmforge.train.logging import format_record
-from lmforge.train.trainer import last_finite_checkpoint
 from tests.conftest import ROOT, cli
 from tests.faults import assert_refused, assert_unchanged, hashes
 from tests.unit.toy_training import PlainCLM, ToyLM, ToySource, make_cfg, poison_gradient, read_metrics
@@ -119,15 +118,17 @@ def test_too_many_skips_in_a_row_stop_the_run(tmp_path):
 
 
 def test_the_last_good_checkpoint_is_one_with_finite_weights(tmp_path):
-    """A diverged checkpoint (as an earlier lmforge could save) is never named as the last good one."""
+    """A diverged checkpoint (as an earlier lmforge, without manifests, could save) is never named as the last good
+    one, and a resume falls back past it."""
     run = tmp_path / "r"
     poisoned_trainer(tmp_path, "r", set(), max_steps=4, ckpt_every=2).fit()
     bad = checkpoint_dir(run, 4) / "model.safetensors"
     save_file({k: torch.full_like(v, math.nan) for k, v in load_file(bad).items()}, bad)
-    assert last_finite_checkpoint(run) == checkpoint_dir(run, 2)
-    resumed = poisoned_trainer(tmp_path, "r", set(), max_steps=6, ckpt_every=2)  # resumes the NaN weights
-    with pytest.raises(RunError, match=r"loss is nan at step 5; the last good checkpoint is .*step_0000002 "):
-        resumed.fit()
+    (checkpoint_dir(run, 4) / "manifest.json").unlink()  # an older lmforge's checkpoint: only its contents tell
+    assert last_good_checkpoint(run) == checkpoint_dir(run, 2)
+    poisoned = poisoned_trainer(tmp_path, "r", {3}, max_steps=6, ckpt_every=2)
+    with pytest.raises(RunError, match=r"at step 3 .*the last good checkpoint is .*step_0000002 "):
+        poisoned.fit()  # resumed from step 2: step 4 was set aside
 
 
 @pytest.mark.parametrize("where", ["weights", "optimizer"])
