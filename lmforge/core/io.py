@@ -134,7 +134,8 @@ def replace_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     existing ``path`` is moved aside first, put back if the rename fails, and deleted only after the new one is
     in place."""
     tmp, path = Path(tmp), Path(path)
-    fsync_tree(tmp)
+    with writing(path):
+        fsync_tree(tmp)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old"

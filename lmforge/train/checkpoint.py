@@ -170,7 +170,7 @@ def _finish(tmp: Path, path: Path, step: int, state: dict[str, Any], trainer_sta
                                                 encoding="utf-8")
     write_manifest(tmp, path)
     with writing(path / COMPLETE):
-        (tmp / COMPLETE).write_text("ok\n", encoding="utf-8")
+        (tmp / COMPLETE).write_text(f"ok\n{MANIFEST}\n", encoding="utf-8")  # (older lmforge: "ok", no manifest)
 
 
 SHARDED = "dcp"
@@ -333,6 +333,8 @@ def verify_checkpoint(path: str | Path, checksums: bool = True) -> str | None:
         return known[1]
     if (path / MANIFEST).exists():
         problem = _manifest_problem(path, checksums)
+    elif MANIFEST in (path / COMPLETE).read_text(encoding="utf-8", errors="replace"):
+        problem = f"{MANIFEST} is missing"  # this lmforge wrote it with one: not an older checkpoint
     else:
         problem = _unlisted_problem(path)
     if problem is None and checksums:

@@ -588,6 +588,9 @@ class Trainer:
                 if want_ckpt or (new_best and cfg.ckpt_every > 0):
                     self.save_checkpoint(new_best=new_best)
                     window_start = time.perf_counter()  # nor is checkpointing
+        except BaseException:
+            self._run_lock.release()
+            raise
         finally:
             if logger is not None:
                 logger.close()
