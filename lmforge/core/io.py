@@ -29,13 +29,14 @@ from lmforge.core.errors import is_disk_full
 def writing(path: str | os.PathLike) -> Iterator[None]:
     """Around the write of one file (``path``: the name it is published as): a full disk, however the writer
     reports it (torch.save's zip writer and safetensors raise without an errno or a file name), becomes
-    ``OSError(ENOSPC)`` naming ``path``."""
+    ``OSError(ENOSPC)`` naming ``path`` (an OSError that names its own file is left as it is)."""
     try:
         yield
     except Exception as e:
-        if is_disk_full(e):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise
+        if not is_disk_full(e) or getattr(e, "filename", None) is not None:  # not full, or it names its file
+            raise
+        code = e.errno if isinstance(e, OSError) else errno.ENOSPC
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 from lmforge import __version__
 from lmforge.core.errors import ConfigError
-from lmforge.core.io import atomic_write_json, replace_dir
+from lmforge.core.io import atomic_write_json, fsync_dir, fsync_tree, replace_dir
 
 MARKER = "lmforge.json"
 
@@ -123,6 +123,7 @@ def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     if not path.exists() or not foreign_entries(path):
         replace_dir(tmp, path)
         return
+    fsync_tree(tmp)  # durable before any of it is published (core/io.py: why)
     for src in sorted(tmp.iterdir(), key=lambda p: p.name == MARKER):  # the marker last: it lists what is there
         dst = path / src.name
         if dst.is_dir() and not src.is_dir():
@@ -131,4 +132,5 @@ def publish_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
             publish_dir(src, dst)
         else:
             os.replace(src, dst)
+    fsync_dir(path)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.core.errors import ModelError
-from lmforge.core.io import atomic_dir
+from lmforge.core.io import atomic_dir, writing
 from lmforge.core.io import read_json as io_read_json
 from lmforge.core.outputs import MARKER, make_marker, publish_dir, read_marker
 from lmforge.core.tokenizer import Tokenizer
@@ -149,16 +149,21 @@ def write_model_dir(path: str | Path, state: dict[str, torch.Tensor], hf_config:
     name = str(dtype).removeprefix("torch.")
     hf_config = {**hf_config, "dtype": name, "torch_dtype": name}
     path = Path(path)
-    with atomic_dir(path, publish=publish_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    with atomic_dir(path, publish=publish_dir) as tmp:  # a full disk at any file: named, the old dir kept
+        with writing(path / "config.json"):
+            (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         if generation_config is not None:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n",
-                                                        encoding="utf-8")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            with writing(path / "generation_config.json"):
+                (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n",
+                                                            encoding="utf-8")
+        with writing(path / "model.safetensors"):
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save(tmp, model_max_length=model_max_length)
+            with writing(path):  # several files: an error without a file name names the model dir
+                tokenizer.save(tmp, model_max_length=model_max_length)
         recorded = None if tokenizer is None else {"fingerprint": tokenizer.fingerprint,
                                                     "vocab_size": tokenizer.vocab_size}
         marker = make_marker("model", [p.name for p in tmp.iterdir()], tokenizer=recorded)
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        with writing(path / MARKER):
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return path
