@@ -1,6 +1,7 @@
 """Run directories: create, refuse to clobber, resume safely.
 
-:func:`prepare_run_dir` is called once before training.  It
+:func:`prepare_run_dir` is called once before training, by the process that holds the run dir's lock
+(:mod:`lmforge.train.runlock`: one live process per run dir).  It
 
 1. creates ``run_dir`` (one-line :class:`RunError` if it cannot be written);
 2. decides whether this run resumes, from ``resume``:
