@@ -379,7 +379,8 @@ def resume_checkpoint(run_dir: str | Path, say: Callable[[str], None] = _say) ->
         path.rename(aside)
     _rewind_best(run_dir, chosen)
     what = "; ".join(f"checkpoint {p.name} is bad ({why}), set aside as {p.name}{BAD_SUFFIX}" for p, why in bad)
-    say(f"warning: {what}; " + (f"resuming from {chosen.name}" if chosen else "no good checkpoint left: starting from step 0"))
+    then = f"resuming from {chosen.name}" if chosen else "no good checkpoint left: starting from step 0"
+    say(f"warning: {what}; {then}")
     return chosen
 
 

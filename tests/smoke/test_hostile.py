@@ -475,10 +475,52 @@ def disk_cases() -> list[Case]:
     ]
 
 
+# the run-dir lock and checkpoint verification (issue 22, durable)
+# --------------------------------------------------------------------------------------------------
+
+_held_locks: list[int] = []  # fds of the locks the lock cases hold (freed when the test process ends)
+
+
+def locked_run(tmp: Path) -> Path:
+    """``tmp/run`` locked as a live run holds it: a second open file description of ``.lock`` with an exclusive
+    flock conflicts with the command's own, even in this process (flock locks belong to the open file)."""
+    import fcntl
+
+    from lmforge.train.runlock import LOCK_FILE
+
+    run = tmp / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "command": "lmforge pretrain",
+                             "started": "2026-01-01 00:00:00"}).encode())
+    _held_locks.append(fd)
+    return run
+
+
+def durable_cases() -> list[Case]:
+    def every_checkpoint_truncated(fx, tmp):
+        run = copy_model(fx.run, tmp, "run")
+        for weights in (run / "checkpoints").glob("step_*/model.safetensors"):
+            weights.write_bytes(weights.read_bytes()[:100])
+        return finetune(f"run_dir={run}", "resume=true")(fx, tmp)
+
+    return [
+        case("run-dir-locked-pretrain", lambda fx, tmp: locked_run(tmp) and pretrain()(fx, tmp),
+             "is in use by pid 4242 on elsewhere"),
+        case("run-dir-locked-finetune-resume-true",
+             lambda fx, tmp: locked_run(tmp) and finetune("resume=true")(fx, tmp), "is in use by pid 4242"),
+        case("run-dir-locked-finetune-resume-auto",
+             lambda fx, tmp: locked_run(tmp) and finetune("resume=auto")(fx, tmp), "is in use by pid 4242"),
+        case("run-resume-true-every-checkpoint-truncated", every_checkpoint_truncated, "no complete checkpoint",
+             "is bad", "model.safetensors"),
+    ]
+
+
 # Other engineers' issue-22 cases go here: one builder per feature, each returning a list of Case.
 CASE_BUILDERS: list[Callable[[], list[Case]]] = [
     train_value_cases, run_value_cases, finetune_cases, broken_model_cases, generation_cases, eval_cases,
-    merge_cases, tokenizer_world_bench_cases, run_dir_cases, disk_cases,
+    merge_cases, tokenizer_world_bench_cases, run_dir_cases, disk_cases, durable_cases,
 ]
 CASES = [c for build in CASE_BUILDERS for c in build()]
 
