@@ -17,10 +17,11 @@ from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
+from lmforge.data.readers import TXT_SPLITS
 from lmforge.data.shards import train_tokenizer
 from lmforge.data.world import write_corpus
 from lmforge.recipes.bench_peft import run_bench_peft
-from lmforge.recipes.evaluate import run_fill_mask, run_generate, run_perplexity
+from lmforge.recipes.evaluate import EVAL_TXT_SPLIT, run_fill_mask, run_generate, run_perplexity
 from lmforge.recipes.finetune import run_compare, run_finetune
 from lmforge.recipes.merge import merge
 from lmforge.recipes.pretrain import run_pretrain
@@ -105,12 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     pp = ev_sub.add_parser("perplexity", help="perplexity and bits-per-byte on a text file or dataset",
                            description="Decoders: perplexity with the fixed-length-model method (windows of "
                            "--max-length tokens advancing by --stride; tokens scored by an earlier window are context "
-                           "only) and bits-per-byte.  bert: pseudo-perplexity.  t5: span-corruption loss.")
+                           "only) and bits-per-byte.  bert: pseudo-perplexity.  t5: span-corruption loss.  The text "
+                           "is tokenised as the model's tokenizer does it, BOS only where the tokenizer itself adds "
+                           "one (Llama's do, GPT-2's do not), as the transformers perplexity guide does; several "
+                           "documents are joined with EOS.  A .txt file is one document, exactly as written.  The "
+                           "window and stride used are printed.")
     pp.add_argument("--model", required=True, help="lmforge model dir or Hugging Face checkpoint dir")
     pp.add_argument("--data", required=True, help="text file, folder, glob, .jsonl/.csv/.parquet, HF dataset dir or 'world'")
     pp.add_argument("--field", default="text")
-    pp.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
-    pp.add_argument("--stride", type=int, default=None, help="window advance (default: max-length)")
+    pp.add_argument("--txt-split", choices=list(TXT_SPLITS), default=EVAL_TXT_SPLIT,
+                    help="how a .txt file becomes documents: the whole file as written (default), its "
+                    "blank-line-separated paragraphs, or its lines")
+    pp.add_argument("--max-length", type=int, default=None,
+                    help="window length (default: the window the model was trained with, recorded in its dir by "
+                    "lmforge; else the model's context)")
+    pp.add_argument("--stride", type=int, default=None, help="window advance (default: half the window)")
     pp.add_argument("--batch-size", type=_at_least(1), default=8)
     pp.add_argument("--max-docs", type=_at_least(1), default=None, help="score only the first N documents")
     pp.add_argument("--device", default="auto")
@@ -219,9 +229,11 @@ def _cmd_eval(args) -> int:
     result = run_perplexity(args)
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  "
-              f"tokens {result['tokens']}")
+        return 0
+    bpb = "" if result["bits_per_byte"] is None else f"  bits/byte {result['bits_per_byte']:.4f}"
+    stride = "" if result["stride"] is None else f", stride {result['stride']}"
+    print(f"{result.get('kind', 'perplexity')} {result['perplexity']:.4f}{bpb}  tokens {result['tokens']}  "
+          f"(window {result['window']} = {result['window_from']}{stride})")
     return 0
 
 

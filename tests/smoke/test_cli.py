@@ -56,6 +56,12 @@ def test_eval_perplexity_json(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["perplexity"] > 1 and out["bits_per_byte"] > 0 and out["tokens"] > 5
+    # the window the model was trained with (data.seq_len=32, recorded at export), not its 64 positions
+    assert json.loads((tiny_run / "model" / "lmforge.json").read_text())["train_window"] == 32
+    assert (out["window"], out["window_from"], out["stride"]) == (32, "training window", 16)
+    proc = cli("eval", "perplexity", "--model", str(tiny_run / "model"), "--data", str(text), "--max-length", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "(window 64 = --max-length, stride 32)" in proc.stdout
 
 
 def test_generate_greedy(tiny_run):
