@@ -17,6 +17,7 @@ from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
+from lmforge.core.tokenizer import vocabulary_note
 from lmforge.data.readers import TXT_SPLITS
 from lmforge.data.shards import train_tokenizer
 from lmforge.data.world import write_corpus
@@ -193,6 +194,9 @@ def _cmd_tokenizer(args) -> int:
         raise LmforgeError("usage: lmforge tokenizer train --data PATH --vocab-size N --out DIR")
     tok = train_tokenizer(args.data, args.vocab_size, args.out, special_tokens=args.special_tokens,
                           max_bytes=args.max_bytes, field=args.field, overwrite=args.force)
+    note = vocabulary_note(tok)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(f"saved tokenizer ({tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}) to {args.out}")
     return 0
 
