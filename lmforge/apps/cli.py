@@ -18,8 +18,10 @@ from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
 from lmforge.core.tokenizer import vocabulary_note
+from lmforge.data.cache import cache_entries, clear_cache, human_bytes, other_entries
 from lmforge.data.readers import TXT_SPLITS
 from lmforge.data.shards import train_tokenizer
+from lmforge.data.sources import cache_root
 from lmforge.data.world import write_corpus
 from lmforge.recipes.bench_peft import run_bench_peft
 from lmforge.recipes.evaluate import EVAL_TXT_SPLIT, run_fill_mask, run_generate, run_perplexity
@@ -178,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--no-check-base", action="store_true",
                     help="skip the check that BASE is the model the delta was trained on")
 
+    # cache
+    ca = sub.add_parser("cache", help="list or clear lmforge's cache (world corpora, token shards)",
+                        description="lmforge caches built-in world corpora and token shards in $LMFORGE_CACHE "
+                        "(default ~/.cache/lmforge), shared by every run; everything there is rebuilt when needed.")
+    ca_sub = ca.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
+    cl = ca_sub.add_parser("list", help="what the cache holds: each entry, its size, the total",
+                           description="List lmforge's entries in $LMFORGE_CACHE with their sizes and the total.")
+    cl.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    cc = ca_sub.add_parser("clear", help="remove lmforge's cache entries (needs --yes)",
+                           description="Remove lmforge's own entries from $LMFORGE_CACHE (world corpora, token shards, "
+                           "unfinished shard builds); any other file in that directory is kept.")
+    cc.add_argument("--yes", action="store_true", help="really remove them (without it: refused, nothing removed)")
+
     # world
     wo = sub.add_parser("world", help="write the built-in synthetic world corpus to a JSONL file",
                         description="Write documents of the built-in world (encyclopedia entries, stories, "
@@ -268,6 +283,29 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    root = cache_root()
+    if args.cache_command == "list":
+        entries, others = cache_entries(root), other_entries(root)
+        total = sum(e.bytes for e in entries)
+        if args.json:
+            print(json.dumps({"cache": str(root), "total_bytes": total, "others": [str(p) for p in others],
+                              "entries": [{"path": str(e.path), "kind": e.kind, "bytes": e.bytes, "about": e.about}
+                                          for e in entries]}))
+            return 0
+        print(f"lmforge cache: {root} (set LMFORGE_CACHE to move it)")
+        for e in entries:
+            print(f"  {human_bytes(e.bytes):>9}  {e.kind:<17} {e.path.relative_to(root)}  ({e.about})")
+        print(f"total {human_bytes(total)} in {len(entries)} entries" +
+              (f"; {len(others)} other entries there are not lmforge's and stay" if others else ""))
+        return 0
+    if args.cache_command == "clear":
+        removed = clear_cache(root, yes=args.yes)
+        print(f"removed {len(removed)} entries ({human_bytes(sum(e.bytes for e in removed))}) from {root}")
+        return 0
+    raise LmforgeError("usage: lmforge cache list [--json] | lmforge cache clear --yes")
+
+
 def _cmd_world(args) -> int:
     check_output_file(args.out, force=args.force, what=f"--out '{args.out}'")
     path = write_corpus(args.out, seed=args.seed, target_bytes=args.bytes)
@@ -289,6 +327,7 @@ COMMANDS: dict[str, Callable] = {
     "merge": _cmd_merge,
     "bench": _cmd_bench,
     "world": _cmd_world,
+    "cache": _cmd_cache,
 }
 
 
@@ -303,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command")
+    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command", "cache_command")
                         if getattr(args, k, None)), None)
     try:
         with running(" ".join(filter(None, (args.command, sub_command)))):  # recorded in what the command writes

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -158,6 +159,12 @@ class ShardSet:
 
 
 # ---------------------------------------------------------------------------------------- building
+SHARD_DIR_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{8}")
+"""The names :func:`shard_dir_name` gives (``lmforge cache`` recognises shard dirs by it and their manifest)."""
+BUILDING_NAME = re.compile(r"\.(?P<name>[0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{8})\.(?P<pid>\d+)\.\d+\.tmp")
+"""A shard dir being built (by process ``pid``): :func:`build_shards`'s temporary name."""
+
+
 def shard_dir_name(src_hash: str, fingerprint: str, settings: dict[str, Any]) -> str:
     blob = json.dumps(settings, sort_keys=True).encode()
     return f"{src_hash[:16]}-{fingerprint[:16]}-{hashlib.sha256(blob).hexdigest()[:8]}"

@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cmd", [[], ["pretrain"], ["pipeline"], ["tokenizer"], ["tokenizer", "train"], ["eval"],
-                                 ["eval", "perplexity"], ["generate"], ["world"]])
+                                 ["eval", "perplexity"], ["generate"], ["world"], ["cache", "clear"]])
 def test_help(cmd):
     proc = cli(*cmd, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout
