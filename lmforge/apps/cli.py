@@ -17,10 +17,14 @@ from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
+from lmforge.core.tokenizer import vocabulary_note
+from lmforge.data.cache import cache_entries, clear_cache, human_bytes, other_entries
+from lmforge.data.readers import TXT_SPLITS
 from lmforge.data.shards import train_tokenizer
+from lmforge.data.sources import cache_root
 from lmforge.data.world import write_corpus
 from lmforge.recipes.bench_peft import run_bench_peft
-from lmforge.recipes.evaluate import run_fill_mask, run_generate, run_perplexity
+from lmforge.recipes.evaluate import EVAL_TXT_SPLIT, run_fill_mask, run_generate, run_perplexity
 from lmforge.recipes.finetune import run_compare, run_finetune
 from lmforge.recipes.merge import merge
 from lmforge.recipes.pretrain import run_pretrain
@@ -105,12 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     pp = ev_sub.add_parser("perplexity", help="perplexity and bits-per-byte on a text file or dataset",
                            description="Decoders: perplexity with the fixed-length-model method (windows of "
                            "--max-length tokens advancing by --stride; tokens scored by an earlier window are context "
-                           "only) and bits-per-byte.  bert: pseudo-perplexity.  t5: span-corruption loss.")
+                           "only) and bits-per-byte.  bert: pseudo-perplexity.  t5: span-corruption loss.  The text "
+                           "is tokenised as the model's tokenizer does it, BOS only where the tokenizer itself adds "
+                           "one (Llama's do, GPT-2's do not), as the transformers perplexity guide does; several "
+                           "documents are joined with EOS.  A .txt file is one document, exactly as written.  The "
+                           "window and stride used are printed.")
     pp.add_argument("--model", required=True, help="lmforge model dir or Hugging Face checkpoint dir")
     pp.add_argument("--data", required=True, help="text file, folder, glob, .jsonl/.csv/.parquet, HF dataset dir or 'world'")
     pp.add_argument("--field", default="text")
-    pp.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
-    pp.add_argument("--stride", type=int, default=None, help="window advance (default: max-length)")
+    pp.add_argument("--txt-split", choices=list(TXT_SPLITS), default=EVAL_TXT_SPLIT,
+                    help="how a .txt file becomes documents: the whole file as written (default), its "
+                    "blank-line-separated paragraphs, or its lines")
+    pp.add_argument("--max-length", type=int, default=None,
+                    help="window length (default: the window the model was trained with, recorded in its dir by "
+                    "lmforge; else the model's context)")
+    pp.add_argument("--stride", type=int, default=None, help="window advance (default: half the window)")
     pp.add_argument("--batch-size", type=_at_least(1), default=8)
     pp.add_argument("--max-docs", type=_at_least(1), default=None, help="score only the first N documents")
     pp.add_argument("--device", default="auto")
@@ -167,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--no-check-base", action="store_true",
                     help="skip the check that BASE is the model the delta was trained on")
 
+    # cache
+    ca = sub.add_parser("cache", help="list or clear lmforge's cache (world corpora, token shards)",
+                        description="lmforge caches built-in world corpora and token shards in $LMFORGE_CACHE "
+                        "(default ~/.cache/lmforge), shared by every run; everything there is rebuilt when needed.")
+    ca_sub = ca.add_subparsers(dest="cache_command", metavar="SUBCOMMAND")
+    cl = ca_sub.add_parser("list", help="what the cache holds: each entry, its size, the total",
+                           description="List lmforge's entries in $LMFORGE_CACHE with their sizes and the total.")
+    cl.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    cc = ca_sub.add_parser("clear", help="remove lmforge's cache entries (needs --yes)",
+                           description="Remove lmforge's own entries from $LMFORGE_CACHE (world corpora, token shards, "
+                           "unfinished shard builds); any other file in that directory is kept.")
+    cc.add_argument("--yes", action="store_true", help="really remove them (without it: refused, nothing removed)")
+
     # world
     wo = sub.add_parser("world", help="write the built-in synthetic world corpus to a JSONL file",
                         description="Write documents of the built-in world (encyclopedia entries, stories, "
@@ -183,6 +209,9 @@ def _cmd_tokenizer(args) -> int:
         raise LmforgeError("usage: lmforge tokenizer train --data PATH --vocab-size N --out DIR")
     tok = train_tokenizer(args.data, args.vocab_size, args.out, special_tokens=args.special_tokens,
                           max_bytes=args.max_bytes, field=args.field, overwrite=args.force)
+    note = vocabulary_note(tok)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     print(f"saved tokenizer ({tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}) to {args.out}")
     return 0
 
@@ -219,9 +248,11 @@ def _cmd_eval(args) -> int:
     result = run_perplexity(args)
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  "
-              f"tokens {result['tokens']}")
+        return 0
+    bpb = "" if result["bits_per_byte"] is None else f"  bits/byte {result['bits_per_byte']:.4f}"
+    stride = "" if result["stride"] is None else f", stride {result['stride']}"
+    print(f"{result.get('kind', 'perplexity')} {result['perplexity']:.4f}{bpb}  tokens {result['tokens']}  "
+          f"(window {result['window']} = {result['window_from']}{stride})")
     return 0
 
 
@@ -252,6 +283,29 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_cache(args) -> int:
+    root = cache_root()
+    if args.cache_command == "list":
+        entries, others = cache_entries(root), other_entries(root)
+        total = sum(e.bytes for e in entries)
+        if args.json:
+            print(json.dumps({"cache": str(root), "total_bytes": total, "others": [str(p) for p in others],
+                              "entries": [{"path": str(e.path), "kind": e.kind, "bytes": e.bytes, "about": e.about}
+                                          for e in entries]}))
+            return 0
+        print(f"lmforge cache: {root} (set LMFORGE_CACHE to move it)")
+        for e in entries:
+            print(f"  {human_bytes(e.bytes):>9}  {e.kind:<17} {e.path.relative_to(root)}  ({e.about})")
+        print(f"total {human_bytes(total)} in {len(entries)} entries" +
+              (f"; {len(others)} other entries there are not lmforge's and stay" if others else ""))
+        return 0
+    if args.cache_command == "clear":
+        removed = clear_cache(root, yes=args.yes)
+        print(f"removed {len(removed)} entries ({human_bytes(sum(e.bytes for e in removed))}) from {root}")
+        return 0
+    raise LmforgeError("usage: lmforge cache list [--json] | lmforge cache clear --yes")
+
+
 def _cmd_world(args) -> int:
     check_output_file(args.out, force=args.force, what=f"--out '{args.out}'")
     path = write_corpus(args.out, seed=args.seed, target_bytes=args.bytes)
@@ -273,6 +327,7 @@ COMMANDS: dict[str, Callable] = {
     "merge": _cmd_merge,
     "bench": _cmd_bench,
     "world": _cmd_world,
+    "cache": _cmd_cache,
 }
 
 
@@ -287,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command")
+    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command", "cache_command")
                         if getattr(args, k, None)), None)
     try:
         with running(" ".join(filter(None, (args.command, sub_command)))):  # recorded in what the command writes

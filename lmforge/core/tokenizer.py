@@ -63,6 +63,19 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
+def vocabulary_note(tok: "Tokenizer", flag: str = "--vocab-size") -> str | None:
+    """One line when a trained tokenizer came out smaller than asked (BPE stops when no pair of tokens occurs
+    ``min_frequency`` times: a small corpus runs out of merges), else None.  Not an error: the tokenizer works,
+    it is only smaller; ``flag`` names the setting the user asked with."""
+    asked = (tok.trained or {}).get("vocab_size")
+    if asked is None or tok.vocab_size >= asked:
+        return None
+    t = tok.trained
+    return (f"vocabulary has {tok.vocab_size} tokens, fewer than the {asked} asked: the training text "
+            f"({t['bytes']:,} bytes in {t['documents']:,} documents) has no more pairs to merge that occur at least "
+            f"min_frequency={t['min_frequency']} times; give it more text or ask for a smaller {flag}")
+
+
 class Tokenizer:
     """A tokenizer: encode/decode text, plus the ids of its special tokens.
 
@@ -98,6 +111,9 @@ class Tokenizer:
         self.model_max_length = model_max_length
         self._fingerprint: str | None = None
         self._adds_bos: bool | None = None
+        self.trained: dict[str, int] | None = None
+        """What :meth:`train` was asked and given (``vocab_size``, ``documents``, ``bytes``, ``min_frequency``);
+        None for a loaded tokenizer."""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -130,19 +146,23 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
                                       special_tokens=specials, initial_alphabet=sorted(alphabet),
                                       show_progress=False)
-        seen = [0]
+        seen = [0, 0]  # documents, UTF-8 bytes
 
         def counted(it: Iterable[str]):
             for text in it:
                 if text:
                     seen[0] += 1
+                    seen[1] += len(text.encode("utf-8"))
                     yield text
 
         hf.train_from_iterator(counted(texts), trainer=trainer)
         if seen[0] == 0:
             raise DataError("the tokenizer training text is empty; give it some documents to learn from")
-        return cls(hf, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
-                   chat_template=chat_template, model_max_length=model_max_length)
+        tok = cls(hf, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+                  chat_template=chat_template, model_max_length=model_max_length)
+        tok.trained = {"vocab_size": int(vocab_size), "documents": seen[0], "bytes": seen[1],
+                       "min_frequency": int(min_frequency)}
+        return tok
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":

@@ -2,10 +2,11 @@
 
 :func:`read_records` reads JSON lines or a JSON array (``.jsonl``/``.json``), CSV/TSV with a header row and Parquet
 (``.gz`` of the text formats too) as ``(where, record)`` pairs.  The document readers here (behind
-:func:`lmforge.data.sources.iter_documents`: a text field of each record, or ``.txt`` blocks) and the task loader
-(:func:`lmforge.data.tasks.iter_records`) both read files through it.  Its syntax errors (UTF-8, JSON, CSV) are
-``DataError``s naming the file and line in the caller's words (:class:`Wording`), so each caller keeps its
-messages.  Resolving a spec to files is :mod:`lmforge.data.sources`'s job.
+:func:`lmforge.data.sources.iter_documents`: a text field of each record, or ``.txt`` text) and the task loader
+(:func:`lmforge.data.tasks.iter_records`) both read files through it.  A ``.txt`` file is one document, its
+paragraphs or its lines (:data:`TXT_SPLITS`): evaluation reads it whole, training by paragraphs unless told.  Its
+syntax errors (UTF-8, JSON, CSV) are ``DataError``s naming the file and line in the caller's words
+(:class:`Wording`), so each caller keeps its messages.  Resolving a spec to files is :mod:`lmforge.data.sources`'s job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import sys
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Iterator, Sequence
 
@@ -232,18 +234,50 @@ def _parquet_records(path: Path, columns: Sequence[str], wording: Wording) -> It
 
 # ---- documents --------------------------------------------------------------------------------------------
 
-def _read_txt(path: Path, field: str) -> Iterator[str]:
-    block: list[str] = []
+def _decoded_lines(path: Path) -> Iterator[str]:
+    """The lines of a text file as written (line endings kept), UTF-8 errors naming the line."""
     with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
-            line = decode_line(raw, path, lineno).rstrip("\r\n")
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "\n".join(block)
-                block = []
+            yield decode_line(raw, path, lineno)
+
+
+def _whole_file(lines: Iterator[str]) -> Iterator[str]:
+    """The file is one document, exactly as written: every newline and blank line kept (what evaluation reads,
+    so a score is the score of the text in the file)."""
+    yield "".join(lines)
+
+
+def _paragraphs(lines: Iterator[str]) -> Iterator[str]:
+    """Blocks of non-blank lines separated by blank (empty or whitespace-only) lines; a block's lines joined with
+    ``\\n``."""
+    block: list[str] = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
     if block:
         yield "\n".join(block)
+
+
+def _lines(lines: Iterator[str]) -> Iterator[str]:
+    """Every non-blank line (without its line ending) is a document."""
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.strip():
+            yield line
+
+
+TXT_SPLITS = {"file": _whole_file, "paragraph": _paragraphs, "line": _lines}
+"""How a ``.txt`` file becomes documents (``data.txt_split`` / ``--txt-split``)."""
+DEFAULT_TXT_SPLIT = "paragraph"
+"""Training's default: today's reading, so a corpus of paragraphs trains as it always did."""
+
+
+def _read_txt(path: Path, field: str, split: str = DEFAULT_TXT_SPLIT) -> Iterator[str]:
+    return TXT_SPLITS[split](_decoded_lines(path))
 
 
 def _read_json(path: Path, field: str) -> Iterator[str]:
@@ -303,9 +337,12 @@ READERS = {".txt": _read_txt, ".jsonl": _read_json, ".json": _read_json, ".csv":
            ".tsv": _read_column, ".parquet": _read_column}
 
 
-def reader_for(path: Path):
-    """The reader of ``path``'s format: ``reader_for(path)(path, field)`` yields its documents."""
+def reader_for(path: Path, txt_split: str = DEFAULT_TXT_SPLIT):
+    """The reader of ``path``'s format: ``reader_for(path)(path, field)`` yields its documents; a ``.txt`` file's
+    are cut as ``txt_split`` says (one of :data:`TXT_SPLITS`)."""
     ext = file_ext(path)
+    base = ext[:-3] if ext.endswith(".gz") else ext
+    read = partial(_read_txt, split=txt_split) if base in TEXT_EXTS else READERS[base]
     if ext.endswith(".gz"):
-        return lambda p, field: _whole_gzip(p, READERS[ext[:-3]](p, field))
-    return READERS[ext]
+        return lambda p, field: _whole_gzip(p, read(p, field))
+    return read

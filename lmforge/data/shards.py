@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -43,6 +44,7 @@ from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.outputs import check_output_dir, write_marker
 from lmforge.core.tokenizer import Tokenizer
+from lmforge.data.readers import DEFAULT_TXT_SPLIT
 from lmforge.data.shard_writer import _chunks, _Encoder, _pack, _SplitWriter, token_dtype, val_mask
 from lmforge.data.sources import WORLD_BYTES, cache_root, describe_source, iter_documents, source_hash
 
@@ -157,6 +159,12 @@ class ShardSet:
 
 
 # ---------------------------------------------------------------------------------------- building
+SHARD_DIR_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{8}")
+"""The names :func:`shard_dir_name` gives (``lmforge cache`` recognises shard dirs by it and their manifest)."""
+BUILDING_NAME = re.compile(r"\.(?P<name>[0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{8})\.(?P<pid>\d+)\.\d+\.tmp")
+"""A shard dir being built (by process ``pid``): :func:`build_shards`'s temporary name."""
+
+
 def shard_dir_name(src_hash: str, fingerprint: str, settings: dict[str, Any]) -> str:
     blob = json.dumps(settings, sort_keys=True).encode()
     return f"{src_hash[:16]}-{fingerprint[:16]}-{hashlib.sha256(blob).hexdigest()[:8]}"
@@ -165,14 +173,16 @@ def shard_dir_name(src_hash: str, fingerprint: str, settings: dict[str, Any]) ->
 def build_shards(spec: str | os.PathLike, tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None,
                  field: str = "text", val_fraction: float = 0.01, num_workers: int | None = None,
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, *, seed: int = 0, max_docs: int | None = None,
-                 world_bytes: int = WORLD_BYTES, rebuild: bool = False) -> ShardSet:
+                 world_bytes: int = WORLD_BYTES, rebuild: bool = False, txt_split: str = DEFAULT_TXT_SPLIT
+                 ) -> ShardSet:
     """Tokenise ``spec`` into train/val shards under ``cache_dir`` (default ``$LMFORGE_CACHE/shards``),
     or reuse them if these inputs were tokenised before (``result.reused``).
 
     ``val_fraction``: share of documents for validation, chosen by a hash of (document index, ``seed``).
     ``num_workers``: None/1 = the tokenizer's Rust thread pool; N >= 2 = N worker processes.
     ``shard_tokens``: soft size limit of one shard file.  ``max_docs``: read only the first documents.
-    ``rebuild``: tokenise again even when cached shards exist.
+    ``rebuild``: tokenise again even when cached shards exist.  ``txt_split``: how ``.txt`` files become
+    documents (:data:`lmforge.data.readers.TXT_SPLITS`; part of the cache key, as it changes the documents).
     """
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ConfigError(f"val_fraction {val_fraction} must be in [0, 1) (e.g. 0.01 for 1% of documents)")
@@ -191,7 +201,8 @@ def build_shards(spec: str | os.PathLike, tokenizer: Tokenizer, cache_dir: str |
     cache = Path(cache_dir) if cache_dir is not None else cache_root() / "shards"
     src_hash = source_hash(spec, field, world_bytes=world_bytes)
     settings = {"version": FORMAT_VERSION, "field": field, "val_fraction": float(val_fraction), "seed": int(seed),
-                "max_docs": max_docs, "shard_tokens": int(shard_tokens), "eos_id": sep, "bos_id": bos}
+                "max_docs": max_docs, "shard_tokens": int(shard_tokens), "eos_id": sep, "bos_id": bos,
+                "txt_split": txt_split}
     final = cache / shard_dir_name(src_hash, tokenizer.fingerprint, settings)
     if not rebuild and (final / "manifest.json").is_file():
         try:
@@ -208,7 +219,7 @@ def build_shards(spec: str | os.PathLike, tokenizer: Tokenizer, cache_dir: str |
     try:
         writers = {s: _SplitWriter(tmp, s, dtype, int(shard_tokens)) for s in SPLITS}
         encoder = _Encoder(tokenizer, num_workers)
-        docs = iter_documents(spec, field, max_docs, world_bytes=world_bytes)
+        docs = iter_documents(spec, field, max_docs, txt_split=txt_split, world_bytes=world_bytes)
         next_index = 0
         for chunk, ids in encoder.map(_chunks(docs)):
             tokens, lens = _pack(ids, bos, sep)
@@ -234,7 +245,8 @@ def build_shards(spec: str | os.PathLike, tokenizer: Tokenizer, cache_dir: str |
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                           "eos_id": sep, "bos_id": bos},
-            "source": {"spec": os.fspath(spec), "hash": src_hash, "field": field, "kind": described["kind"],
+            "source": {"spec": os.fspath(spec), "hash": src_hash, "field": field, "txt_split": txt_split,
+                       "kind": described["kind"],
                        "files": described["files"], "num_docs": next_index},
             "val_fraction": float(val_fraction),
             "seed": int(seed),
@@ -269,7 +281,7 @@ def train_tokenizer(data_spec: str | os.PathLike, vocab_size: int, out_dir: str 
                     special_tokens: list[str] | None = None, max_bytes: int | None = None, *,
                     field: str = "text", min_frequency: int = 2, world_bytes: int = WORLD_BYTES,
                     model_max_length: int | None = None, overwrite: bool = True,
-                    kind: str = "tokenizer") -> Tokenizer:
+                    kind: str = "tokenizer", txt_split: str = DEFAULT_TXT_SPLIT) -> Tokenizer:
     """Train a byte-level BPE on the documents of ``data_spec`` and save it to ``out_dir``.
 
     ``max_bytes`` caps the UTF-8 text read for training (documents are taken in order until the cap is
@@ -288,7 +300,7 @@ def train_tokenizer(data_spec: str | os.PathLike, vocab_size: int, out_dir: str 
 
     def texts() -> Iterator[str]:
         used = 0
-        for doc in iter_documents(data_spec, field, world_bytes=world_bytes):
+        for doc in iter_documents(data_spec, field, txt_split=txt_split, world_bytes=world_bytes):
             yield doc
             used += len(doc.encode("utf-8"))
             if max_bytes is not None and used >= max_bytes:

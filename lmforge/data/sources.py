@@ -16,8 +16,11 @@ A spec is one of
 
 How each format becomes documents:
 
-* ``.txt``: documents are blocks of lines separated by one or more blank (empty or whitespace-only)
-  lines; the lines of a block are joined with ``\\n``.  A file with no blank line is one document.
+* ``.txt``: by ``txt_split`` (``data.txt_split`` in training configs, ``--txt-split`` of ``eval perplexity``):
+  ``paragraph`` (training's default) -- documents are blocks of lines separated by one or more blank (empty or
+  whitespace-only) lines, the lines of a block joined with ``\\n``, so a file with no blank line is one document;
+  ``file`` (evaluation's default) -- the whole file is one document, exactly as written (newlines and blank lines
+  kept); ``line`` -- every non-blank line is a document.
 * ``.jsonl``: one JSON object per line, the document is its ``field`` (default ``text``); blank lines
   are skipped.  ``.json``: a JSON array of objects, or JSON lines.
 * ``.csv``/``.tsv``: a header row, the document is column ``field``.
@@ -37,10 +40,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from lmforge.core.errors import DataError
+from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.io import atomic_path
 from lmforge.data import world
-from lmforge.data.readers import SUPPORTED_EXTS, file_ext, reader_for
+from lmforge.data.readers import DEFAULT_TXT_SPLIT, SUPPORTED_EXTS, TXT_SPLITS, file_ext, reader_for
 
 WORLD_BYTES = 12_000_000
 _SUPPORTED_LIST = ", ".join(SUPPORTED_EXTS) + ", a folder, a glob, a datasets save_to_disk folder or 'world'"
@@ -217,26 +220,30 @@ def _read_hf(res: _Resolved, field: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------------------------------- public API
 def iter_documents(spec: str | os.PathLike, field: str = "text", max_docs: int | None = None, *,
-                   world_bytes: int = WORLD_BYTES, cache_dir: str | os.PathLike | None = None) -> Iterator[str]:
+                   txt_split: str = DEFAULT_TXT_SPLIT, world_bytes: int = WORLD_BYTES,
+                   cache_dir: str | os.PathLike | None = None) -> Iterator[str]:
     """Yield the text documents of ``spec`` in a fixed order (see the module docstring).
 
     Raises :class:`DataError` when the spec does not exist, is malformed, or yields no document.
-    ``max_docs`` stops after that many documents; ``world_bytes``/``cache_dir`` size and place the
-    built-in world corpus.  The spec is resolved (and missing paths reported) when this is called; format
+    ``max_docs`` stops after that many documents; ``txt_split`` cuts ``.txt`` files (``file``, ``paragraph``,
+    ``line``: the module docstring); ``world_bytes``/``cache_dir`` size and place the built-in world corpus.  The spec is resolved (and missing paths reported) when this is called; format
     errors are raised while iterating, at the offending line.
     """
+    if txt_split not in TXT_SPLITS:
+        raise ConfigError(f"txt_split '{txt_split}' is not one of {', '.join(TXT_SPLITS)} (how a .txt file becomes "
+                          f"documents: the whole file, its blank-line-separated paragraphs, or its lines)")
     res = _resolve(spec, world_bytes, cache_dir)
-    return _iter_resolved(res, field, max_docs)
+    return _iter_resolved(res, field, max_docs, txt_split)
 
 
-def _iter_resolved(res: _Resolved, field: str, max_docs: int | None) -> Iterator[str]:
+def _iter_resolved(res: _Resolved, field: str, max_docs: int | None, txt_split: str) -> Iterator[str]:
     if max_docs is not None and max_docs <= 0:
         return
     count = 0
     if res.kind == "hf_dataset":
         streams = [_read_hf(res, field)]
     else:
-        streams = (reader_for(f)(f, field) for f in res.files)
+        streams = (reader_for(f, txt_split)(f, field) for f in res.files)
     for stream in streams:
         for doc in stream:
             if not doc or doc.isspace():

@@ -3,8 +3,8 @@
 A masked LM gives no left-to-right likelihood, but it can score each token given all the others: for a
 text ``x_1 … x_n`` (wrapped as ``[CLS] x_1 … x_n [SEP]``) the pseudo-log-likelihood is
 ``PLL = Σ_i log p(x_i | x with position i replaced by [MASK])`` -- one masked copy per token.  Over a
-corpus, ``pseudo_perplexity = exp(-Σ PLL / N)`` with ``N`` the number of scored tokens (all of every
-text's tokens after truncation to ``max_length - 2``).  The masked copies of all texts are scored in
+corpus, ``pseudo_perplexity = exp(-Σ PLL / N)`` with ``N`` the number of scored tokens: every token of every
+text -- a text longer than ``max_length - 2`` tokens is scored as consecutive windows of that many, never cut.  The masked copies of all texts are scored in
 batches of ``batch_size`` copies (right-padded, with an attention mask), and the MLM head runs only at the
 one masked position of each copy.
 """
@@ -19,12 +19,11 @@ import torch
 from lmforge.core.errors import DataError
 
 
-def encode_for_mlm(tokenizer: Any, text: str, max_length: int) -> list[int]:
-    """Content ids of ``text`` (no special tokens; truncated to ``max_length - 2``) -- the caller wraps
-    them in [CLS] ... [SEP]."""
+def encode_for_mlm(tokenizer: Any, text: str) -> list[int]:
+    """Content ids of ``text`` (no special tokens) -- the caller cuts them into windows, each wrapped in
+    [CLS] ... [SEP]."""
     special = set(tokenizer.special_ids)
-    ids = [i for i in tokenizer.encode(text, add_special_tokens=False) if i not in special]
-    return ids[:max(0, max_length - 2)]
+    return [i for i in tokenizer.encode(text, add_special_tokens=False) if i not in special]
 
 
 @torch.no_grad()
@@ -39,12 +38,13 @@ def pseudo_perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[st
     if batch_size < 1 or max_length < 3:
         raise DataError(f"batch_size={batch_size} must be >= 1 and max_length={max_length} >= 3")
     max_length = min(max_length, model.config.max_seq_len)
-    rows = []
+    rows, width = [], max_length - 2
     for i, text in enumerate(texts):
-        ids = encode_for_mlm(tokenizer, text, max_length)
+        ids = encode_for_mlm(tokenizer, text)
         if not ids:
             raise DataError(f"text {i} has no token to score (it is empty or only special tokens)")
-        rows.append([tokenizer.cls_id, *ids, tokenizer.sep_id])
+        # a whole .txt file is one text: windows, so that every token of it is scored
+        rows += [[tokenizer.cls_id, *ids[s:s + width], tokenizer.sep_id] for s in range(0, len(ids), width)]
     copies = [(r, j) for r in range(len(rows)) for j in range(1, len(rows[r]) - 1)]  # (text, masked position)
     was_training, device = model.training, model.device
     model.eval()

@@ -3,7 +3,7 @@
 The documents are tokenised (EOS after each), cut into the raw windows of the span-corruption arithmetic
 (:func:`lmforge.objectives.span.plan_spans`), corrupted with a fixed seed, and scored on the target tokens
 (sentinels, the dropped spans and EOS) with teacher forcing.  Returns the mean target-token loss, its
-exponential, the target-token accuracy and the number of target tokens scored.
+exponential, the target-token accuracy, the number of target tokens scored and the window (encoder tokens).
 """
 
 from __future__ import annotations
@@ -35,4 +35,4 @@ def span_corruption_loss(model: torch.nn.Module, tokenizer: Any, texts: Sequence
     out = evaluate_span(model, source.val_batches(batch_size))
     targets = n_batches and sum(int((b["labels"] != -100).sum()) for b in source.val_batches(batch_size))
     return {"span_loss": out["val_loss"], "perplexity": math.exp(min(out["val_loss"], 50.0)),
-            "target_acc": out["val_target_acc"], "tokens": int(targets)}
+            "target_acc": out["val_target_acc"], "tokens": int(targets), "window": cfg.inputs_length}

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.core.errors import ModelError
-from lmforge.core.io import atomic_dir, writing
+from lmforge.core.io import atomic_dir, atomic_write_json, writing
 from lmforge.core.io import read_json as io_read_json
 from lmforge.core.outputs import MARKER, make_marker, publish_dir, read_marker
 from lmforge.core.tokenizer import Tokenizer
@@ -104,6 +104,23 @@ def model_marker(d: Path) -> dict[str, Any] | None:
     """The ``lmforge.json`` of a model dir lmforge wrote (None for other dirs, e.g. transformers' own)."""
     marker = read_marker(d)
     return marker if marker is not None and marker.get("kind") == "model" else None
+
+
+def record_train_window(d: str | Path, window: int) -> None:
+    """Add ``train_window`` (the tokens per input the model was trained on) to the marker of the model dir lmforge
+    just wrote at ``d``, so evaluation can default to the window behind the run's own numbers.  A family that saves
+    without :func:`write_model_dir` (no marker) records nothing: its evaluation keeps the model's context."""
+    d = Path(d)
+    marker = model_marker(d)
+    if marker is not None:
+        atomic_write_json(d / MARKER, {**marker, "train_window": int(window)})
+
+
+def train_window(d: str | Path) -> int | None:
+    """The window recorded by :func:`record_train_window`; None for a dir without one (transformers' own,
+    or one saved by a fine-tuning run or an older lmforge)."""
+    window = (model_marker(Path(d)) or {}).get("train_window")
+    return window if isinstance(window, int) and not isinstance(window, bool) and window >= 2 else None
 
 
 def load_tokenizer_for(d: Path, vocab_size: int) -> Any:

@@ -43,6 +43,9 @@ class PretrainingObjective:
     sentinels: int = 0
     """Sentinels ``<extra_id_i>`` appended to such a tokenizer after training, on ids ``vocab_size - 1 - i`` (span
     corruption's; :func:`lmforge.data.span.add_sentinels`), out of the same vocabulary size."""
+    window_key: str | None = None
+    """The field of ``settings`` that holds the tokens per training input when it is not ``data.seq_len`` (span
+    corruption: ``inputs_length``); the model dir records that window, and evaluation defaults to it."""
 
 
 _OBJECTIVES: dict[str, PretrainingObjective] = {}
@@ -91,4 +94,5 @@ register(PretrainingObjective(
     _mlm_batches, settings_key="mlm", special_tokens=BERT_SPECIAL_TOKENS))
 register(PretrainingObjective(
     "span", lambda tokenizer, settings, seed: Seq2SeqObjective(pad_id=tokenizer.pad_id or 0), _span_batches,
-    settings_key="span", special_tokens=tuple(t5_special_tokens()), sentinels=100))  # T5's 100 sentinels
+    settings_key="span", special_tokens=tuple(t5_special_tokens()), sentinels=100,  # T5's 100 sentinels
+    window_key="inputs_length"))

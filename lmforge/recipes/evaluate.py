@@ -12,13 +12,14 @@ from lmforge.core.device import resolve_device
 from lmforge.core.errors import ModelError
 from lmforge.data.sources import iter_documents
 from lmforge.eval.fill_mask import fill_mask
-from lmforge.eval.generate import GenerationConfig, generate_text
+from lmforge.eval.generate import GenerationConfig, generate_text, model_context_length
 from lmforge.eval.generate_seq2seq import generate_seq2seq_text
 from lmforge.eval.perplexity import perplexity
 from lmforge.eval.pseudo_perplexity import pseudo_perplexity
 from lmforge.eval.span_eval import span_corruption_loss
 from lmforge.models.families import family_of
 from lmforge.models.io import load_model
+from lmforge.models.model_dir import train_window
 from lmforge.models.task import SequenceClassifier, TokenClassifier
 
 
@@ -46,26 +47,48 @@ def _check_kind(model: torch.nn.Module, path: str, command: str) -> None:
                          f"`lmforge fill-mask` on it, or `lmforge generate` on a decoder or encoder-decoder model")
 
 
+EVAL_TXT_SPLIT = "file"
+"""Evaluation reads a .txt file as written: one document, newlines kept (``--txt-split`` changes it)."""
+
+
+def eval_window(args, model: torch.nn.Module) -> tuple[int | None, str]:
+    """The window ``eval perplexity`` uses and where it came from: ``--max-length``, else the window the model was
+    trained with (recorded in its dir at export), else the model's context (a transformers dir: its positions)."""
+    if args.max_length is not None:
+        return args.max_length, "--max-length"
+    recorded = train_window(args.model)
+    if recorded is not None:
+        return recorded, "training window"
+    return model_context_length(model), "model context"
+
+
 def run_perplexity(args) -> dict[str, Any]:
-    """By the family's pretraining objective.  Causal LMs (gpt2, llama): strided perplexity + bits-per-byte.
-    Masked LMs (bert): pseudo-perplexity (each token masked in turn).  Span corruption (t5): span-corruption
-    loss on the text, as perplexity of the target tokens."""
+    """By the family's pretraining objective.  Causal LMs (gpt2, llama): strided perplexity + bits-per-byte, in
+    windows of :func:`eval_window` tokens advancing by ``--stride`` (default half the window).  Masked LMs (bert):
+    pseudo-perplexity (each token masked in turn, windows of that length).  Span corruption (t5): span-corruption
+    loss on the text, as perplexity of the target tokens.  The result names the window and stride it used."""
     model, tokenizer = load_for_inference(args.model, args.device, "eval perplexity")
-    docs = list(iter_documents(args.data, field=args.field, max_docs=args.max_docs))
+    docs = list(iter_documents(args.data, field=args.field, max_docs=args.max_docs, txt_split=args.txt_split))
     objective = family_of(model).pretrain_objective
+    window, window_from = eval_window(args, model)
+    used = {"window": window, "window_from": window_from, "stride": None}
     with torch.inference_mode():
         if objective == "mlm_nsp":
-            r = pseudo_perplexity(model, tokenizer, docs, max_length=args.max_length or model.config.max_seq_len,
-                                  batch_size=max(args.batch_size, 32))
+            window = model.config.max_seq_len if window is None else window
+            used["window"] = min(window, model.config.max_seq_len)  # pseudo_perplexity's own cap
+            r = pseudo_perplexity(model, tokenizer, docs, max_length=window, batch_size=max(args.batch_size, 32))
             return {"perplexity": r["pseudo_perplexity"], "bits_per_byte": None, "tokens": r["tokens"],
-                    "kind": "pseudo-perplexity", **r}
+                    "kind": "pseudo-perplexity", **used, **r}
         if objective == "span":
-            r = span_corruption_loss(model, tokenizer, docs, max_length=args.max_length, batch_size=args.batch_size)
+            r = span_corruption_loss(model, tokenizer, docs, max_length=window, batch_size=args.batch_size)
             return {"perplexity": r["perplexity"], "bits_per_byte": None, "tokens": r["tokens"],
-                    "kind": "span-corruption", **r}
-        result = perplexity(model, tokenizer, docs, max_length=args.max_length, stride=args.stride,
+                    "kind": "span-corruption", **used, **r}  # r's window: span_eval's default without one
+        # half the window: every token past the first window is scored with at least half a window of context
+        # (the transformers perplexity guide's habit, and the pipeline's)
+        used["stride"] = args.stride if args.stride is not None else (None if window is None else max(1, window // 2))
+        result = perplexity(model, tokenizer, docs, max_length=window, stride=used["stride"],
                             batch_size=args.batch_size)
-    return {k: result[k] for k in ("perplexity", "bits_per_byte", "tokens")} | {
+    return {k: result[k] for k in ("perplexity", "bits_per_byte", "tokens")} | used | {
         k: v for k, v in result.items() if k not in ("perplexity", "bits_per_byte", "tokens")}
 
 

@@ -33,6 +33,7 @@ from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.families import families, get_family
 from lmforge.models.flops import flops_per_token
 from lmforge.models.io import save_model
+from lmforge.models.model_dir import record_train_window
 from lmforge.objectives.mlm import MLMConfig
 from lmforge.objectives.registry import PretrainingObjective, pretraining_objective
 from lmforge.objectives.span import SpanConfig
@@ -49,6 +50,9 @@ class DataConfig:
     """Text to train on: a .txt/.jsonl/.csv/.parquet file, folder, glob, HF dataset dir, or 'world'."""
     field: str = "text"
     """Field (jsonl) or column (csv/parquet) holding the text."""
+    txt_split: Literal["paragraph", "file", "line"] = "paragraph"
+    """How a .txt file becomes documents (EOS after each): blank-line-separated paragraphs, the whole file as
+    written, or each non-blank line."""
     seq_len: int = 256
     """Tokens per training window (documents are packed, EOS between them)."""
     val_fraction: float = 0.01
@@ -56,7 +60,7 @@ class DataConfig:
     world_bytes: int = 12_000_000
     """Size of the built-in world corpus when source is 'world'."""
     cache_dir: Optional[str] = None
-    """Where token shards are cached (default $LMFORGE_CACHE or ~/.cache/lmforge)."""
+    """Where token shards are cached (default $LMFORGE_CACHE/shards; $LMFORGE_CACHE defaults to ~/.cache/lmforge)."""
     num_workers: Optional[int] = None
     """Tokenisation workers (None: the tokenizer's own thread pool)."""
 
@@ -128,6 +132,14 @@ def objective_spec(model_cfg: Any) -> PretrainingObjective:
     return pretraining_objective(get_family(model_cfg.family).pretrain_objective)
 
 
+def train_window_of(cfg: PretrainConfig) -> int:
+    """Tokens per training input: ``data.seq_len``, or the objective's own length setting (T5: span.inputs_length)."""
+    spec = objective_spec(cfg.model)
+    if spec.window_key is None:
+        return cfg.data.seq_len
+    return int(getattr(getattr(cfg, spec.settings_key), spec.window_key))
+
+
 def max_len_of(cfg: Any) -> int | None:
     return getattr(cfg, "max_seq_len", None)
 
@@ -144,7 +156,8 @@ def resolve_tokenizer(cfg: PretrainConfig, resuming: bool) -> Tokenizer:
     tok = train_tokenizer(cfg.data.source, vocab - spec.sentinels, saved,
                           special_tokens=specials, max_bytes=cfg.tokenizer.train_bytes,
                           field=cfg.data.field, world_bytes=cfg.data.world_bytes,
-                          model_max_length=max_len_of(cfg.model), kind="run-tokenizer")
+                          model_max_length=max_len_of(cfg.model), kind="run-tokenizer",
+                          txt_split=cfg.data.txt_split)
     if spec.sentinels:  # <extra_id_i> = vocab_size - 1 - i, as T5 expects
         tok = add_sentinels(tok, spec.sentinels)
         tok.save(saved)
@@ -231,7 +244,7 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
         t = time.perf_counter()
         shards = build_shards(cfg.data.source, tokenizer, cfg.data.cache_dir, field=cfg.data.field,
                               val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                              world_bytes=cfg.data.world_bytes)
+                              world_bytes=cfg.data.world_bytes, txt_split=cfg.data.txt_split)
         timings["shards_s"] = time.perf_counter() - t
 
     model_cfg = model_config_for(cfg.model, tokenizer)
@@ -265,7 +278,8 @@ def train_and_save(parts: PretrainParts) -> FitResult:
     parts.timings["train_s"] = time.perf_counter() - t
     model = parts.trainer.export_model()  # collective under fsdp: every rank takes part, rank 0 gets it
     if parts.dist.is_main:
-        save_model(model.cpu(), Path(parts.cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+        model_dir = save_model(model.cpu(), Path(parts.cfg.run_dir) / "model", tokenizer=parts.tokenizer)
+        record_train_window(model_dir, train_window_of(parts.cfg))  # eval perplexity's default window
     parts.dist.barrier()
     return fit
 

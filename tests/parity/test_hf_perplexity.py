@@ -4,6 +4,7 @@ and the unigram baseline."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -209,3 +210,55 @@ def test_default_lengths_and_errors(pair, tokenizer):
         perplexity(model, tokenizer, "")
     with pytest.raises(DataError, match="at least 2 tokens"):
         perplexity_of_tokens(model, [5], max_length=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# `lmforge eval perplexity --data FILE.txt` against transformers on the file's text tokenised whole
+# --------------------------------------------------------------------------------------------------
+
+PROSE = "\n\n".join("\n".join(CORPUS[i:i + 2]) for i in range(0, len(CORPUS), 2)) * 3 + "\n"  # paragraphs
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model_dir_with_tokenizer(request, tmp_path_factory, tokenizer):
+    """A random transformers model saved with an lmforge tokenizer; the Llama's tokenizer adds BOS, as Llama's do,
+    so the BOS rule (BOS only where the tokenizer adds it, like transformers) is part of the comparison."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    hf = _hf_model(request.param)
+    d = tmp_path_factory.mktemp(f"{request.param}-dir")
+    hf.save_pretrained(d)
+    tok = tokenizer
+    if request.param == "llama":
+        bos = tokenizer.hf.id_to_token(tokenizer.bos_id)
+        copy = HFTokenizer.from_str(tokenizer.hf.to_str())
+        copy.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_id)])
+        tok = Tokenizer(copy)
+        assert tok.adds_bos
+    tok.save(d)
+    return hf, d, tok
+
+
+@pytest.mark.parametrize("stride", [None, 64])
+def test_eval_perplexity_of_a_txt_file_equals_transformers(model_dir_with_tokenizer, tmp_path, stride):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import cli
+
+    hf, d, tok = model_dir_with_tokenizer
+    text_file = tmp_path / "prose.txt"
+    text_file.write_text(PROSE, encoding="utf-8")
+    ids = AutoTokenizer.from_pretrained(d)(text_file.read_text(encoding="utf-8"))["input_ids"]
+    assert len(ids) > 3 * 64 and (ids[0] == tok.bos_id) == tok.adds_bos  # BOS where the tokenizer adds it
+    flags = [] if stride is None else ["--stride", str(stride)]
+    proc = cli("eval", "perplexity", "--model", str(d), "--data", str(text_file), "--json", "--device", "cpu", *flags)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # a transformers dir records no training window: the model's 64 positions, half of them the default stride
+    assert (out["window"], out["window_from"], out["stride"]) == (64, "model context", stride or 32)
+    ref_nll, ref_count = _hf_reference(hf, ids, 64, out["stride"])
+    assert out["tokens"] == ref_count
+    assert out["nll"] == pytest.approx(ref_nll, rel=1e-5)
+    assert out["perplexity"] == pytest.approx(math.exp(ref_nll / ref_count), rel=1e-5)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from lmforge.data.sources import iter_documents
 from tests.conftest import ROOT, cli, run_cli
 
 TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.vocab_size=512", "model.max_seq_len=64",
@@ -31,7 +32,7 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cmd", [[], ["pretrain"], ["pipeline"], ["tokenizer"], ["tokenizer", "train"], ["eval"],
-                                 ["eval", "perplexity"], ["generate"], ["world"]])
+                                 ["eval", "perplexity"], ["generate"], ["world"], ["cache", "clear"]])
 def test_help(cmd):
     proc = cli(*cmd, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout
@@ -56,6 +57,12 @@ def test_eval_perplexity_json(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["perplexity"] > 1 and out["bits_per_byte"] > 0 and out["tokens"] > 5
+    # the window the model was trained with (data.seq_len=32, recorded at export), not its 64 positions
+    assert json.loads((tiny_run / "model" / "lmforge.json").read_text())["train_window"] == 32
+    assert (out["window"], out["window_from"], out["stride"]) == (32, "training window", 16)
+    proc = cli("eval", "perplexity", "--model", str(tiny_run / "model"), "--data", str(text), "--max-length", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "(window 64 = --max-length, stride 32)" in proc.stdout
 
 
 def test_generate_greedy(tiny_run):
@@ -184,3 +191,20 @@ def test_pretrained_tiny_gpt_loads_in_transformers_with_equal_logits(tiny_run):
     ids = torch.tensor([tok.encode("The town of Theihild lies in the north. A story about a beekeeper.")])
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(ours(ids)), ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tokenizer_train_says_when_the_vocabulary_came_out_smaller(tmp_path):
+    data = tmp_path / "small.txt"
+    data.write_text("The town of Theihild lies in the north.\n\nA story about a beekeeper and her bees.\n" * 3)
+    proc = cli("tokenizer", "train", "--data", str(data), "--vocab-size", "8000", "--out", str(tmp_path / "tok"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    size = len(got["model"]["vocab"])
+    assert 258 < size < 8000 and f"({size} tokens" in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"vocabulary has {size} tokens, fewer than the 8000 asked" in lines[0]
+    docs = list(iter_documents(data))  # the text it trained on: the file's paragraphs
+    assert f"({sum(len(d.encode()) for d in docs):,} bytes in {len(docs)} documents)" in lines[0]
+    assert "min_frequency=2" in lines[0] and "--vocab-size" in lines[0] and not lines[0].startswith("error:")
+    proc = cli("tokenizer", "train", "--data", str(data), "--vocab-size", "260", "--out", str(tmp_path / "tok2"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr  # got what it asked: nothing to say

@@ -360,10 +360,13 @@ def test_pseudo_perplexity_matches_direct_loop(tok):
     texts = ["Mira lives in Lomere.", "The spoon costs five coins and the bucket costs nine.", "Yes"]
     got = pseudo_perplexity(model, tok, texts, max_length=12, batch_size=5)
     nll, n = 0.0, 0
+    rows = []  # a text longer than max_length - 2 = 10 tokens is scored in windows of 10, not cut
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        rows += [[tok.cls_id, *ids[s:s + 10], tok.sep_id] for s in range(0, len(ids), 10)]
+    assert len(rows) > len(texts)  # the second text does not fit one window
     with torch.no_grad():
-        for text in texts:
-            ids = tok.encode(text, add_special_tokens=False)[:10]
-            row = [tok.cls_id, *ids, tok.sep_id]
+        for row in rows:
             for j in range(1, len(row) - 1):
                 x = torch.tensor([row])
                 x[0, j] = tok.mask_id

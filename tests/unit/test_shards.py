@@ -92,6 +92,17 @@ def test_reuse_without_retokenising(tok: Tokenizer, data: Path, tmp_path: Path):
     assert s5.path == s4.path and not s5.reused
 
 
+def test_txt_split_cuts_documents_and_keys_the_cache(tok: Tokenizer, tmp_path: Path):
+    f = tmp_path / "prose.txt"
+    f.write_text("one\ntwo\n\nthree\n\nfour\nfive\n", encoding="utf-8")
+    built = {split: build_shards(str(f), tok, cache_dir=tmp_path / "cache", val_fraction=0.0, txt_split=split)
+             for split in ("paragraph", "line", "file")}
+    assert [s.manifest["source"]["num_docs"] for s in built.values()] == [3, 5, 1]
+    assert len({s.path for s in built.values()}) == 3 and not any(s.reused for s in built.values())
+    assert [d for _, d in _split_docs(built["file"], "train", tok)] == ["one\ntwo\n\nthree\n\nfour\nfive\n"]
+    assert build_shards(str(f), tok, cache_dir=tmp_path / "cache", val_fraction=0.0).path == built["paragraph"].path
+
+
 def test_tokenizer_fingerprint_check(tok: Tokenizer, data: Path, tmp_path: Path):
     s = build_shards(data, tok, cache_dir=tmp_path / "cache")
     other = Tokenizer.train(DOCS[:50], vocab_size=300)

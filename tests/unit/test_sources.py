@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.core.errors import DataError
+from lmforge.core.errors import ConfigError, DataError
 from lmforge.data.sources import describe_source, iter_documents, source_hash
 
 DOCS = ["first document\nwith two lines", "second: ünïcödé 🙂", "third, with \"quotes\", commas"]
@@ -34,6 +34,26 @@ def test_txt_blank_line_separated(tmp_path: Path):
     g = tmp_path / "b.txt"
     g.write_text("no blank lines\nso one document", encoding="utf-8")
     assert list(iter_documents(g)) == ["no blank lines\nso one document"]
+
+
+def test_txt_split_file_paragraph_line(tmp_path: Path):
+    """``file`` is the text exactly as written (BOM dropped, CRLF, blank lines and the last newline kept);
+    ``paragraph`` the blocks above; ``line`` every non-blank line; a .gz reads the same; a bad value is refused."""
+    text = "para one\nline two\n\n\n   \npara two\r\n\r\npara three\n"
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert list(iter_documents(f, txt_split="file")) == [text]
+    assert list(iter_documents(f, txt_split="paragraph")) == list(iter_documents(f)) == [
+        "para one\nline two", "para two", "para three"]
+    assert list(iter_documents(f, txt_split="line")) == ["para one", "line two", "para two", "para three"]
+    z = tmp_path / "a.txt.gz"
+    z.write_bytes(gzip.compress(text.encode()))
+    assert list(iter_documents(z, txt_split="file")) == [text]
+    with pytest.raises(DataError, match=r"b.txt:2: not valid UTF-8"):  # the line is still named
+        (tmp_path / "b.txt").write_bytes(b"fine\nbad \xff\n")
+        list(iter_documents(tmp_path / "b.txt", txt_split="file"))
+    with pytest.raises(ConfigError, match="txt_split 'para' is not one of file, paragraph, line"):
+        iter_documents(f, txt_split="para")
 
 
 def test_jsonl(tmp_path: Path):

@@ -17,6 +17,7 @@ Modules: ``entity`` (one thing and its attributes), ``facts`` (store, queries, s
 from .corpus import (
     GENERATOR_VERSION,
     GENRES,
+    WORLD_CORPUS_NAME,
     generate_documents,
     generate_records,
     world_corpus_path,
@@ -31,6 +32,6 @@ from .vocab import CURRENT_YEAR
 
 __all__ = [
     "CURRENT_YEAR", "GENERATOR_VERSION", "GENRES", "KINDS", "LABELS", "QA", "Entity", "Fact", "Review",
-    "WORLD_TASKS", "World", "WorldTask", "ask", "askable", "build_world_task", "generate_documents",
-    "generate_records", "make_review", "world_corpus_path", "world_task", "write_corpus",
+    "WORLD_CORPUS_NAME", "WORLD_TASKS", "World", "WorldTask", "ask", "askable", "build_world_task",
+    "generate_documents", "generate_records", "make_review", "world_corpus_path", "world_task", "write_corpus",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -109,6 +110,10 @@ def write_corpus(path: str | os.PathLike, seed: int = 0, target_bytes: int = 10_
         for genre, text in records:
             fh.write(json.dumps({"text": text, "genre": genre}) + "\n")
     return path
+
+
+WORLD_CORPUS_NAME = re.compile(r"world-v\d+-(?P<size>[\w.-]+)-seed(?P<seed>\d+)-(?P<bytes>\d+)\.jsonl")
+"""The names :func:`world_corpus_path` gives cached corpora (``lmforge cache`` recognises them by it)."""
 
 
 def world_corpus_path(cache_dir: str | os.PathLike, seed: int = 0, target_bytes: int = 10_000_000,
