@@ -1,0 +1,108 @@
+"""A tiny `lmforge pipeline` run (seconds), once per module: what it prints, and its report without gaps — every
+link resolves, the curves hold every logged point, and the report's reproduce command prints the report's number."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000", "model.vocab_size=512",
+        "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "train.global_batch_size=4",
+        "train.eval_every=5", "train.ckpt_every=5", "train.eval_max_batches=2", "train.warmup_steps=2",
+        "train.log_every=2", "samples.max_new_tokens=4", "finetune.max_steps=4", "finetune.n_train=64",
+        "finetune.global_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "pipe"
+    proc = run_cli("pipeline", f"run_dir={run_dir}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_pipeline_runs_a_finetune_stage(pipe):
+    run_dir, proc = pipe
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the JSON line stays the last line of stdout
+    assert summary["finetune"]["task"] == "world-sentiment" and "accuracy" in summary["finetune"]["test"]
+    assert summary["report"] == str(run_dir / "report.md")
+    report = (run_dir / "report.md").read_text()
+    assert "## Fine-tuning" in report and "baseline: bag of words" in report
+    assert json.loads((run_dir / "finetune" / "model" / "config.json").read_text())["architectures"] == [
+        "GPT2ForSequenceClassification"]
+
+
+def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
+    run_dir, proc = pipe
+    err = proc.stderr
+    banners = re.findall(r"^== stage (\d)/5: ([a-z +]+) — ", err, flags=re.M)
+    assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
+                       ("5", "finetune")]
+    before_training = err[:err.index("step 2/10")]
+    for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
+        assert said in before_training
+    # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 3
+    closing = err[err.index("pipeline done in"):]
+    assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
+        in closing and "32-token windows, stride 16" in closing
+
+
+def _links(md: Path) -> list[str]:
+    return re.findall(r"\]\(([^)\s]+)\)", md.read_text())
+
+
+def test_every_link_of_the_report_resolves(pipe):
+    run_dir, _ = pipe
+    todo, seen = [run_dir / "report.md"], set()
+    while todo:  # the linked reports' links too
+        md = todo.pop()
+        seen.add(md)
+        for link in _links(md):
+            target = (md.parent / link).resolve()
+            assert target.is_file(), f"{md} links {link}, which does not exist"
+            if target.suffix == ".md" and target not in seen:
+                todo.append(target)
+    assert run_dir / "finetune" / "report.md" in seen
+
+
+@pytest.mark.parametrize("sub, right", [("", "validation perplexity"), ("finetune", "val_accuracy")])
+def test_the_curves_plot_every_logged_point(pipe, sub, right):
+    run_dir = pipe[0] / sub
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    plotted = json.loads((run_dir / "curves.json").read_text())
+    logged_loss = [[m["step"], m["loss"]] for m in metrics if "loss" in m and "step" in m]
+    # every training-loss record, those at evaluation steps (which carry val_* too) and the last step included
+    assert plotted["train loss"] == logged_loss
+    steps = [s for s, _ in logged_loss]
+    assert steps[-1] == max(m["step"] for m in metrics if "step" in m)
+    evals = [m for m in metrics if "val_loss" in m]
+    assert {m["step"] for m in evals} <= set(steps)
+    assert plotted["validation loss"] == [[m["step"], m["val_loss"]] for m in evals]
+    if right == "validation perplexity":
+        assert [s for s, _ in plotted[right]] == [m["step"] for m in evals]
+        assert [v for _, v in plotted[right]] == pytest.approx([m["val_ppl"] for m in evals], rel=1e-6)
+        summary = json.loads((run_dir / "pipeline_summary.json").read_text())
+        assert plotted["references"] == {"unigram baseline": summary["unigram_perplexity"]}
+    else:  # fine-tuning plots its task metric, beside the baselines' test scores
+        assert plotted[right] == [[m["step"], m[right]] for m in evals]
+        assert set(plotted["references"]) == {"baseline: majority (test)", "baseline: bag of words (test)"}
+
+
+def test_the_reports_reproduce_command_prints_the_reports_perplexity(pipe):
+    run_dir, _ = pipe
+    report = (run_dir / "report.md").read_text()
+    section = report[report.index("## Reproducing the numbers"):]
+    cmd, printed = re.search(r"```sh\n(lmforge eval perplexity [^\n]+)\n```\nprints `([^`]+)`", section).groups()
+    args = shlex.split(cmd)
+    assert args[args.index("--max-length") + 1] == "32" and args[args.index("--stride") + 1] == "16"
+    number = re.search(r"perplexity (\d+\.\d+)", printed).group(1)
+    proc = run_cli(*args[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"perplexity (\d+\.\d+)", proc.stdout).group(1) == number
+    summary = json.loads((run_dir / "pipeline_summary.json").read_text())
+    assert f"{summary['val_perplexity']:.4f}" == number
