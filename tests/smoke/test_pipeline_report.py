@@ -3,12 +3,11 @@ link resolves, the curves hold every logged point, and the report's reproduce co
 
 import json
 import re
-import shlex
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli
+from tests.report_checks import assert_curves_hold_every_point, assert_links_resolve, assert_perplexity_reproduces
 
 TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000", "model.vocab_size=512",
         "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "train.global_batch_size=4",
@@ -52,57 +51,22 @@ def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
         in closing and "32-token windows, stride 16" in closing
 
 
-def _links(md: Path) -> list[str]:
-    return re.findall(r"\]\(([^)\s]+)\)", md.read_text())
-
-
 def test_every_link_of_the_report_resolves(pipe):
     run_dir, _ = pipe
-    todo, seen = [run_dir / "report.md"], set()
-    while todo:  # the linked reports' links too
-        md = todo.pop()
-        seen.add(md)
-        for link in _links(md):
-            target = (md.parent / link).resolve()
-            assert target.is_file(), f"{md} links {link}, which does not exist"
-            if target.suffix == ".md" and target not in seen:
-                todo.append(target)
-    assert run_dir / "finetune" / "report.md" in seen
+    assert (run_dir / "finetune" / "report.md").resolve() in assert_links_resolve(run_dir / "report.md")
 
 
 @pytest.mark.parametrize("sub, right", [("", "validation perplexity"), ("finetune", "val_accuracy")])
 def test_the_curves_plot_every_logged_point(pipe, sub, right):
     run_dir = pipe[0] / sub
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert_curves_hold_every_point(run_dir, right)
     plotted = json.loads((run_dir / "curves.json").read_text())
-    logged_loss = [[m["step"], m["loss"]] for m in metrics if "loss" in m and "step" in m]
-    # every training-loss record, those at evaluation steps (which carry val_* too) and the last step included
-    assert plotted["train loss"] == logged_loss
-    steps = [s for s, _ in logged_loss]
-    assert steps[-1] == max(m["step"] for m in metrics if "step" in m)
-    evals = [m for m in metrics if "val_loss" in m]
-    assert {m["step"] for m in evals} <= set(steps)
-    assert plotted["validation loss"] == [[m["step"], m["val_loss"]] for m in evals]
-    if right == "validation perplexity":
-        assert [s for s, _ in plotted[right]] == [m["step"] for m in evals]
-        assert [v for _, v in plotted[right]] == pytest.approx([m["val_ppl"] for m in evals], rel=1e-6)
+    if sub:  # fine-tuning plots its task metric, beside the baselines' test scores
+        assert set(plotted["references"]) == {"baseline: majority (test)", "baseline: bag of words (test)"}
+    else:
         summary = json.loads((run_dir / "pipeline_summary.json").read_text())
         assert plotted["references"] == {"unigram baseline": summary["unigram_perplexity"]}
-    else:  # fine-tuning plots its task metric, beside the baselines' test scores
-        assert plotted[right] == [[m["step"], m[right]] for m in evals]
-        assert set(plotted["references"]) == {"baseline: majority (test)", "baseline: bag of words (test)"}
 
 
 def test_the_reports_reproduce_command_prints_the_reports_perplexity(pipe):
-    run_dir, _ = pipe
-    report = (run_dir / "report.md").read_text()
-    section = report[report.index("## Reproducing the numbers"):]
-    cmd, printed = re.search(r"```sh\n(lmforge eval perplexity [^\n]+)\n```\nprints `([^`]+)`", section).groups()
-    args = shlex.split(cmd)
-    assert args[args.index("--max-length") + 1] == "32" and args[args.index("--stride") + 1] == "16"
-    number = re.search(r"perplexity (\d+\.\d+)", printed).group(1)
-    proc = run_cli(*args[1:])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"perplexity (\d+\.\d+)", proc.stdout).group(1) == number
-    summary = json.loads((run_dir / "pipeline_summary.json").read_text())
-    assert f"{summary['val_perplexity']:.4f}" == number
+    assert_perplexity_reproduces(pipe[0], window=32, stride=16)
