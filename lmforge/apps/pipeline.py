@@ -4,7 +4,8 @@ Stages run in order and each contributes a section to ``RUN_DIR/report.md`` and 
 
 1. data + tokenizer — the world corpus, a byte-level BPE trained on it, token shards;
 2. pretrain — the decoder trained by the one Trainer (curves from metrics.jsonl);
-3. eval — validation perplexity and bits-per-byte beside the unigram baseline of the same text;
+3. eval — validation perplexity and bits-per-byte beside the unigram baseline of the same text (scored on
+   ``RUN_DIR/validation.jsonl`` by the call ``lmforge eval perplexity`` makes; the report gives the command);
 4. samples — greedy continuations of a few prompts;
 5. finetune — the pretrained model fine-tuned on a world task (sentiment; T5: reading-comprehension QA)
    beside the task's majority and bag-of-words baselines.
@@ -14,6 +15,9 @@ stages follow the family's pretraining objective: perplexity vs a unigram model 
 masked-token / next-sentence accuracy for masked LMs (bert) and target-token accuracy for span corruption (t5)
 beside majority-class baselines, and greedy continuations, fill-mask predictions or span infilling as samples.
 The fine-tuning stage's settings follow the family's kind (decoder, encoder, encoder-decoder).
+
+On stderr each stage opens with a banner (what it does, its ETA and the run's, estimated from pretraining's measured
+speed) and the run closes naming the report and the model dirs; stdout's last line is the JSON summary.
 
 Later issues append stages (delta tuning, SFT, alignment) to :data:`STAGES`.
 """
