@@ -4,7 +4,8 @@ Stages run in order and each contributes a section to ``RUN_DIR/report.md`` and 
 
 1. data + tokenizer — the world corpus, a byte-level BPE trained on it, token shards;
 2. pretrain — the decoder trained by the one Trainer (curves from metrics.jsonl);
-3. eval — validation perplexity and bits-per-byte beside the unigram baseline of the same text;
+3. eval — validation perplexity and bits-per-byte beside the unigram baseline of the same text (scored on
+   ``RUN_DIR/validation.jsonl`` by the call ``lmforge eval perplexity`` makes; the report gives the command);
 4. samples — greedy continuations of a few prompts;
 5. finetune — the pretrained model fine-tuned on a world task (sentiment; T5: reading-comprehension QA)
    beside the task's majority and bag-of-words baselines.
@@ -15,14 +16,20 @@ masked-token / next-sentence accuracy for masked LMs (bert) and target-token acc
 beside majority-class baselines, and greedy continuations, fill-mask predictions or span infilling as samples.
 The fine-tuning stage's settings follow the family's kind (decoder, encoder, encoder-decoder).
 
+On stderr each stage opens with a banner (what it does, its ETA and the run's, estimated from pretraining's measured
+speed) and the run closes naming the report and the model dirs; stdout's last line is the JSON summary.
+
 Later issues append stages (delta tuning, SFT, alignment) to :data:`STAGES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,20 +37,23 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lmforge.apps.report import Report, finetune_section, markdown_table, plot_curves, read_metrics
+from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
+                                 write_finetune_report)
 from lmforge.core.config import dump_yaml, load_config, split_config_arg
-from lmforge.core.io import atomic_write_json
+from lmforge.core.io import atomic_write_json, atomic_write_text
+from lmforge.data.sources import iter_documents
 from lmforge.data.tasks import TaskConfig
 from lmforge.eval.fill_mask import fill_mask
 from lmforge.eval.generate import GenerationConfig, generate_text
 from lmforge.eval.generate_seq2seq import generate_seq2seq_text
-from lmforge.eval.perplexity import bits_per_byte, perplexity_of_tokens, unigram_perplexity
+from lmforge.eval.perplexity import perplexity, unigram_perplexity
 from lmforge.models.families import family_of, get_family
 from lmforge.recipes import pretrain as pretrain_recipe
 from lmforge.recipes.finetune import FinetuneConfig, finetune, finetune_train_defaults
 from lmforge.recipes.pretrain import PretrainConfig, paradigm_parts
 from lmforge.train.distributed import require_single_process
 from lmforge.train.runlock import training_run
+from lmforge.train.logging import _fmt_duration as fmt_duration
 
 DEFAULT_PROMPTS = [
     "There once was a fisher named",
@@ -119,33 +129,65 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     parts: Any = None
+    reproduce: list[tuple[str, str]] = field(default_factory=list)
+    """(number as the report prints it, the command that prints it again), for the report's last section."""
+
+
+def say(text: str) -> None:
+    """The pipeline's own lines, on stderr beside the Trainer's progress (stdout keeps the final JSON line)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def stage_data(ctx: Context) -> None:
+    require_single_process("pipeline")
+    parts = pretrain_recipe.build(ctx.cfg, say=say)
+    ctx.parts = parts
+    mc = parts.model.config
+    layers = getattr(mc, "n_layer", None) or getattr(mc, "num_layers", "?")
+    ctx.results["model"] = (f"{mc.family}, {layers} layers, d={mc.d_model}, "
+                            f"{sum(p.numel() for p in parts.model.parameters()):,} parameters")
+    say(f"model: {ctx.results['model']}")
 
 
 def stage_pretrain(ctx: Context) -> None:
-    require_single_process("pipeline")
-    parts = pretrain_recipe.build(ctx.cfg)
-    ctx.timings["data + tokenizer"] = parts.timings["tokenizer_s"] + parts.timings["shards_s"]
-    ctx.parts = parts
+    parts = ctx.parts
     result = pretrain_recipe.train_and_save(parts).final  # RUN_DIR/model: the final weights
-    ctx.timings["pretrain"] = parts.timings["train_s"]
     ctx.results["pretrain"] = result
-    metrics = read_metrics(ctx.run_dir / "metrics.jsonl")
-    has_plot = plot_curves(metrics, ctx.run_dir / "curves.png", title="pretraining")
-    shards = parts.shards
-    mc = parts.model.config
-    layers = getattr(mc, "n_layer", None) or getattr(mc, "num_layers", "?")
+    _plot_pretraining(ctx)
+    shards, cfg = parts.shards, ctx.cfg
+    # elapsed_s counts every attempt of a resumed run, as tokens does: the run's throughput, pauses for evaluation
+    # and checkpoints included (tokens_per_s in metrics.jsonl is the last log interval's alone)
+    throughput = result["tokens"] / result["elapsed_s"] if result.get("elapsed_s") else None
+    ctx.results["throughput"] = throughput
+    last = {k: result.get(k) for k in ("step", "loss", "val_loss", "val_ppl", "val_mlm_acc", "val_nsp_acc",
+                                        "val_target_acc", "tokens") if k in result}
+    last["tokens/s (whole run)"] = f"{throughput:,.0f}" if throughput else "-"
     body = [
-        f"Model: {mc.family}, {layers} layers, d={mc.d_model}, "
-        f"{sum(p.numel() for p in parts.model.parameters()):,} parameters; tokenizer: {parts.tokenizer.vocab_size} "
-        f"tokens; data: {shards.num_tokens('train'):,} train / {shards.num_tokens('val'):,} validation tokens.",
+        f"Model: {ctx.results['model']}; tokenizer: {parts.tokenizer.vocab_size} tokens; data: "
+        f"{shards.num_tokens('train'):,} train / {shards.num_tokens('val'):,} validation tokens of {cfg.data.source}.",
         "",
-        "![loss and validation perplexity](curves.png)" if has_plot else
+        "![loss and validation perplexity](curves.png)" if _has_plot(ctx) else
         "_(install matplotlib — `pip install -e \".[plots]\"` — for the loss curves)_",
         "",
-        markdown_table([{k: result.get(k) for k in ("step", "loss", "val_loss", "val_ppl", "val_mlm_acc", "val_nsp_acc",
-                                                      "val_target_acc", "tokens", "tokens_per_s") if k in result}]),
+        markdown_table([last]),
+        "",
+        f"At the last step: `loss` is the training loss of that step's batch ({cfg.train.global_batch_size} windows "
+        f"of {cfg.data.seq_len} tokens); `val_*` are the Trainer's evaluation on the first "
+        f"{cfg.train.eval_max_batches or 'all'} validation batches; `tokens` counts every training token; "
+        f"tokens/s is that count over the run's whole training time (evaluation and checkpoint pauses included). "
+        f"Every logged point is in the curves (their data: `curves.json`).",
     ]
     ctx.report.add("Pretraining", "\n".join(body))
+
+
+def _has_plot(ctx: Context) -> bool:
+    return (ctx.run_dir / "curves.json").is_file()
+
+
+def _plot_pretraining(ctx: Context, references: dict[str, float] | None = None) -> bool:
+    """curves.png from metrics.jsonl; the eval stage draws it again with the unigram perplexity as a reference."""
+    metrics = read_metrics(ctx.run_dir / "metrics.jsonl")
+    return plot_curves(metrics, ctx.run_dir / "curves.png", title="pretraining", references=references)
 
 
 def majority_baseline(batches) -> float:
@@ -198,27 +240,62 @@ def eval_encdec(ctx: Context) -> None:
                    "teacher-forced.")
 
 
+VALIDATION_FILE = "validation.jsonl"
+"""The validation split's documents as text (RUN_DIR/validation.jsonl): what `lmforge eval perplexity` needs to
+reproduce the report's perplexity."""
+
+EVAL_BATCH = 16
+
+
+def write_validation_docs(ctx: Context) -> list[str]:
+    """The source's documents the shards put in the validation split, in order, written as JSONL (field text)."""
+    cfg, shards = ctx.cfg, ctx.parts.shards
+    wanted = set(shards.doc_ids("val").tolist())
+    docs = [d for i, d in enumerate(iter_documents(cfg.data.source, cfg.data.field, world_bytes=cfg.data.world_bytes))
+            if i in wanted]
+    atomic_write_text(ctx.run_dir / VALIDATION_FILE,
+                      "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    return docs
+
+
+def perplexity_command(ctx: Context, seq: int, stride: int) -> str:
+    return shlex.join(["lmforge", "eval", "perplexity", "--model", str(ctx.run_dir / "model"), "--data",
+                       str(ctx.run_dir / VALIDATION_FILE), "--max-length", str(seq), "--stride", str(stride),
+                       "--batch-size", str(EVAL_BATCH)])
+
+
 def eval_decoder(ctx: Context) -> None:
+    """The exported model's perplexity on the validation documents, by the library call `lmforge eval perplexity`
+    makes (the report gives that command), beside a unigram model of the training tokens."""
     parts = ctx.parts
     model = parts.model.eval()
     shards = parts.shards
-    val_tokens = shards.tokens("val")
     seq = ctx.cfg.data.seq_len
+    stride = seq // 2
+    docs = write_validation_docs(ctx)
     with torch.inference_mode():
-        ppl = perplexity_of_tokens(model, val_tokens, max_length=seq, stride=seq // 2, batch_size=16)
-    uni = unigram_perplexity(shards.tokens("train"), val_tokens, parts.tokenizer.vocab_size)
-    # the shards count the split's bytes, not each token's: the scored text is taken as the scored share of them
-    bpb = bits_per_byte(ppl["nll"], shards.num_bytes("val")) * (len(val_tokens) / ppl["tokens"])
+        ppl = perplexity(model, parts.tokenizer, docs, max_length=seq, stride=stride, batch_size=EVAL_BATCH)
+    uni = unigram_perplexity(shards.tokens("train"), shards.tokens("val"), parts.tokenizer.vocab_size)
     ratio = ppl["perplexity"] / uni["perplexity"]
     ctx.results["eval"] = {"val_perplexity": ppl["perplexity"], "unigram_perplexity": uni["perplexity"],
-                           "ratio_to_unigram": ratio, "val_bits_per_byte": bpb, "val_tokens": ppl["tokens"]}
+                           "ratio_to_unigram": ratio, "val_bits_per_byte": ppl["bits_per_byte"],
+                           "val_tokens": ppl["tokens"], "window": seq, "stride": stride}
+    _plot_pretraining(ctx, references={"unigram baseline": uni["perplexity"]})
+    how = (f"on the validation split of {ctx.cfg.data.source} ({len(docs)} documents, `{VALIDATION_FILE}`), "
+           f"{seq}-token windows advancing by {stride}, {ppl['tokens']:,} scored tokens")
     rows = [
-        {"model": "unigram baseline (add-one, fitted on train)", "validation perplexity": uni["perplexity"]},
-        {"model": "lmforge decoder", "validation perplexity": ppl["perplexity"]},
+        {"model": "unigram baseline (token frequencies of the training split, add-one smoothed)",
+         "validation perplexity": uni["perplexity"]},
+        {"model": "lmforge decoder (the exported model/)", "validation perplexity": ppl["perplexity"],
+         "bits per byte": ppl["bits_per_byte"]},
     ]
-    ctx.report.add("Evaluation", markdown_table(rows) + "\n\n" +
-                   f"Model / unigram perplexity: **{ratio:.4f}** (the acceptance bar is ≤ 0.1). Bits per byte ≈ {bpb:.4f} "
-                   f"(window {seq}, stride {seq // 2}, {ppl['tokens']:,} scored tokens).")
+    line = f"perplexity {ppl['perplexity']:.4f}  bits/byte {ppl['bits_per_byte']:.4f}  tokens {ppl['tokens']}"
+    ctx.reproduce.append((line, perplexity_command(ctx, seq, stride)))
+    say(f"validation perplexity {ppl['perplexity']:.4f} {how}; unigram baseline {uni['perplexity']:.1f}")
+    ctx.report.add("Evaluation", markdown_table(rows, ["model", "validation perplexity", "bits per byte"]) + "\n\n" +
+                   f"Perplexity {how}.  The model's perplexity is **{100 * ratio:.1f}%** of the unigram model's "
+                   f"(lower is better; a model that learned nothing beyond word frequencies would be near 100%).  "
+                   f"The unigram line in the curves' right panel is the same baseline.")
 
 
 def stage_samples(ctx: Context) -> None:
@@ -248,6 +325,10 @@ def stage_samples(ctx: Context) -> None:
     ctx.results["samples"] = [{"prompt": p, "completion": r.text} for p, r in zip(prompts, results)]
     for t in texts:
         lines += ["```text", t, "```", ""]
+    lines += [f"Greedy decoding, at most {gen.max_new_tokens} new tokens per prompt.  What to expect: a model of this "
+              f"size ({ctx.results.get('model', family.name)}) learns how the world's sentences are written well "
+              "before it learns their facts, so its samples read fluently but are often wrong — sums such as "
+              "12 + 7, which town is nearest, who leads a town.  How often they are right is not measured here."]
     ctx.report.add("Samples (greedy)", "\n".join(lines))
 
 
@@ -257,7 +338,7 @@ def stage_finetune(ctx: Context) -> None:
         return
     family = get_family(ctx.cfg.model.family)
     seq2seq = family.kind == "encoder-decoder"
-    task = f.task if f.task != "auto" else ("world-qa-context" if seq2seq else "world-sentiment")
+    task = finetune_task(ctx.cfg)
     steps, lr = FINETUNE_DEFAULTS[family.kind]
     steps, lr = f.max_steps or steps, f.lr or lr
     every = max(1, steps // 4)
@@ -277,21 +358,132 @@ def stage_finetune(ctx: Context) -> None:
     if family.classifier == "pooled":
         cfg.head.reinit_pooler = True
     result = finetune(cfg)
+    write_finetune_report(result)  # finetune/report.md: its curves plot the task metric beside its baselines
     ctx.results["finetune"] = {"task": task, "test": result.get("test"), "baselines": result.get("baselines")}
-    ctx.report.add("Fine-tuning", finetune_section(result) + "\n\nRun dir: `finetune/` (its own report.md and "
-                   "metrics.jsonl).")
+    ctx.report.add("Fine-tuning", finetune_section(result) + "\n\nRun dir: `finetune/`; its report, with the "
+                   "curves of the task metric: [finetune/report.md](finetune/report.md).")
+
+
+def finetune_task(cfg: PipelineConfig) -> str:
+    task = cfg.finetune.task
+    if task == "auto":
+        task = "world-qa-context" if get_family(cfg.model.family).kind == "encoder-decoder" else "world-sentiment"
+    return task
 
 
 def _world_seed(source: str) -> int:
     return int(source.split(":", 1)[1]) if source.startswith("world:") else 0
 
 
-STAGES: list[tuple[str, Callable[[Context], None]]] = [
-    ("pretrain", stage_pretrain),
-    ("eval", stage_eval),
-    ("samples", stage_samples),
-    ("finetune", stage_finetune),
+# ---- what the terminal shows: a banner per stage with its ETA and the run's -------------------------------------
+def _pretrain_rate(ctx: Context) -> Optional[tuple[float, float]]:
+    """(seconds per step, tokens per second) pretraining measured; None before it ran."""
+    r = ctx.results.get("pretrain")
+    if not r or not r.get("elapsed_s") or not r.get("step"):
+        return None
+    return r["elapsed_s"] / r["step"], r["tokens"] / r["elapsed_s"]
+
+
+def _estimate_eval(ctx: Context) -> Optional[float]:
+    # forward passes only (about a third of a training step's work per token); stride = half a window scores
+    # every token twice over
+    rate = _pretrain_rate(ctx)
+    return None if rate is None else 2 * ctx.parts.shards.num_tokens("val") / (3 * rate[1])
+
+
+def _estimate_samples(ctx: Context) -> Optional[float]:
+    # one forward pass over at most a window per generated token
+    rate = _pretrain_rate(ctx)
+    s = ctx.cfg.samples
+    n = len(s.prompts) or len(DEFAULT_PROMPTS)
+    return None if rate is None else n * s.max_new_tokens * ctx.cfg.data.seq_len / (3 * rate[1])
+
+
+def _estimate_finetune(ctx: Context) -> Optional[float]:
+    # pretraining's time per step, scaled by the batch size (fine-tuning examples are shorter: an upper bound)
+    rate, f = _pretrain_rate(ctx), ctx.cfg.finetune
+    if rate is None or not f.enabled:
+        return None if f.enabled else 0.0
+    steps = f.max_steps or FINETUNE_DEFAULTS[get_family(ctx.cfg.model.family).kind][0]
+    return rate[0] * steps * f.global_batch_size / ctx.cfg.train.global_batch_size
+
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[Context], None]
+    describe: Callable[[Context], str]
+    """One line for the stage's banner: what it does."""
+    estimate: Callable[[Context], Optional[float]] = lambda ctx: None
+    """Its seconds from what earlier stages measured; None: nothing measured yet."""
+
+
+def _describe_finetune(ctx: Context) -> str:
+    f = ctx.cfg.finetune
+    if not f.enabled:
+        return "skipped (finetune.enabled=false)"
+    return (f"fine-tune the pretrained model on {finetune_task(ctx.cfg)}, {f.n_train} training examples, then score "
+            f"its test split beside the task's baselines")
+
+
+STAGES: list[Stage] = [
+    Stage("data + tokenizer", stage_data,
+          lambda c: f"the corpus ({c.cfg.data.source}), a tokenizer, train/validation token shards, the model"),
+    Stage("pretrain", stage_pretrain,
+          lambda c: f"train the {c.cfg.model.family} model for {c.cfg.max_steps} steps of "
+                    f"{c.cfg.train.global_batch_size} × {c.cfg.data.seq_len} tokens, evaluating every "
+                    f"{c.cfg.train.eval_every} steps"),
+    Stage("eval", stage_eval, lambda c: "score the model on the validation split beside a baseline", _estimate_eval),
+    Stage("samples", stage_samples, lambda c: "a few prompts, answered greedily", _estimate_samples),
+    Stage("finetune", stage_finetune, _describe_finetune, _estimate_finetune),
 ]
+
+
+def banner(ctx: Context, index: int, stages: list[Stage], elapsed: float) -> str:
+    """``== stage 2/5: pretrain — what it does ==`` and a line with its ETA and the whole run's."""
+    stage = stages[index]
+    head = f"== stage {index + 1}/{len(stages)}: {stage.name} — {stage.describe(ctx)} =="
+    own = stage.estimate(ctx)
+    rest = [st.estimate(ctx) for st in stages[index:]]
+    if own is None:
+        eta = "ETA: not measured yet (" + ("the progress lines below show one" if stage.name == "pretrain" else
+                                           "the training steps are not timed yet") + ")"
+    else:
+        eta = f"ETA ≈ {fmt_duration(own)} (from pretraining's measured speed)"
+    if any(r is None for r in rest):
+        run = "the run's: known once pretraining has been timed"
+    else:
+        run = f"the run's ≈ {fmt_duration(sum(rest))} more ({fmt_duration(elapsed)} so far)"
+    return f"{head}\n   {eta}; {run}"
+
+
+def closing_lines(ctx: Context, report_path: Path, total: float) -> list[str]:
+    """What the run left and where: the report, the model dirs, the numbers with how they were measured."""
+    lines = [f"pipeline done in {fmt_duration(total)}: report {report_path}",
+             f"  pretrained model: {ctx.run_dir / 'model'}"]
+    if (ctx.run_dir / "finetune" / "model").is_dir():
+        lines.append(f"  fine-tuned model: {ctx.run_dir / 'finetune' / 'model'}")
+    ev = ctx.results.get("eval", {})
+    if "val_perplexity" in ev:
+        lines.append(f"  validation perplexity {ev['val_perplexity']:.4f} ({ev['window']}-token windows, stride "
+                     f"{ev['stride']}; unigram baseline {ev['unigram_perplexity']:.1f})")
+    ft = ctx.results.get("finetune")
+    if ft and ft.get("test"):
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in ft["test"].items() if isinstance(v, float))
+        lines.append(f"  fine-tuned {ft['task']}: test {scores}")
+    lines += [f"  reproduce: {cmd}" for _, cmd in ctx.reproduce]
+    return lines
+
+
+def reproduce_section(ctx: Context) -> str:
+    if not ctx.reproduce:
+        return ("The numbers above are the Trainer's evaluation during the run; no separate command scores them "
+                "yet for this model family.")
+    body = ["Each evaluation number above, printed again by one command (from the directory the pipeline ran in):",
+            ""]
+    for printed, cmd in ctx.reproduce:
+        body += ["```sh", cmd, "```", f"prints `{printed}`.", ""]
+    return "\n".join(body)
 
 
 def load_pipeline_config(config_path: str | None, overrides: list[str]) -> PipelineConfig:
@@ -310,23 +502,30 @@ def run_pipeline(config_path: str | None, overrides: list[str]) -> dict[str, Any
 
 def _run_stages(cfg: PipelineConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
-    report = Report(title=f"lmforge pipeline — {run_dir.name}")
+    report = Report(title=f"lmforge pipeline: a {cfg.model.family} model on {cfg.data.source}, pretrained and "
+                          f"fine-tuned")
     ctx = Context(cfg=cfg, report=report, run_dir=run_dir)
     start = time.perf_counter()
-    for name, fn in STAGES:
+    for i, stage in enumerate(STAGES):
+        say(banner(ctx, i, STAGES, time.perf_counter() - start))
         t = time.perf_counter()
-        fn(ctx)
-        ctx.timings.setdefault(name, time.perf_counter() - t)
+        stage.run(ctx)
+        ctx.timings[stage.name] = time.perf_counter() - t
     total = time.perf_counter() - start
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads"
+    throughput = ctx.results.get("throughput")
+    speed = f"  Pretraining throughput: {throughput:,.0f} tokens/s over the whole training time." if throughput else ""
     report.sections.insert(0, ("Summary", markdown_table(
         [{"stage": k, "wall time (s)": round(v, 1)} for k, v in ctx.timings.items()] +
-        [{"stage": "total", "wall time (s)": round(total, 1)}]) + f"\n\nMachine: {machine}."))
+        [{"stage": "total", "wall time (s)": round(total, 1)}]) + f"\n\nMachine: {machine}.{speed}"))
+    report.add("Reproducing the numbers", reproduce_section(ctx))
     report.add("Resolved config", "```yaml\n" + dump_yaml(cfg) + "```")
-    report.write(run_dir / "report.md")
+    report_path = report.write(run_dir / "report.md")
     summary = {"run_dir": str(run_dir), "family": cfg.model.family, "wall_s": total, **ctx.results.get("eval", {}),
-               "final_loss": ctx.results.get("pretrain", {}).get("loss"), "finetune": ctx.results.get("finetune")}
+               "final_loss": ctx.results.get("pretrain", {}).get("loss"), "finetune": ctx.results.get("finetune"),
+               "report": str(report_path)}
     atomic_write_json(run_dir / "pipeline_summary.json", {**summary, "timings": ctx.timings,
                                                           "samples": ctx.results.get("samples")})
+    say("\n".join(closing_lines(ctx, report_path, total)))
     return summary

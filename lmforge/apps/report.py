@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.core.io import atomic_path, atomic_write_text
+from lmforge.core.io import atomic_path, atomic_write_json, atomic_write_text
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -40,13 +40,36 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_curves(metrics: list[dict[str, Any]], out_png: str | Path, title: str = "") -> bool:
-    """Training loss and validation loss/perplexity against step. Returns False when matplotlib is missing."""
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+VAL_PERPLEXITY = "validation perplexity"
+
+
+def curve_series(metrics: list[dict[str, Any]], right: str = VAL_PERPLEXITY) -> dict[str, list[list[float]]]:
+    """The ``[step, value]`` points :func:`plot_curves` draws: every logged training loss (records of eval steps
+    carry it too), every validation loss, and the right panel's metric (``right``: a metrics key such as
+    ``val_accuracy``, or validation perplexity from ``val_loss``)."""
+    def points(key: str) -> list[list[float]]:
+        return [[m["step"], m[key]] for m in metrics if "step" in m and _number(m.get(key))]
+
+    val = points("val_loss")
+    panel = [[s, math.exp(min(v, 50))] for s, v in val] if right == VAL_PERPLEXITY else points(right)
+    return {"train loss": points("loss"), "validation loss": val, right: panel}
+
+
+def plot_curves(metrics: list[dict[str, Any]], out_png: str | Path, title: str = "", right: str = VAL_PERPLEXITY,
+                references: dict[str, float] | None = None) -> bool:
+    """Training and validation loss against step (left) and ``right`` (see :func:`curve_series`; log scale for
+    perplexity) with ``references`` (label -> value, e.g. the unigram perplexity) as horizontal lines.  The plotted
+    series are written beside the PNG (``curves.json``), so what a plot shows can be checked against metrics.jsonl.
+    Returns False when matplotlib is missing."""
     plt = _pyplot()
     if plt is None:
         return False
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "val_loss" not in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    series = curve_series(metrics, right)
+    train, val, panel = series["train loss"], series["validation loss"], series[right]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     ax = axes[0]
     if train:
@@ -58,19 +81,25 @@ def plot_curves(metrics: list[dict[str, Any]], out_png: str | Path, title: str =
     ax.grid(alpha=0.3)
     ax.legend()
     ax = axes[1]
-    if val:
-        steps, losses = zip(*val)
-        ax.plot(steps, [math.exp(min(v, 50)) for v in losses], "o-", color="C1", ms=3)
+    if panel:
+        ax.plot(*zip(*panel), "o-", color="C1", ms=3, label=right)
+    for i, (label, value) in enumerate((references or {}).items()):
+        ax.axhline(value, ls="--", color=f"C{i + 2}", lw=1, label=label)
+    perplexity = right == VAL_PERPLEXITY
+    if perplexity and (panel or references):
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("validation perplexity (log scale)")
+    ax.set_ylabel(right + (" (log scale)" if perplexity else ""))
     ax.grid(alpha=0.3, which="both")
+    if references:
+        ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_json(Path(out_png).with_suffix(".json"), {**series, "references": references or {}})
     return True
 
 
@@ -164,8 +193,14 @@ def write_finetune_report(result: dict[str, Any]) -> Path:
     report = Report(title=f"lmforge finetune — {run_dir.name}")
     if "summary" not in result:
         metrics = read_metrics(run_dir / "metrics.jsonl")
-        if plot_curves(metrics, run_dir / "curves.png", title="fine-tuning"):
-            report.add("Curves", "![training and validation loss](curves.png)")
+        # the task's own metric (accuracy, exact match ...) on the right, beside its baselines' scores
+        right = result["select_metric"]
+        split = result.get("baselines_split", "test")
+        refs = {f"baseline: {name.replace('_', ' ')} ({split})": vals[right.removeprefix("val_")]
+                for name, vals in (result.get("baselines") or {}).items()
+                if _number(vals.get(right.removeprefix("val_")))}
+        if plot_curves(metrics, run_dir / "curves.png", title="fine-tuning", right=right, references=refs):
+            report.add("Curves", f"![training and validation loss, {right}](curves.png)")
     report.sections.insert(0, ("Fine-tuning", finetune_section(result)))
     return report.write(run_dir / "report.md")
 

@@ -18,7 +18,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import torch
 
@@ -221,7 +221,10 @@ class PretrainParts:
     dist: Dist = field(default_factory=Dist)
 
 
-def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
+def build(cfg: PretrainConfig, progress: bool | None = None,
+          say: Callable[[str], None] = lambda _text: None) -> PretrainParts:
+    """The run's tokenizer, shards, model and Trainer.  ``say``: told each step as it starts and ends (the pipeline
+    prints them, so the minutes before the first training step are not silent)."""
     timings: dict[str, float] = {}
     dist, device = setup_distributed(cfg.distributed, cfg.train.device)
     if dist.enabled:
@@ -234,18 +237,24 @@ def build(cfg: PretrainConfig, progress: bool | None = None) -> PretrainParts:
         seed_everything(cfg.seed)
 
         t = time.perf_counter()
+        say(f"tokenizer: loading or training one on {cfg.data.source} (the built-in world is generated into the "
+            f"cache on first use)")
         saved = Path(cfg.run_dir) / "tokenizer" / "tokenizer.json"
         if not dist.is_main and saved.exists():
             tokenizer = Tokenizer.load(saved.parent)
         else:
             tokenizer = resolve_tokenizer(cfg, resuming)
         timings["tokenizer_s"] = time.perf_counter() - t
+        say(f"tokenizer: {tokenizer.vocab_size} tokens ({timings['tokenizer_s']:.1f} s); tokenising the corpus into "
+            f"train/validation shards (cached: a second run reuses them)")
 
         t = time.perf_counter()
         shards = build_shards(cfg.data.source, tokenizer, cfg.data.cache_dir, field=cfg.data.field,
                               val_fraction=cfg.data.val_fraction, num_workers=cfg.data.num_workers, seed=cfg.seed,
                               world_bytes=cfg.data.world_bytes, txt_split=cfg.data.txt_split)
         timings["shards_s"] = time.perf_counter() - t
+        say(f"shards: {shards.num_tokens('train'):,} train / {shards.num_tokens('val'):,} validation tokens "
+            f"({'reused' if shards.reused else 'built'}, {timings['shards_s']:.1f} s); building the model")
 
     model_cfg = model_config_for(cfg.model, tokenizer)
     if max_len_of(model_cfg) is not None and cfg.data.seq_len > model_cfg.max_seq_len:

@@ -1,9 +1,12 @@
 """The README's main job: `lmforge pipeline` on the built-in world, offline, on CPU.
 
 Acceptance bar: validation perplexity <= 0.1 x the unigram perplexity of the same validation text, and a
-report.md with curves and samples.  The wall time is printed (and recorded in the report), not asserted."""
+report.md with curves and samples whose links resolve, whose curves hold every logged point and whose reproduce
+command prints its perplexity again.  The wall time is printed (and recorded in the report), not asserted."""
 
 import pytest
+
+from tests.report_checks import assert_curves_hold_every_point, assert_links_resolve, assert_perplexity_reproduces
 
 
 @pytest.mark.parametrize("family", ["gpt2"])
@@ -25,3 +28,8 @@ def test_pipeline_end_to_end(pipeline_run, family):
     assert ft["task"] == "world-sentiment" and ft["test"]["accuracy"] >= 0.95
     assert "## Fine-tuning" in report and "bag of words" in report
     assert (run_dir / "finetune" / "model" / "config.json").is_file()
+    # the report without gaps, on the real run (no extra training: one eval perplexity of the validation file)
+    assert (run_dir / "finetune" / "report.md").resolve() in assert_links_resolve(run_dir / "report.md")
+    assert_curves_hold_every_point(run_dir, "validation perplexity")
+    assert_curves_hold_every_point(run_dir / "finetune", "val_accuracy")
+    assert_perplexity_reproduces(run_dir, window=128, stride=64)

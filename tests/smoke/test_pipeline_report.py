@@ -1,0 +1,72 @@
+"""A tiny `lmforge pipeline` run (seconds), once per module: what it prints, and its report without gaps — every
+link resolves, the curves hold every logged point, and the report's reproduce command prints the report's number."""
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.report_checks import assert_curves_hold_every_point, assert_links_resolve, assert_perplexity_reproduces
+
+TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000", "model.vocab_size=512",
+        "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "train.global_batch_size=4",
+        "train.eval_every=5", "train.ckpt_every=5", "train.eval_max_batches=2", "train.warmup_steps=2",
+        "train.log_every=2", "samples.max_new_tokens=4", "finetune.max_steps=4", "finetune.n_train=64",
+        "finetune.global_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "pipe"
+    proc = run_cli("pipeline", f"run_dir={run_dir}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_pipeline_runs_a_finetune_stage(pipe):
+    run_dir, proc = pipe
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the JSON line stays the last line of stdout
+    assert summary["finetune"]["task"] == "world-sentiment" and "accuracy" in summary["finetune"]["test"]
+    assert summary["report"] == str(run_dir / "report.md")
+    report = (run_dir / "report.md").read_text()
+    assert "## Fine-tuning" in report and "baseline: bag of words" in report
+    assert json.loads((run_dir / "finetune" / "model" / "config.json").read_text())["architectures"] == [
+        "GPT2ForSequenceClassification"]
+
+
+def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
+    run_dir, proc = pipe
+    err = proc.stderr
+    banners = re.findall(r"^== stage (\d)/5: ([a-z +]+) — ", err, flags=re.M)
+    assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
+                       ("5", "finetune")]
+    before_training = err[:err.index("step 2/10")]
+    for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
+        assert said in before_training
+    # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 3
+    closing = err[err.index("pipeline done in"):]
+    assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
+        in closing and "32-token windows, stride 16" in closing
+
+
+def test_every_link_of_the_report_resolves(pipe):
+    run_dir, _ = pipe
+    assert (run_dir / "finetune" / "report.md").resolve() in assert_links_resolve(run_dir / "report.md")
+
+
+@pytest.mark.parametrize("sub, right", [("", "validation perplexity"), ("finetune", "val_accuracy")])
+def test_the_curves_plot_every_logged_point(pipe, sub, right):
+    run_dir = pipe[0] / sub
+    assert_curves_hold_every_point(run_dir, right)
+    plotted = json.loads((run_dir / "curves.json").read_text())
+    if sub:  # fine-tuning plots its task metric, beside the baselines' test scores
+        assert set(plotted["references"]) == {"baseline: majority (test)", "baseline: bag of words (test)"}
+    else:
+        summary = json.loads((run_dir / "pipeline_summary.json").read_text())
+        assert plotted["references"] == {"unigram baseline": summary["unigram_perplexity"]}
+
+
+def test_the_reports_reproduce_command_prints_the_reports_perplexity(pipe):
+    assert_perplexity_reproduces(pipe[0], window=32, stride=16)
