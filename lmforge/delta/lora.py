@@ -206,8 +206,8 @@ class LoRA(DeltaMethod):
     counted_as = LORA_LAYERS
     peft_type = "LORA"
     # a tiny model takes larger steps than the papers' 1e-4..1e-3 (the 400-step pipeline GPT-2 on world sentiment,
-    # 200 steps: 1e-3 -> 0.52, 1e-2 -> 0.50, 5e-3 -> 0.79, and 0.99 by 400; benchmarks/RESULTS.md, "Per-method
-    # defaults"); DoRA likewise
+    # 200-step runs: 1e-3 -> 0.52, 1e-2 -> 0.50, 5e-3 -> 0.79; a 400-step run at 5e-3 -> 0.984, the README's
+    # example; benchmarks/RESULTS.md, "Per-method defaults"); DoRA likewise
     train_defaults = {"lr": 5e-3}
 
     def __init__(self, name: str, dora: bool) -> None:

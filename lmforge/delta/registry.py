@@ -41,11 +41,6 @@ class DeltaMethod:
     """``train.*`` settings (TrainerConfig keys, e.g. ``{"lr": 5e-3}``) a fine-tuning run with this method takes where
     its config and command line do not set them; empty: full fine-tuning's (a method that trains whole modules)."""
 
-    def defaults(self, cfg: Any) -> dict[str, Any]:
-        """This run's ``train_defaults`` (a method whose best settings depend on its ``peft.*`` options overrides
-        this: the adapter's on ``adapter_type``)."""
-        return dict(self.train_defaults)
-
     def check(self, cfg: Any, methods: list[str]) -> None:
         """Refuse a combination of ``methods`` (all names, this one among them) this method cannot be part of."""
 
@@ -128,7 +123,7 @@ def train_defaults(cfg: Any) -> tuple[dict[str, Any], str | None]:
     it has any).  A combination takes the whole set of the method with the smallest default lr: a rate too large
     for one part can throw the run off, where one too small for a part only slows that part (``lora+bitfit``
     trains at LoRA's 5e-3, not BitFit's 1e-2; ``prompt+modules`` at prompt tuning's)."""
-    found = [(m.defaults(cfg), m.name) for m in in_order(cfg.methods)]
+    found = [(dict(m.train_defaults), m.name) for m in in_order(cfg.methods)]
     found = [(d, name) for d, name in found if "lr" in d] or [(d, name) for d, name in found if d]
     if not found:
         return {}, None

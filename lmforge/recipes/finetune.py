@@ -52,11 +52,14 @@ from lmforge.objectives.text_to_text import TextToTextObjective
 from lmforge.objectives.token_classification import TokenClassificationObjective
 from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.memory import measure_training_memory
-from lmforge.train.rundir import check_run_dir
+from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, check_run_dir
 from lmforge.train.run import Evaluation, RunSpec
 from lmforge.train.trainer import Trainer, TrainerConfig
 
 PREDICTIONS_FILE = "predictions-test.jsonl"  # RUN_DIR/: input, gold, prediction of every test example
+# full_lr and lr_from only say where train.lr came from (train.lr itself is compared on resume): a run started
+# before they existed, or at the same rate given another way, resumes
+MUTABLE_KEYS = DEFAULT_MUTABLE_KEYS | {"full_lr", "lr_from"}
 
 
 @dataclass
@@ -289,9 +292,9 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
     # the best validation checkpoint is what gets scored and saved (restored by the Trainer at the end of fit)
     evaluation = Evaluation(evaluator if task.splits["validation"] else None, select_metric=f"val_{metric}",
                             select_mode="max", restore_best=True)
-    trainer = Trainer(model, objective, source, cfg.train,
-                      RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg)),
-                      evaluation, dist=dist, progress=progress)
+    run = RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg),
+                  mutable_keys=MUTABLE_KEYS)
+    trainer = Trainer(model, objective, source, cfg.train, run, evaluation, dist=dist, progress=progress)
     parts = FinetuneParts(cfg, task_t2t, mode, model, tokenizer, objective, examples, gen_inputs, truncated, trainer,
                           (f"val_{metric}", "max"), task, delta, str(model_dir))
     parts_ref["parts"] = parts

@@ -3,10 +3,14 @@ method's default (``DeltaMethod.train_defaults``; a combination: the method with
 fine-tuning's (``full_lr``, else ``finetune_train_defaults``'); ``lr_from`` says which."""
 
 import pytest
+import yaml
 
 from lmforge.delta.registry import get_method, method_names
 from lmforge.recipes.bench_peft import BenchPeftConfig, _method_lr
-from lmforge.recipes.finetune import finetune_train_defaults, load_finetune_config
+from lmforge.core.config import save_config, to_dict
+from lmforge.core.errors import RunError
+from lmforge.recipes.finetune import MUTABLE_KEYS, finetune_train_defaults, load_finetune_config
+from lmforge.train.rundir import check_config_change
 from tests.conftest import cli
 from tests.faults import assert_refused, assert_unchanged, hashes
 
@@ -23,17 +27,12 @@ def _load(*overrides, config=None):
 def test_a_method_without_train_lr_trains_at_its_own_default(method):
     assert method in method_names()
     cfg = _load(f"peft.method={method}", *EXTRA.get(method, []))
-    own = get_method(method).defaults(cfg.peft)
+    own = get_method(method).train_defaults
     if method == "modules":  # trains whole modules, as full fine-tuning does: full fine-tuning's rate
         assert own == {} and (cfg.train.lr, cfg.lr_from) == (FULL, "fine-tuning's default")
         return
     assert own["lr"] > FULL  # every method that trains a delta takes larger steps than full fine-tuning
     assert (cfg.train.lr, cfg.lr_from) == (own["lr"], f"{method}'s default")
-
-
-def test_the_adapters_default_follows_its_type():
-    houlsby, pfeiffer = _load("peft.method=adapter"), _load("peft.method=adapter", "peft.adapter_type=pfeiffer")
-    assert houlsby.train.lr == get_method("lora").train_defaults["lr"] < pfeiffer.train.lr
 
 
 def test_the_users_lr_wins_from_the_config_file_and_from_the_command_line(tmp_path):
@@ -101,3 +100,16 @@ def test_bench_peft_leaves_an_unnamed_delta_method_at_its_default():
     assert _method_lr(bench, "lora", 1e-3) is None  # the run resolves lora's default itself
     assert (_method_lr(bench, "bitfit", 1e-3), _method_lr(bench, "full", 1e-3)) == (2e-2, 1e-3)
     assert _method_lr(BenchPeftConfig(delta_lr=3e-3), "lora", 1e-3) == 3e-3
+
+
+def test_a_run_from_before_lr_from_resumes_but_not_at_another_lr(tmp_path):
+    """full_lr and lr_from record where train.lr came from; train.lr itself is what resume compares."""
+    cfg = _load("peft.method=lora")
+    old = to_dict(cfg)
+    del old["full_lr"], old["lr_from"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old), encoding="utf-8")
+    check_config_change(tmp_path, to_dict(cfg), MUTABLE_KEYS)
+    check_config_change(tmp_path, to_dict(_load("peft.method=lora", "train.lr=5e-3")), MUTABLE_KEYS)
+    save_config(cfg, tmp_path / "config.yaml")
+    with pytest.raises(RunError, match=r"config changed since the run started: train\.lr \("):
+        check_config_change(tmp_path, to_dict(_load("peft.method=lora", "train.lr=1e-3")), MUTABLE_KEYS)
