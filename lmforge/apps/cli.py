@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "delta method (each run in its own process); write RUN_DIR/report.md, bench.json and "
                            "bench.png: trainable parameters, accuracy, training memory, time, saved size.",
                            epilog="Keys: run_dir, finetune (the base fine-tuning config), methods "
-                           "(full, lora, dora, houlsby, pfeiffer, bitfit), seeds, lr (per method), delta_lr, "
+                           "(full, lora, dora, houlsby, pfeiffer, bitfit), seeds, lr (per method), delta_lr (unset: each "
+                           "method's default), "
                            "overrides (key=value list passed to every run), timeout_s.")
     bp.add_argument("config", nargs="?", help="YAML config file")
     bp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

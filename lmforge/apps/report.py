@@ -171,7 +171,8 @@ def finetune_section(result: dict[str, Any]) -> str:
     if r.get("closed_book") is not None:
         body += ["", f"{'Closed-book' if r['closed_book'] else 'Open-book'}: {r.get('held_out', '')}"]
     body += ["", f"Best checkpoint by {r['select_metric']}: {r['selected']}; trained {r['train_s']:.1f} s, "
-             f"{r['trainable_params']:,} trainable parameters.", "", markdown_table(rows)]
+             f"{r['trainable_params']:,} trainable parameters"
+             + (f", peak learning rate {r['lr']:g} ({r['lr_from']})." if "lr" in r else "."), "", markdown_table(rows)]
     if r.get("delta"):
         dl = r["delta"]
         body += ["", f"Delta tuning **{dl['method']}**: {dl['trainable']:,} of {dl['total']:,} parameters trained "

@@ -205,6 +205,10 @@ class LoRA(DeltaMethod):
     order = 40  # after the slot methods (their random starts come first), before adapters (which refuse LoRA layers)
     counted_as = LORA_LAYERS
     peft_type = "LORA"
+    # a tiny model takes larger steps than the papers' 1e-4..1e-3 (the 400-step pipeline GPT-2 on world sentiment,
+    # 200-step runs: 1e-3 -> 0.52, 1e-2 -> 0.50, 5e-3 -> 0.79; a 400-step run at 5e-3 -> 0.984, the README's
+    # example; benchmarks/RESULTS.md, "Per-method defaults"); DoRA likewise
+    train_defaults = {"lr": 5e-3}
 
     def __init__(self, name: str, dora: bool) -> None:
         self.name, self.dora = name, dora

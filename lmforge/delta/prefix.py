@@ -200,6 +200,9 @@ class PrefixTuning(DeltaMethod):
     name = "prefix"
     order = 30  # before LoRA: the prefix's start (random or the base model's activations) comes first
     peft_type = "PREFIX_TUNING"
+    # prefixes take large steps, as in Li & Liang (seed 0, 600 steps, the 2000-step GPT-2 on world sentiment:
+    # 1e-2 -> 0.722, 2e-2 -> 0.814; benchmarks/RESULTS.md, "Per-method defaults")
+    train_defaults = {"lr": 2e-2}
 
     def check(self, cfg: DeltaConfig, methods: list[str]) -> None:
         if "prompt" in methods:

@@ -37,6 +37,9 @@ class DeltaMethod:
     """The noun the summary line counts the module paths ``apply`` returns with (``"LoRA layers"``)."""
     peft_type: str | None = None
     """PEFT's ``peft_type`` when PEFT has the method (its adapter files are then PEFT's, see ``peft_files``)."""
+    train_defaults: dict[str, Any] = {}
+    """``train.*`` settings (TrainerConfig keys, e.g. ``{"lr": 5e-3}``) a fine-tuning run with this method takes where
+    its config and command line do not set them; empty: full fine-tuning's (a method that trains whole modules)."""
 
     def check(self, cfg: Any, methods: list[str]) -> None:
         """Refuse a combination of ``methods`` (all names, this one among them) this method cannot be part of."""
@@ -113,6 +116,18 @@ def registered() -> list[DeltaMethod]:
 def in_order(names: list[str]) -> list[DeltaMethod]:
     """The methods ``names`` (each once) in the order they apply."""
     return sorted((_METHODS[n] for n in dict.fromkeys(names)), key=lambda m: m.order)
+
+
+def train_defaults(cfg: Any) -> tuple[dict[str, Any], str | None]:
+    """The ``train.*`` defaults of ``cfg.method`` (``DeltaConfig``) and the method they are from (None: no method of
+    it has any).  A combination takes the whole set of the method with the smallest default lr: a rate too large
+    for one part can throw the run off, where one too small for a part only slows that part (``lora+bitfit``
+    trains at LoRA's 5e-3, not BitFit's 1e-2; ``prompt+modules`` at prompt tuning's)."""
+    found = [(dict(m.train_defaults), m.name) for m in in_order(cfg.methods)]
+    found = [(d, name) for d, name in found if "lr" in d] or [(d, name) for d, name in found if d]
+    if not found:
+        return {}, None
+    return min(found, key=lambda f: f[0].get("lr", float("inf")))
 
 
 def peft_method(peft_type: Any) -> DeltaMethod | None:

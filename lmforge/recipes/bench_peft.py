@@ -1,7 +1,8 @@
 """`lmforge bench peft`: full fine-tuning and every delta method on one model and task, side by side.
 
 Each (method, seed) is one fine-tuning run (:func:`lmforge.recipes.finetune.run_finetune`, what ``lmforge finetune``
-runs) in a process of its own (so memory and time are the method's own), from the same fine-tuning config with ``peft.*`` and ``train.lr`` set per method and
+runs) in a process of its own (so memory and time are the method's own), from the same fine-tuning config with ``peft.*`` set per method,
+``train.lr`` where the bench names one (else the run takes the method's default learning rate) and
 ``measure_memory=true``.  The table (``RUN_DIR/report.md``, ``bench.json``) has per method: trainable
 parameters (count, %), validation and test accuracy (mean ± std over seeds), training memory (parameters +
 gradients + optimizer state + saved activations, counted by :mod:`lmforge.train.memory`), seconds per step,
@@ -60,8 +61,8 @@ class BenchPeftConfig:
     lr: dict[str, float] = field(default_factory=dict)
     """Learning rate per method; a method not named uses ``delta_lr`` (full: the fine-tuning config's)."""
     delta_lr: Optional[float] = None
-    """Default learning rate of the delta methods (None: 5 x full fine-tuning's; deltas start at the base model
-    and need larger steps, as the LoRA and adapter papers use)."""
+    """Learning rate of the delta methods ``lr`` does not name (None: each method's own default, as ``lmforge
+    finetune`` resolves it without ``train.lr``: :mod:`lmforge.delta.registry`'s ``train_defaults``)."""
     overrides: list[str] = field(default_factory=list)
     """Extra ``key=value`` fine-tuning overrides for every run (e.g. ``max_steps=100``, ``model=runs/x``)."""
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
@@ -85,12 +86,13 @@ def _finetune_lr(cfg: BenchPeftConfig) -> float:
     return load_finetune_config(cfg.finetune, list(cfg.overrides)).train.lr
 
 
-def _method_lr(cfg: BenchPeftConfig, method: str, full_lr: float) -> float:
+def _method_lr(cfg: BenchPeftConfig, method: str, full_lr: float) -> float | None:
+    """The ``train.lr`` the bench gives ``method``'s runs; None: none, the run resolves the method's default."""
     if method in cfg.lr:
         return float(cfg.lr[method])
     if method == "full":
         return full_lr
-    return float(cfg.delta_lr) if cfg.delta_lr is not None else 5.0 * full_lr
+    return float(cfg.delta_lr) if cfg.delta_lr is not None else None
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -179,11 +181,11 @@ def _claim_run_dir(run_dir: Path) -> None:
     write_marker(run_dir, "bench-run", [])
 
 
-def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float,
+def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float | None,
              run_report: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir) / "runs" / f"{method}-seed{seed}"
-    overrides = [f"run_dir={run_dir}", f"seed={seed}", "resume=false", "measure_memory=true", f"train.lr={lr}",
-                 *cfg.overrides, *METHOD_ARGS[method], *cfg.method_overrides.get(method, [])]
+    overrides = [f"run_dir={run_dir}", f"seed={seed}", "resume=false", "measure_memory=true",
+                 *([f"train.lr={lr}"] if lr is not None else []), *cfg.overrides, *METHOD_ARGS[method], *cfg.method_overrides.get(method, [])]
     args = ["-m", "lmforge", "finetune", cfg.finetune, *overrides]  # the same run from the command line
     stamp = run_dir / "bench-command.json"  # written last: its presence means the run finished
     command = json.dumps(args)
@@ -204,7 +206,8 @@ def _one_run(cfg: BenchPeftConfig, method: str, seed: int, lr: float,
     rows = _read_jsonl(run_dir / "metrics.jsonl")
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     saved = res["delta"]["adapter_bytes"] if "delta" in res else _dir_bytes(run_dir / "model")
-    return {"method": method, "seed": seed, "lr": lr, "wall_s": time.perf_counter() - t0, "reused": reused,
+    # the lr the run trained at: the bench's, or the method's default the run resolved (an older run: the bench's)
+    return {"method": method, "seed": seed, "lr": res.get("lr", lr), "wall_s": time.perf_counter() - t0, "reused": reused,
             "val_accuracy": res.get("validation", {}).get("accuracy"), "test_accuracy": res.get("test", {}).get("accuracy"),
             "trainable": res["trainable_params"], "total": res["total_params"], "memory": res.get("memory", {}),
             "s_per_step": _s_per_step(rows), "tokens_per_s": statistics.fmean(tps) if tps else None,
@@ -256,12 +259,12 @@ def bench_peft(cfg: BenchPeftConfig, run_report: Callable[[dict[str, Any]], Any]
     todo = [(m, s, _method_lr(cfg, m, full_lr)) for m in cfg.methods for s in cfg.seeds]
     finished = itertools.count(1)  # next() on a count is atomic: worker threads number their lines without a lock
 
-    def one(job: tuple[str, int, float]) -> dict[str, Any]:
+    def one(job: tuple[str, int, float | None]) -> dict[str, Any]:
         method, seed, lr = job
         run = _one_run(cfg, method, seed, lr, run_report)
         done = next(finished)
         how = "reused" if run["reused"] else f"{run['wall_s']:.0f} s"
-        print(f"[{done}/{len(todo)}] {method}, seed {seed}, lr {lr:g}: test accuracy {run['test_accuracy']} ({how})",
+        print(f"[{done}/{len(todo)}] {method}, seed {seed}, lr {run['lr']:g}: test accuracy {run['test_accuracy']} ({how})",
               file=sys.stderr, flush=True)
         return run
 

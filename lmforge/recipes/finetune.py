@@ -33,13 +33,15 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from lmforge.core.config import load_config, require, split_config_arg, to_dict
+from lmforge.core.config import (deep_merge, load_config, parse_overrides, read_yaml, require, split_config_arg,
+                                 to_dict)
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.core.io import atomic_write_json, atomic_write_text
 from lmforge.core.seed import seed_everything
 from lmforge.data.examples import ExampleSource
 from lmforge.data.tasks import TaskConfig, TaskData, load_task
 from lmforge.delta import DeltaConfig, DeltaSummary, apply_delta, merge_delta, mergeable, save_delta
+from lmforge.delta import registry
 from lmforge.eval.baselines import task_baselines
 from lmforge.eval.task_eval import evaluate_classification, evaluate_text2text, evaluate_token_classification
 from lmforge.models.families import family_of, get_family
@@ -51,12 +53,15 @@ from lmforge.objectives.text_to_text import TextToTextObjective
 from lmforge.objectives.token_classification import TokenClassificationObjective
 from lmforge.train.distributed import DistributedConfig, setup_distributed
 from lmforge.train.memory import measure_training_memory
-from lmforge.train.rundir import check_run_dir, check_run_outputs
+from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, check_run_dir, check_run_outputs
 from lmforge.train.run import Evaluation, RunSpec, check_run_keys
 from lmforge.train.runlock import training_run
 from lmforge.train.trainer import Trainer, TrainerConfig
 
 PREDICTIONS_FILE = "predictions-test.jsonl"  # RUN_DIR/: input, gold, prediction of every test example
+# full_lr and lr_from only say where train.lr came from (train.lr itself is compared on resume): a run started
+# before they existed, or at the same rate given another way, resumes
+MUTABLE_KEYS = DEFAULT_MUTABLE_KEYS | {"full_lr", "lr_from"}
 
 
 @dataclass
@@ -111,6 +116,14 @@ class FinetuneConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainerConfig = field(default_factory=finetune_train_defaults)
+    full_lr: Optional[float] = None
+    """Full fine-tuning's learning rate where ``train.lr`` is not set (None: ``finetune_train_defaults``' 1e-4).  A
+    config calibrated for one model sets this instead of ``train.lr``, so that the same config with ``peft.method``
+    trains at the delta method's own default (:func:`resolve_train_defaults`)."""
+    lr_from: str = ""
+    """Written when the config is loaded, not set by hand: where ``train.lr`` came from (``train.lr``: the config
+    or the command line; ``lora's default``; ``full_lr``; ``fine-tuning's default``).  Empty: a config built in
+    code, whose ``train`` section is taken as given."""
     eval_batch_size: int = 64
     max_new_tokens: int = 24
     """text2text: tokens generated per validation/test example."""
@@ -269,6 +282,8 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
                           f"head.reinit_pooler=false")
     if delta is not None:
         print(delta.line(), file=sys.stderr, flush=True)
+    if cfg.lr_from:  # a loaded config: say which learning rate it trains at, and why
+        print(f"lr {cfg.train.lr:g} ({cfg.lr_from})", file=sys.stderr, flush=True)
     model.train()
     max_len = _max_length(cfg, model.config)
     objective = _objective(cfg, task, mode, tokenizer, family, max_len)
@@ -292,9 +307,9 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
     # the best validation checkpoint is what gets scored and saved (restored by the Trainer at the end of fit)
     evaluation = Evaluation(evaluator if task.splits["validation"] else None, select_metric=f"val_{metric}",
                             select_mode="max", restore_best=True)
-    trainer = Trainer(model, objective, source, cfg.train,
-                      RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg)),
-                      evaluation, dist=dist, progress=progress)
+    run = RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg),
+                  mutable_keys=MUTABLE_KEYS)
+    trainer = Trainer(model, objective, source, cfg.train, run, evaluation, dist=dist, progress=progress)
     parts = FinetuneParts(cfg, task_t2t, mode, model, tokenizer, objective, examples, gen_inputs, truncated, trainer,
                           (f"val_{metric}", "max"), task, delta, str(model_dir))
     parts_ref["parts"] = parts
@@ -345,6 +360,7 @@ def _finetune(cfg: FinetuneConfig, progress: bool | None) -> dict[str, Any]:
     results: dict[str, Any] = {"run_dir": str(cfg.run_dir), "task": parts.task.name, "type": parts.task.type,
                                "family": model.config.family, "mode": parts.mode, "init": cfg.init,
                                "seed": cfg.seed, "selected": selected, "select_metric": parts.select[0],
+                               "lr": cfg.train.lr, "lr_from": cfg.lr_from or "train.lr",
                                "sizes": parts.task.sizes(), "truncated": parts.truncated, "train_s": train_s,
                                "last": fit.final, "description": parts.task.description,
                                "closed_book": parts.task.closed_book, "held_out": parts.task.held_out}
@@ -404,8 +420,43 @@ def _example_row(rec: dict[str, Any], pred: Any) -> dict[str, Any]:
             "prediction": pred if not isinstance(pred, list) else " ".join(pred)}
 
 
+def resolve_train_defaults(cfg: FinetuneConfig, given: set[str]) -> FinetuneConfig:
+    """``cfg`` with each ``train.*`` key the user did not give (``given``: the keys their config file and command
+    line set) taken from the delta method's defaults (:func:`lmforge.delta.registry.train_defaults`; a combination:
+    the method with the smallest default lr), and ``train.lr`` without one from ``full_lr`` if set; the rule is
+    user value > method default > full fine-tuning's default.  ``lr_from`` records where ``train.lr`` came from."""
+    defaults, method = registry.train_defaults(cfg.peft)
+    chosen = {k: v for k, v in defaults.items() if k not in given}
+    if "lr" in given:
+        source = "train.lr"
+    elif "lr" in chosen:
+        source = f"{method}'s default"
+    elif cfg.full_lr is not None:
+        chosen["lr"], source = cfg.full_lr, "full_lr"
+    else:
+        source = "fine-tuning's default"
+    try:
+        train = dataclasses.replace(cfg.train, **chosen)
+    except (TypeError, ValueError) as e:  # a registered method's defaults name a key TrainerConfig lacks
+        raise ConfigError(f"peft.method={cfg.peft.method}: {method}'s train defaults {defaults} do not fit the "
+                          f"train section ({e}); fix the method's train_defaults") from None
+    return dataclasses.replace(cfg, train=train, lr_from=source)
+
+
+def _given_train_keys(config_path: str | None, overrides: list[str]) -> set[str]:
+    """The ``train.*`` keys the config file and the overrides set (whatever their values)."""
+    data = deep_merge(read_yaml(config_path) if config_path else {}, parse_overrides(overrides))
+    if "lr_from" in data:
+        raise ConfigError(f"lr_from={data['lr_from']!r}: lmforge writes this key (where train.lr came from); "
+                          f"remove it and set train.lr to choose the learning rate")
+    train = data.get("train")
+    return set(train) if isinstance(train, dict) else set()
+
+
 def load_finetune_config(config_path: str | None, overrides: list[str]) -> FinetuneConfig:
-    return load_config(FinetuneConfig, *split_config_arg(config_path, overrides))
+    config_path, overrides = split_config_arg(config_path, overrides)
+    cfg = load_config(FinetuneConfig, config_path, overrides)
+    return resolve_train_defaults(cfg, _given_train_keys(config_path, overrides))
 
 
 def run_finetune(config_path: str | None, overrides: list[str]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import cli, run_cli
 from tests.smoke.test_cli import assert_clean_error
-from tests.smoke.test_finetune import TEXTS, _finetune, hf_dirs  # noqa: F401  (fixture)
+from tests.smoke.test_finetune import FAST, TEXTS, _finetune, hf_dirs  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -60,16 +60,31 @@ def test_lora_classifier_adapter_loads_in_peft(hf_dirs, tmp_path):  # noqa: F811
 
 
 def test_bitfit_on_bert_and_dora_on_t5(hf_dirs, tmp_path):  # noqa: F811
+    """Also: without train.lr BitFit trains at its own default learning rate, said on the terminal and recorded in
+    config.yaml, results.json and report.md; DoRA given train.lr trains at that."""
+    from lmforge.delta.registry import get_method
+
     data = hf_dirs / "data"
-    res = _finetune(tmp_path / "b", hf_dirs / "bert", "task.name=null", f"task.train={data / 'cls.jsonl'}",
-                    "peft.method=bitfit")
+    fast = [a for a in FAST if not a.startswith("train.lr=")]
+    proc = run_cli("finetune", f"run_dir={tmp_path / 'b'}", f"model={hf_dirs / 'bert'}", *fast, "task.name=null",
+                   f"task.train={data / 'cls.jsonl'}", "peft.method=bitfit")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["delta"]["method"] == "bitfit" and res["delta"]["percent"] < 10
+    lr = get_method("bitfit").train_defaults["lr"]
+    assert (res["lr"], res["lr_from"]) == (lr, "bitfit's default") and f"lr {lr:g} (bitfit's default)" in proc.stderr
+    assert f"peak learning rate {lr:g} (bitfit's default)" in (tmp_path / "b" / "report.md").read_text()
+    saved = (tmp_path / "b" / "config.yaml").read_text()
+    assert f"  lr: {lr}\n" in saved and "lr_from: bitfit's default" in saved
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["lr"] for r in rows if "lr" in r) <= lr and any(r.get("lr", 0) > lr / 2 for r in rows)  # trained at it
     meta = json.loads((tmp_path / "b" / "adapter" / "delta_config.json").read_text())
     assert meta["format"] == "lmforge-delta" and len(meta["base_fingerprint"]) == 64
     qa = data / "qa.jsonl"
     res = _finetune(tmp_path / "t", hf_dirs / "t5", "task.name=null", f"task.train={qa}", "max_new_tokens=4",
                     "peft.method=dora", "peft.r=2")
     assert res["delta"]["lora_layers"] == 12 and res["mode"] == "seq2seq"  # q, v of 2 enc + 2x2 dec attentions
+    assert (res["lr"], res["lr_from"]) == (1e-3, "train.lr")  # FAST's train.lr: the user's value wins
     assert json.loads((tmp_path / "t" / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
 
 
