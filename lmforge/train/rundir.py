@@ -65,6 +65,12 @@ DEFAULT_MUTABLE_KEYS: frozenset[str] = frozenset({
     "distributed.find_unused_parameters", "distributed.timeout_s",
 })
 
+# Keys a newer lmforge added, each with the value that does what runs saved before the key existed did.  A saved
+# config that lacks one of these, resumed at that value, is no change; at another value it is one.
+ADDED_KEYS: dict[str, Any] = {
+    "data.txt_split": "paragraph",  # .txt training files were always split at blank lines
+}
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 
@@ -164,6 +170,10 @@ def check_run_outputs(run_dir: str | Path, overwrite: bool = False) -> None:
                        f"write the run beside them (files of other names are kept)")
 
 
+def _added_at_old_behaviour(key: str, value: Any) -> bool:
+    return value in ({}, []) or (key in ADDED_KEYS and value == ADDED_KEYS[key])
+
+
 def check_config_change(run_dir: Path, config_dict: dict[str, Any], mutable_keys: Iterable[str]) -> None:
     """Refuse changed keys outside ``mutable_keys`` between the saved ``config.yaml`` and ``config_dict``."""
     saved_path = run_dir / CONFIG_FILE
@@ -175,8 +185,9 @@ def check_config_change(run_dir: Path, config_dict: dict[str, Any], mutable_keys
         raise RunError(f"'{saved_path}' is not valid YAML; restore it or start a new run_dir") from None
     # A key the saved config lacks, now at an empty value ({} or []), is an option added by a newer lmforge
     # at its "off" default (e.g. train.param_lr): the saved run ran without it, so it is no change.
+    # The same holds for the keys in ADDED_KEYS at their old behaviour's value.
     changed = [k for k in diff_configs(saved, config_dict) if not _is_mutable(k, mutable_keys)
-               and not (_lookup(saved, k) == "<unset>" and _lookup(config_dict, k) in ({}, []))]
+               and not (_lookup(saved, k) == "<unset>" and _added_at_old_behaviour(k, _lookup(config_dict, k)))]
     if changed:
         detail = ", ".join(f"{k} ({_lookup(saved, k)!r} -> {_lookup(config_dict, k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""

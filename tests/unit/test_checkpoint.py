@@ -202,3 +202,20 @@ def test_resume_accepts_an_option_added_since_at_its_empty_default(tmp_path):
     with pytest.raises(RunError, match=r"train.param_lr \('<unset>' -> \{'head': 0.001\}\)"):
         prepare_run_dir(tmp_path, _with(train__param_lr={"head": 1e-3}), "true")
     assert prepare_run_dir(tmp_path, _with(train__param_lr={}), "true") is True
+
+
+def test_a_run_saved_before_txt_split_resumes_at_the_old_behaviour_only(tmp_path):
+    """data.txt_split came later; runs saved without it split .txt files at blank lines (``paragraph``)."""
+    from lmforge.core.config import to_dict
+    from lmforge.recipes.pretrain import PretrainConfig
+    from lmforge.train.rundir import DEFAULT_MUTABLE_KEYS, check_config_change
+
+    now = to_dict(PretrainConfig())
+    assert now["data"]["txt_split"] == "paragraph"
+    old = to_dict(PretrainConfig())
+    del old["data"]["txt_split"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old), encoding="utf-8")
+    check_config_change(tmp_path, now, DEFAULT_MUTABLE_KEYS)  # no change: the old behaviour
+    now["data"]["txt_split"] = "file"
+    with pytest.raises(RunError, match=r"config changed since the run started: data\.txt_split \('<unset>' -> 'file'\)"):
+        check_config_change(tmp_path, now, DEFAULT_MUTABLE_KEYS)
