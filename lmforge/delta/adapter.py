@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.core.errors import ConfigError, ModelError
+from lmforge.core.errors import ConfigError
 from lmforge.delta.apply import ADAPTERS
 from lmforge.delta.config import DeltaConfig
 from lmforge.delta.layer import DeltaLinear
-from lmforge.delta.registry import DeltaMethod, register
+from lmforge.delta.registry import DeltaMethod, keep_base_values, register, swap_base_values
 from lmforge.delta.surgery import family_name, head_name, hf_alt, is_norm, layer_index, linear_examples, matches, set_module
 from lmforge.models.families import family_of
 
@@ -128,9 +128,11 @@ class Adapter(DeltaMethod):
             layer.adapter_down.requires_grad_(True)
             layer.adapter_up.requires_grad_(True)
         if cfg.adapter_type == "houlsby":  # Houlsby et al. §2.1: the layer norms are trained as well
-            for module in model.modules():
-                if is_norm(module):
-                    module.requires_grad_(True)
+            norms = [path for path, module in model.named_modules() if is_norm(module)]
+            for path in norms:
+                model.get_submodule(path).requires_grad_(True)
+            keep_base_values(model, self.name, [f"{path}.{n}" for path in norms
+                                                for n, _ in model.get_submodule(path).named_parameters()])
         return adapters
 
     def present(self, model: nn.Module) -> bool:
@@ -140,9 +142,8 @@ class Adapter(DeltaMethod):
         return ".adapter_" in name
 
     def disable(self, model: nn.Module, cfg: DeltaConfig, off: bool) -> None:
-        if cfg.adapter_type == "houlsby":
-            raise ModelError("houlsby adapters train the layer norms in place, so they cannot be switched off; "
-                             "pfeiffer adapters can")
+        if cfg.adapter_type == "houlsby":  # the layer norms' kept base values trade places with the trained ones
+            swap_base_values(model, self.name)
         for layer in _adapters(model):
             layer.delta_on = not off
 

@@ -93,15 +93,26 @@ def merge_delta(model: nn.Module) -> nn.Module:
                          "and apply the delta with lmforge (load_delta) instead")
     for method in registered():
         method.merge(model)
+    object.__setattr__(model, _MERGED, True)  # delta_disabled refuses it: the base is gone from the weights
     return model
+
+
+_MERGED = "_lmforge_delta_merged"
 
 
 @contextmanager
 def delta_disabled(model: nn.Module, cfg: DeltaConfig) -> Iterator[nn.Module]:
     """``model`` computing its base model inside the block (e.g. the reference of a preference loss), the delta
-    of ``cfg`` switched back on after it.  A method that changed base weights in place (BitFit, trained modules)
-    cannot be switched off: a ModelError (with the methods switched off before it back on)."""
+    of ``cfg`` switched back on after it, and dropout off inside it (``eval()``; the training mode is restored).
+    Additive deltas are switched off; what a method trains in place (BitFit, trained modules, Houlsby's layer
+    norms) trades places with the base values kept when it was applied.  No weight is copied.  A model whose
+    delta was merged into its weights has no base left: a ModelError."""
+    if getattr(model, _MERGED, False):
+        raise ModelError("this model's delta was merged into its weights, so it cannot be switched off; load the "
+                         "base model and apply the delta (load_delta) to have the base as a reference")
     done = []
+    was_training = model.training
+    model.eval()
     try:
         for method in in_order(cfg.methods):
             method.disable(model, cfg, True)
@@ -110,3 +121,4 @@ def delta_disabled(model: nn.Module, cfg: DeltaConfig) -> Iterator[nn.Module]:
     finally:
         for method in reversed(done):
             method.disable(model, cfg, False)
+        model.train(was_training)

@@ -90,6 +90,43 @@ class DeltaMethod:
 _METHODS: dict[str, DeltaMethod] = {}
 
 
+# ---- methods that train base weights in place (BitFit, trained modules, Houlsby's layer norms) ----------------
+_ORIGINALS = "_lmforge_base_values"  # model attribute: {method name: {parameter name: its base value}}
+
+
+def keep_base_values(model: nn.Module, method: str, names: list[str]) -> None:
+    """Remember the base values of the parameters ``method`` is about to train in place, so that
+    :func:`swap_base_values` can switch the method off.  The copies are the method's own size (what it trains)
+    and are not part of the state dict; they are taken when the delta is applied, before any trained values
+    are loaded, so they always hold the base model's values."""
+    params = dict(model.named_parameters())  # a tied weight once, under its first name
+    kept = getattr(model, _ORIGINALS, None)
+    if kept is None:
+        kept = {}
+        object.__setattr__(model, _ORIGINALS, kept)  # a plain attribute: nn.Module would not register a dict
+    # A parameter two methods train (BitFit's biases inside trained modules) is kept once, by the first, so that
+    # switching both off swaps it once.
+    taken = {n for values in kept.values() for n in values}
+    kept[method] = {n: params[n].detach().clone() for n in dict.fromkeys(names) if n in params and n not in taken}
+
+
+def swap_base_values(model: nn.Module, method: str) -> None:
+    """Exchange each kept parameter's data with its kept value: called once switches the method off, again
+    switches it back on.  No copy is made (the two tensors trade places); the Parameter objects, and so the
+    optimizer's references to them, stay the same."""
+    kept = getattr(model, _ORIGINALS, {}).get(method)
+    if kept is None:
+        raise ModelError(f"peft.method '{method}' trained base weights in place and their base values were not "
+                         f"kept (a model saved with the delta merged in); load the base model and apply the delta "
+                         f"to it to have a reference")
+    with torch.no_grad():
+        for name, value in kept.items():
+            p = model.get_parameter(name)
+            if value.device != p.device or value.dtype != p.dtype:
+                value = value.to(p.device, p.dtype)
+            kept[name], p.data = p.data, value
+
+
 def register(method: DeltaMethod) -> DeltaMethod:
     """Add ``method`` to the registry under ``method.name`` (the name ``peft.method`` takes)."""
     if not method.name or method.name == "none" or "+" in method.name:

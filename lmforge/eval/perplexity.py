@@ -40,11 +40,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.eval.generate import model_context_length
+from lmforge.objectives.logprobs import head_logprobs
 
 __all__ = ["bits_per_byte", "perplexity", "perplexity_of_tokens", "unigram_perplexity", "sliding_windows"]
 
@@ -138,20 +138,11 @@ def _score(model: nn.Module, tokens: torch.Tensor | np.ndarray, max_length: int,
             h = hidden[:, :-1][sel]  # [m, d]
             targets = ids[:, 1:][sel]
             count += int(targets.numel())
-            chunk_tokens = max(1, (1 << 25) // max(1, _vocab_size(model)))
-            for s in range(0, h.shape[0], chunk_tokens):
-                logits = model.logits(h[None, s:s + chunk_tokens])[0].float()
-                total += F.cross_entropy(logits, targets[s:s + chunk_tokens], reduction="sum").double()
+            logp, _ = head_logprobs(h, model.lm_head, targets)  # the post-training log-prob helper, chunked
+            total -= logp.double().sum()
     finally:
         model.train(was_training)
     return float(total), count, windows
-
-
-def _vocab_size(model: nn.Module) -> int:
-    head = getattr(model, "lm_head", None)
-    if head is not None and hasattr(head, "out_features"):
-        return int(head.out_features)
-    return int(getattr(getattr(model, "config", None), "vocab_size", 50_000))
 
 
 def _scored_mask(n: int, windows: list[tuple[int, int, int]]) -> np.ndarray:
