@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_TARGET_ELEMENTS = 1 << 25  # about 32M logits (128 MiB fp32) alive at a time, as in models.heads
+from lmforge.models.heads import _TARGET_ELEMENTS  # the same logits budget per chunk as the training loss
 
 
 class _HeadLogProbs(torch.autograd.Function):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmforge.core.errors import ModelError
+from lmforge.core.errors import ConfigError, ModelError
 from lmforge.delta import DeltaConfig, apply_delta, delta_disabled, merge_delta
 from tests.unit.test_delta import IDS, model_of, run
 
@@ -97,7 +97,6 @@ def test_a_merged_delta_cannot_be_switched_off():
 
 
 def test_the_methods_not_applicable_refuse_at_apply():
-    from lmforge.core.errors import ConfigError
     for method, family in sorted(NOT_ON):
         model = model_of(family)
         with pytest.raises(ConfigError):
