@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py parity OUT_DIR     (+ an fsdp run with checkpoints, the bf16 LoRA case)
     torchrun --standalone --nproc_per_node=N tests/dist_worker.py resume OUT_FILE fsdp=RUN_DIR zero1=RUN_DIR
+    torchrun --standalone --nproc_per_node=2 tests/dist_worker.py generate OUT_DIR  (generation on the model being trained)
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py crash
     torchrun --standalone --nproc_per_node=2 tests/dist_worker.py nonfinite OUT_DIR   (rank 1's gradient alone is inf)
 
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmforge.eval.sampling import GenerationConfig, SamplingRNG  # noqa: E402
 from lmforge.objectives.causal_lm import CausalLMObjective  # noqa: E402
 from lmforge.models.decoder import DecoderLM  # noqa: E402
 from lmforge.models.decoder_config import DecoderConfig  # noqa: E402
@@ -170,6 +172,30 @@ def nonfinite_case(run_dir: Path, dist, mode: str) -> dict:
     return {"skipped_steps": trainer.skipped_steps, "step": trainer.step, "weights": digest}
 
 
+ROLLOUT_PROMPTS = {0: [[5, 9, 11, 3, 7, 30], [4, 8]], 1: [[12, 13, 14], [20, 21, 22, 23, 24], [6]]}
+"""Each rank generates for prompts of its own (numbers and lengths differ), as RL ranks do."""
+
+
+def generate_case(out: Path, dist) -> None:
+    """Generation on the model being trained: greedy and sampled before the first step (FSDP's lazy init has not
+    run), two training steps, greedy again; rank R writes what it generated and the final weights."""
+    trainer = make_trainer(out / dist.strategy, None, dist, max_steps=2)
+    prompts = ROLLOUT_PROMPTS[dist.rank]
+    greedy = GenerationConfig(max_new_tokens=8, temperature=0.0, eos_token_id=7)
+    found = {"before": trainer.generate(prompts, greedy, num_samples=2)}
+    found["sampled"] = trainer.generate(prompts, GenerationConfig(max_new_tokens=6, temperature=1.0), num_samples=2,
+                                        generator=SamplingRNG(seed=4, rank=dist.rank).generator())
+    trainer.fit()
+    found["after"] = trainer.generate(prompts, greedy, num_samples=2)
+    found["losses"] = trainer.last_metrics.get("loss")
+    model = trainer.export_model()
+    if dist.is_main:
+        found["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    found["results"] = {k: [dataclasses.asdict(r) for r in found[k]] for k in ("before", "sampled", "after")}
+    torch.save({k: v for k, v in found.items() if k not in ("before", "sampled", "after")},
+               out / f"{dist.strategy}-rank{dist.rank}.pt")
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     torch.set_num_threads(1)
@@ -220,6 +246,13 @@ def main(argv: list[str]) -> int:
             dists.append(dist)
             found[f"{strategy}-{policy}"] = nonfinite_case(out / f"{strategy}-{policy}", dist, policy)
         (out / f"rank{dists[0].rank}.json").write_text(json.dumps(found, indent=1))
+        dists[0].close()
+    elif mode == "generate":  # generate OUT_DIR: ddp then fsdp, every rank writes OUT_DIR/STRATEGY-rankR.pt
+        dists = []
+        for strategy in ("ddp", "fsdp"):
+            dist, _ = setup_distributed(DistributedConfig(strategy=strategy))
+            dists.append(dist)
+            generate_case(Path(argv[1]), dist)
         dists[0].close()
     elif mode == "crash":  # rank 1 fails while rank 0 waits in a collective: the job must end, naming rank 1
         dist, _ = setup_distributed(DistributedConfig(strategy="ddp", timeout_s=60))

@@ -21,6 +21,15 @@ most one host sync (the "all finished?" test, only when EOS or stop strings can 
 per-row Python work is the stop-string check (only when stop strings are given) and the streaming
 callback (only when one is given).
 
+Inside a training loop (RL rollouts).  ``num_samples=G`` draws G completions of every prompt from one prefill:
+the prompts are run once, then the KV cache, masks and last hidden state are repeated G times per row
+(prompt-major: result ``i * G + j`` is sample ``j`` of prompt ``i``).  ``generator`` supplies the sampling
+randomness (e.g. from :class:`~lmforge.eval.sampling.SamplingRNG`, whose state a checkpoint keeps), and
+``grad_mode="no_grad"`` runs the engine under ``torch.no_grad`` instead of ``torch.inference_mode`` -- for a model
+whose parameters a training step will use next (FSDP's gathered parameters must not become inference tensors).
+The trainer's :meth:`~lmforge.train.trainer.Trainer.generate` does both, on a DDP module's inner model or an FSDP2
+model with every unit gathered once for the whole call.
+
 What both engines share -- the configuration, the result, the logits processors, the token choice, stop strings
 and result assembly -- lives in :mod:`lmforge.eval.sampling`.
 """
@@ -82,7 +91,9 @@ def model_context_length(model: nn.Module) -> int | None:
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
+GRAD_MODES = {"inference": torch.inference_mode, "no_grad": torch.no_grad}
+
+
 def generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -91,6 +102,9 @@ def generate(
     pad_id: int | None = None,
     stream: Callable[[int, int], None] | None = None,
     tokenizer: Any = None,
+    num_samples: int = 1,
+    generator: torch.Generator | None = None,
+    grad_mode: str = "inference",
 ) -> list[GenerationResult]:
     """Generate continuations of a batch of token-id prompts (of any lengths) with ``model``.
 
@@ -99,10 +113,16 @@ def generate(
     and the tail of finished rows (default: the tokenizer's pad, then EOS, then 0; it is always masked, so
     any id works).  ``stream(row, token)`` is called for every new token of every unfinished row, in
     order.  ``tokenizer`` (anything with ``decode(ids) -> str``) is needed for stop strings and fills
-    ``text``; its EOS is the default ``eos_token_id``.  Runs under ``torch.inference_mode()`` with the
-    model in eval mode (its training flag is restored afterwards).
+    ``text``; its EOS is the default ``eos_token_id``.  ``num_samples`` completions of each prompt share one
+    prefill (results prompt-major); ``generator`` (a ``torch.Generator`` on the model's device) replaces
+    ``cfg.seed`` as the source of sampling randomness.  Runs under ``torch.inference_mode()`` (``grad_mode=
+    "no_grad"``: ``torch.no_grad()``) with the model in eval mode (its training flag is restored afterwards).
     """
     cfg = cfg or GenerationConfig()
+    if grad_mode not in GRAD_MODES:
+        raise ConfigError(f"generation grad_mode={grad_mode!r} is not one of {sorted(GRAD_MODES)}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"generation num_samples={num_samples!r} must be a whole number >= 1")
     if not prompts:
         return []
     if cfg.stop and tokenizer is None:
@@ -135,28 +155,30 @@ def generate(
             f"prompt length {P} + max_new_tokens {N} = {total} exceeds the model's context of {max_len} "
             f"positions; shorten the prompt or lower max_new_tokens"
         )
+    G = num_samples
     if N == 0:
         text = "" if tokenizer is not None else None
-        return [GenerationResult([], [], [], "length", text, lens[i]) for i in range(B)]
+        return [GenerationResult([], [], [], "length", text, lens[i // G]) for i in range(B * G)]
 
     device = _model_device(model)
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenizer, device)
+        with GRAD_MODES[grad_mode]():
+            return _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenizer, device, G,
+                             generator)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenizer, device):
-    B = len(prompts)
+def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenizer, device, G, generator):
     total = P + N
     padded = any(n != P for n in lens)
 
     # --- inputs, built once on the host and moved in one copy each ----------------------------------
     ids = torch.tensor([[pad_id] * (P - n) + p for p, n in zip(prompts, lens)], dtype=torch.long)
     # Bool (True = real token): what the model's attention wants, so no per-step conversion.
-    mask = torch.ones(B, total, dtype=torch.bool)
+    mask = torch.ones(len(prompts), total, dtype=torch.bool)
     if padded:
         for i, n in enumerate(lens):
             mask[i, : P - n] = False
@@ -170,11 +192,20 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
     # on, feeding pad, but rows never see each other, so its garbage reaches no other row (and is dropped).
     use_mask = padded
 
-    cache = model.new_cache(B, total, device=device)
-    gen = None
-    if cfg.seed is not None and not cfg.greedy:
+    cache = model.new_cache(len(prompts), total, device=device)
+    gen = generator
+    if gen is None and cfg.seed is not None and not cfg.greedy:
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed)
+
+    # --- prefill: each prompt once, then its G samples share the cache it filled ---------------------
+    hidden = model(ids, attention_mask=mask[:, :P] if use_mask else None, position_ids=pos, cache=cache)[:, -1:, :]
+    if G > 1:
+        rows = torch.arange(len(prompts), device=device).repeat_interleave(G)
+        cache.reorder(rows)
+        ids, mask, pos, hidden = ids[rows], mask[rows], pos[rows], hidden[rows]
+        lens = [n for n in lens for _ in range(G)]
+    B = len(lens)
 
     seen = None
     if cfg.repetition_penalty != 1.0:
@@ -198,8 +229,6 @@ def _generate(model, prompts, lens, P, N, cfg, eos_ids, pad_id, stream, tokenize
     need_lists = stop is not None or stream is not None
     gen_lists: list[list[int]] = [[] for _ in range(B)]
 
-    # --- prefill ------------------------------------------------------------------------------------
-    hidden = model(ids, attention_mask=mask[:, :P] if use_mask else None, position_ids=pos, cache=cache)
     step_pos = pos[:, -1:] + 1
     for t in range(N):
         logits = model.logits(hidden[:, -1:, :])[:, 0, :].float()

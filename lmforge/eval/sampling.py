@@ -17,9 +17,13 @@ Log-probs.  Each result carries two per-token arrays, aligned with ``tokens``:
   Under greedy decoding (``temperature == 0``) it is ``log_softmax`` of the processed logits at
   temperature 1 (the distribution whose mode greedy takes).
 * ``raw_logprobs`` — log-prob of the chosen token under the model itself: ``log_softmax`` of the raw
-  logits at temperature 1, no processing.  This is what a training forward over ``prompt + tokens``
-  gives, so it is what RL (PPO ratios, KL to a reference) must use; ``logprobs`` is the behaviour
-  distribution of the sampler.
+  logits at temperature 1, no processing.
+
+Which one RL uses.  A teacher-forced pass of :func:`lmforge.objectives.logprobs.token_logprobs` over ``prompt +
+tokens`` gives ``raw_logprobs`` at ``temperature=1`` and, when the sampler applies a temperature only (no top-k,
+top-p or repetition penalty), ``logprobs`` at ``temperature=T`` -- TRL's convention for PPO ratios and GRPO's KL,
+so the first update's ratio is 1.  Top-k/top-p make ``logprobs`` the truncated behaviour distribution, which no
+training forward reproduces.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from lmforge.core.errors import ConfigError
@@ -117,6 +122,59 @@ class GenerationResult:
     finish_reason: str  # 'eos' | 'stop' | 'length'
     text: str | None = None
     prompt_tokens: int = 0
+
+
+class SamplingRNG:
+    """The sampling randomness of a training loop that generates (RL rollouts), as state a checkpoint can keep.
+
+    Every call of :meth:`generator` returns a fresh ``torch.Generator`` seeded from ``(seed, rank, calls)`` and
+    counts the call, so the state is two integers that are the same on every rank: rank 0's checkpoint restores
+    every rank, and a resumed run samples exactly the tokens an uninterrupted one would.  ``rank`` keeps ranks'
+    samples independent (each rank generates for its own prompts).  Counting calls rather than saving the
+    generator's internal state also holds across devices (a CUDA generator's state cannot seed a CPU one).
+    """
+
+    def __init__(self, seed: int, rank: int = 0) -> None:
+        self.seed, self.rank, self.calls = int(seed), int(rank), 0
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        # SeedSequence mixes the three integers (a plain sum would give seed+1 at call 0 the stream of seed at call 1)
+        words = np.random.SeedSequence([self.seed, self.rank, self.calls]).generate_state(2)
+        self.calls += 1
+        gen = torch.Generator(device=device)
+        gen.manual_seed((int(words[0]) << 31) ^ int(words[1]))  # < 2**63
+        return gen
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ConfigError(f"the checkpoint's sampling seed {state['seed']} is not this run's {self.seed}; "
+                              f"resume with the seed the run started with")
+        self.calls = int(state["calls"])
+
+
+def completion_batch(prompts: Sequence[Sequence[int]], results: Sequence[GenerationResult], pad_id: int,
+                     num_samples: int = 1) -> dict[str, torch.Tensor]:
+    """Prompt + completion rows for a teacher-forced pass (the policy's and the reference's log-probs in RL).
+
+    ``results`` are :func:`~lmforge.eval.generate.generate`'s (``num_samples`` per prompt, prompt-major).  Returns
+    right-padded ``input_ids`` ``[R, L]``, ``attention_mask`` (bool) and ``score_mask`` (True on the completion's
+    tokens: what :func:`lmforge.objectives.logprobs.token_logprobs` scores, aligned with the inputs).
+    """
+    if len(results) != len(prompts) * num_samples:
+        raise ConfigError(f"{len(results)} results for {len(prompts)} prompts x {num_samples} samples")
+    rows = [(list(prompts[i // num_samples]), list(r.tokens)) for i, r in enumerate(results)]
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), width, dtype=torch.bool)
+    score = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        attn[i, : len(p) + len(c)] = True
+        score[i, len(p): len(p) + len(c)] = True
+    return {"input_ids": ids, "attention_mask": attn, "score_mask": score}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.distributed as td
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -364,6 +364,34 @@ def gathered_root(loss_module: nn.Module, dist: Dist) -> Iterator[None]:
         yield
     finally:
         loss_module.reshard()
+
+
+@contextlib.contextmanager
+def gathered_for_generation(loss_module: nn.Module, dist: Dist) -> Iterator[None]:
+    """fsdp: every unit's full parameters gathered once for a whole generation call, then sharded again.
+
+    Decoding runs one forward per token; left to themselves the blocks would all-gather and free their
+    parameters in every one of them -- a collective per block per token, and every rank forced to run exactly as
+    many steps as the slowest (its prompts finish when they finish).  Gathered up front, with resharding after
+    forward switched off, a rank decodes on its own and the only collectives are these gathers.  Needs the root's
+    lazy initialisation (normally its first forward) before any block runs forward alone: torch refuses a block
+    that ran first as a second root.  On exit each unit is resharded and gets back the setting ``wrap`` gave it
+    (the blocks ``distributed.reshard_after_forward``, the root never)."""
+    if dist.strategy != "fsdp":
+        yield
+        return
+    units = [m for m in loss_module.modules() if isinstance(m, FSDPModule)]
+    loss_module._get_fsdp_state()._lazy_init()  # no public route: what the root's first forward would run
+    for unit in units:
+        unit.unshard()
+    loss_module.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        loss_module.set_reshard_after_forward(dist.cfg.reshard_after_forward)  # every unit, the root included
+        loss_module.set_reshard_after_forward(False, recurse=False)  # then the root alone back to its own
+        for unit in units:
+            unit.reshard()
 
 
 def build_zero1_optimizer(groups: list[dict[str, Any]], lr: float, betas, eps: float,

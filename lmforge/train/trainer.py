@@ -62,6 +62,8 @@ from lmforge.core.device import resolve_device
 from lmforge.core.errors import ConfigError, RunError
 from lmforge.core.finite import nonfinite_flag
 from lmforge.core.seed import rng_state, seed_everything, set_rng_state
+from lmforge.eval.generate import generate
+from lmforge.eval.sampling import GenerationConfig, GenerationResult
 from lmforge.models.flops import device_peak_flops
 from lmforge.objectives.base import count_input_tokens
 from lmforge.train.checkpoint import (best_checkpoint, last_good_checkpoint, latest_checkpoint, list_checkpoints,
@@ -69,8 +71,8 @@ from lmforge.train.checkpoint import (best_checkpoint, last_good_checkpoint, lat
                                       resume_checkpoint, save_checkpoint, save_sharded_checkpoint, write_best)
 from lmforge.train.logging import MetricsLogger, Progress
 from lmforge.train.batching import batch_rows, split_batch, to_device
-from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_root, gradient_sync,
-                                       rank_memory, wrap)
+from lmforge.train.distributed import (Dist, LossModule, build_zero1_optimizer, gathered_for_generation, gathered_root,
+                                       gradient_sync, rank_memory, wrap)
 from lmforge.train.optim import build_optimizer, freeze_parameters, param_groups
 from lmforge.train.rundir import METRICS_FILE, cut_metrics, metrics_at, prepare_run_dir
 from lmforge.train.run import Evaluation, FitResult, RunSpec
@@ -435,6 +437,17 @@ class Trainer:
             self.model.train(was_training)
             set_rng_state(saved_rng)
         return {k: float(v) for k, v in (result or {}).items()}
+
+    def generate(self, prompts: list[list[int]], cfg: GenerationConfig, *, num_samples: int = 1,
+                 generator: torch.Generator | None = None, tokenizer: Any = None,
+                 pad_id: int | None = None) -> list[GenerationResult]:
+        """Generate with the model being trained (RL rollouts): :func:`lmforge.eval.generate.generate` on this
+        rank's model -- a DDP module's inner model, an FSDP2 model gathered once for the call -- under
+        ``no_grad`` and the training autocast, in eval mode (dropout off), the training mode restored after.
+        Under DDP or FSDP each rank generates for its own prompts, no collective inside the decoding loop."""
+        with self._autocast(), gathered_for_generation(self.loss_module, self.dist):
+            return generate(self.model, prompts, cfg, num_samples=num_samples, generator=generator,
+                            tokenizer=tokenizer, pad_id=pad_id, grad_mode="no_grad")
 
     def save_checkpoint(self, new_best: bool = False) -> Path:
         self._check_finite()
