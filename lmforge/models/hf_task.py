@@ -71,7 +71,8 @@ def _task_state_and_config(model: SequenceClassifier | TokenClassifier) -> tuple
     hf_config["id2label"] = {str(i): name for i, name in model.id2label.items()}
     hf_config["label2id"] = dict(model.label2id)
     if not token:
-        hf_config["problem_type"] = "single_label_classification"
+        # one output: a score (a reward model), which transformers treats as regression
+        hf_config["problem_type"] = "regression" if model.scalar else "single_label_classification"
     return state, hf_config
 
 
@@ -97,12 +98,13 @@ def save_task_model(model: nn.Module, path: str | Path, tokenizer: Any = None) -
 # ---- loading -------------------------------------------------------------------------------------
 
 def _labels(hf_config: dict[str, Any], rows: int, where: str) -> dict[int, str]:
-    """id2label from config.json; without one, transformers' ``LABEL_i`` names for the head's rows."""
+    """id2label from config.json; without one, transformers' ``LABEL_i`` names for the head's rows.  One row is a
+    score (a reward model)."""
     raw = hf_config.get("id2label")
     if not raw:
         raw = [f"LABEL_{i}" for i in range(rows)]
     try:
-        labels = normalise_labels(raw, where=f"{where}: field 'id2label'")
+        labels = normalise_labels(raw, where=f"{where}: field 'id2label'", min_labels=1 if rows == 1 else 2)
     except ConfigError as e:
         raise ModelError(str(e)) from None
     if len(labels) != rows:
@@ -157,9 +159,12 @@ def load_task_model(path: str | Path, device: torch.device | str = "cpu", dtype:
     if task == "token_classification" and not (family is not None and family.token_classifier):
         raise ModelError(f"{where}: token classification needs an encoder (bert), got model_type "
                          f"{model_type!r}; use a BertForTokenClassification checkpoint")
-    if hf_config.get("problem_type") not in (None, "single_label_classification"):
-        raise ModelError(f"{where}: field 'problem_type' = {hf_config['problem_type']!r} is not supported "
-                         f"(supported: 'single_label_classification')")
+    problem = hf_config.get("problem_type")
+    one_output = len(hf_config.get("id2label") or {}) == 1 or hf_config.get("num_labels") == 1
+    if problem not in (None, "single_label_classification") and not (problem == "regression" and one_output):
+        raise ModelError(f"{where}: field 'problem_type' = {problem!r} is not supported (supported: "
+                         f"'single_label_classification', and 'regression' for a one-output score such as a "
+                         f"reward model)")
     weights = read_weights(d)
     pooled = family is not None and family.classifier == "pooled"  # BERT's layout
     head_name = "classifier" if pooled else "score"
@@ -197,7 +202,8 @@ def load_task_model(path: str | Path, device: torch.device | str = "cpu", dtype:
         drop = None
     tokenizer = load_tokenizer_for(d, config.vocab_size)
     try:
-        model = cls(backbone, labels, dropout=drop)
+        kwargs = {"scalar": True} if len(labels) == 1 and cls is SequenceClassifier else {}
+        model = cls(backbone, labels, dropout=drop, **kwargs)
     except ConfigError as e:
         raise ModelError(f"{where}: {e}") from None
     full = {**{f"backbone.{k}": v for k, v in state.items()}, **{f"{head_name}.{k}": v for k, v in head.items()}}

@@ -37,9 +37,10 @@ from lmforge.models.slots import INPUT
 PAD_TOKEN = "<|pad|>"
 
 
-def normalise_labels(id2label: Mapping[Any, str] | Sequence[str], where: str = "id2label") -> dict[int, str]:
+def normalise_labels(id2label: Mapping[Any, str] | Sequence[str], where: str = "id2label",
+                     min_labels: int = 2) -> dict[int, str]:
     """``{0: "neg", 1: "pos"}``, ``{"0": "neg", ...}`` (JSON keys) or ``["neg", "pos"]`` -> ``{int: str}``
-    with ids exactly ``0..n-1``, n >= 2 and distinct names (so ``label2id`` is its inverse)."""
+    with ids exactly ``0..n-1``, n >= ``min_labels`` and distinct names (so ``label2id`` is its inverse)."""
     if isinstance(id2label, Mapping):
         try:
             out = {int(k): v for k, v in id2label.items()}
@@ -51,8 +52,9 @@ def normalise_labels(id2label: Mapping[Any, str] | Sequence[str], where: str = "
         raise ConfigError(f"{where}={id2label!r} must be a list of label names or a mapping id -> name")
     if sorted(out) != list(range(len(out))):
         raise ConfigError(f"{where} ids {sorted(out)} must be exactly 0..{len(out) - 1}")
-    if len(out) < 2:
-        raise ConfigError(f"{where}={out} has {len(out)} label(s); classification needs at least 2")
+    if len(out) < min_labels:
+        raise ConfigError(f"{where}={out} has {len(out)} label(s); classification needs at least 2 (a one-output "
+                          f"score, such as a reward model, is SequenceClassifier(..., scalar=True))")
     names = [out[i] for i in range(len(out))]
     if not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"{where} names {names} must be non-empty strings")
@@ -72,13 +74,13 @@ class _TaskHead(nn.Module):
     pools_first_position = False  # BERT sequence classifiers read hidden[:, 0] through the pooler
 
     def __init__(self, backbone: nn.Module, id2label: Mapping[Any, str] | Sequence[str], head_name: str,
-                 bias: bool, dropout: float) -> None:
+                 bias: bool, dropout: float, min_labels: int = 2) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout={dropout} must be in [0, 1)")
         self.backbone = backbone
         self.family: str = backbone.config.family
-        self.id2label = normalise_labels(id2label)
+        self.id2label = normalise_labels(id2label, min_labels=min_labels)
         self.label2id = {name: i for i, name in self.id2label.items()}
         self.dropout = float(dropout)
         self.head_name = head_name
@@ -133,7 +135,15 @@ class _TaskHead(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classify(self.features(input_ids, attention_mask, token_type_ids), attention_mask)
+        hidden = self.features(input_ids, attention_mask, token_type_ids)
+        if self.pad_is_eos():  # transformers' rule reads the ids (see last_token)
+            return self.classify(hidden, attention_mask, input_ids)
+        return self.classify(hidden, attention_mask)
+
+    def pad_is_eos(self) -> bool:
+        c = self.config
+        pad, eos = getattr(c, "pad_token_id", None), getattr(c, "eos_token_id", None)
+        return pad is not None and pad == eos
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}, num_labels={self.num_labels}, dropout={self.dropout:g}"
@@ -150,9 +160,12 @@ class SequenceClassifier(_TaskHead):
     """
 
     def __init__(self, backbone: nn.Module, id2label: Mapping[Any, str] | Sequence[str],
-                 dropout: float | None = None) -> None:
+                 dropout: float | None = None, scalar: bool = False) -> None:
         family, fam = _family(backbone), family_of(backbone)
         kind = fam.classifier if fam is not None else None
+        if scalar and len(id2label) != 1:
+            raise ConfigError(f"a scalar classifier (a score, e.g. a reward model) has one output; got labels "
+                              f"{list(id2label.values()) if isinstance(id2label, Mapping) else list(id2label)}")
         if kind == "pooled":
             head, bias = "classifier", True
             dropout = backbone.config.dropout if dropout is None else dropout
@@ -167,18 +180,25 @@ class SequenceClassifier(_TaskHead):
             able = sorted(f.name for f in families() if f.classifier is not None)
             raise ConfigError(f"sequence classification needs a {', '.join(able[:-1])} or {able[-1]} backbone, "
                               f"got {family!r}")
-        super().__init__(backbone, id2label, head, bias, dropout)
+        super().__init__(backbone, id2label, head, bias, dropout, min_labels=1 if scalar else 2)
+
+    @property
+    def scalar(self) -> bool:
+        """One output: a score (transformers' num_labels = 1, problem_type regression), not a class."""
+        return self.num_labels == 1
 
     @property
     def pools_first_position(self) -> bool:  # type: ignore[override]
         return get_family(self.family).classifier == "pooled"
 
-    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden ``[B, T, d]`` -> logits ``[B, num_labels]``."""
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden ``[B, T, d]`` -> logits ``[B, num_labels]`` (``input_ids`` only where pad = EOS)."""
         if self.pools_first_position:
             pooled = self.backbone.pooled(hidden)  # [B, d]
             return self.head(F.dropout(pooled, self.dropout, self.training))
-        return self.head(last_token(hidden, attention_mask))
+        pad = self.config.pad_token_id if input_ids is not None else None
+        return self.head(last_token(hidden, attention_mask, input_ids, pad))
 
 
 class TokenClassifier(_TaskHead):
@@ -195,19 +215,28 @@ class TokenClassifier(_TaskHead):
         dropout = backbone.config.dropout if dropout is None else dropout
         super().__init__(backbone, id2label, "classifier", True, dropout)
 
-    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """hidden ``[B, T, d]`` -> logits ``[B, T, num_labels]`` (padding positions included: mask the
         loss, not the logits)."""
         return self.head(F.dropout(hidden, self.dropout, self.training))
 
 
-def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None,
+               pad_id: int | None = None) -> torch.Tensor:
     """``[B, T, d]`` -> ``[B, d]``: each row's hidden state at its last position with mask 1 (the last
-    position when there is no mask; position 0 for a row without any real token)."""
+    position when there is no mask; position 0 for a row without any real token).
+
+    With ``input_ids`` and ``pad_id`` (given when the pad id is also EOS): transformers'
+    ``…ForSequenceClassification`` rule instead, the rightmost token that is not ``pad_id`` -- by id a final EOS
+    cannot be told from padding then, so the row's last EOS is skipped, and an exported model scores the same."""
     B, T = hidden.shape[:2]
+    positions = torch.arange(T, device=hidden.device)  # [T]
+    if input_ids is not None and pad_id is not None:
+        last = (positions * (input_ids.to(hidden.device) != pad_id)).argmax(-1)
+        return hidden[torch.arange(B, device=hidden.device), last]
     if attention_mask is None:
         return hidden[:, -1]
-    positions = torch.arange(T, device=hidden.device)  # [T]
     last = (positions * (attention_mask.to(hidden.device) != 0)).argmax(-1)  # [B]; argmax of 0..T-1 masked
     return hidden[torch.arange(B, device=hidden.device), last]
 
