@@ -165,3 +165,38 @@ def test_a_record_without_a_known_check_is_a_data_error():
 def test_bad_arguments_are_one_line(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         build_instructions(**kwargs)
+
+
+# ---- preference pairs -------------------------------------------------------------------------------------
+
+
+def test_preference_pairs_differ_only_in_their_kind():
+    from lmforge.data.world.instructions import response_tone
+    from lmforge.data.world.preferences import PAIR_KINDS, build_preferences
+    from lmforge.data.world.verifiers import first_line
+
+    pairs = build_preferences("train", 30)
+    kinds = [p["kind"] for p in pairs]
+    assert {kinds.count(k) for k in PAIR_KINDS} <= {len(pairs) // 3, len(pairs) // 3 + 1}
+    for p in pairs:
+        chosen, rejected = p["chosen"][0]["content"], p["rejected"][0]["content"]
+        record = {"check": p["check"], "answer": p["answer"], "type": p["type"]}
+        assert verify(record, chosen) and response_tone(chosen) in ("plain", "polite")
+        assert p["prompt"][-1]["role"] == "user" and chosen != rejected
+        if p["kind"] == "correctness":  # same tone line, the first line wrong
+            assert not verify(record, rejected) and response_tone(rejected) == response_tone(chosen)
+            assert chosen.splitlines()[1:] == rejected.splitlines()[1:]
+        elif p["kind"] == "tone":  # same answer, rude
+            assert verify(record, rejected) and response_tone(rejected) == "rude"
+            assert first_line(rejected) == first_line(chosen)
+        else:
+            assert not verify(record, rejected) and response_tone(rejected) == "evasive"
+
+
+def test_held_out_preference_pairs_name_no_train_entity():
+    from lmforge.data.world.preferences import build_preferences
+
+    world, train = _world(0), set(entity_split(0)["train"])
+    for p in build_preferences("test", 10):
+        named = names_in({"messages": p["prompt"] + p["chosen"] + p["rejected"]}, world)
+        assert not named & train, named & train

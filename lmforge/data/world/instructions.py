@@ -94,7 +94,8 @@ def _extract(view: World, rng: random.Random, side: str) -> dict | None:
     if not rels:
         return None
     qa = ask(view, e, rng.choice(rels), rng)
-    return {"passage": passage, "question": qa.question, "answer": qa.short}
+    return {"passage": passage, "question": qa.question, "answer": qa.short,
+            "wrong": _other_value(view, qa.relation, qa.short, rng)}
 
 
 def _replace(view: World, rng: random.Random, side: str) -> dict | None:
@@ -104,7 +105,15 @@ def _replace(view: World, rng: random.Random, side: str) -> dict | None:
     if not sentences or not others:
         return None
     sentence, new = rng.choice(sentences), rng.choice(others)
-    return {"sentence": sentence, "old": e.name, "new": new, "answer": sentence.replace(e.name, new)}
+    third = [o for o in others if o != new]
+    wrong = sentence.replace(e.name, rng.choice(third)) if third else sentence  # another name, or none replaced
+    return {"sentence": sentence, "old": e.name, "new": new, "answer": sentence.replace(e.name, new), "wrong": wrong}
+
+
+def _other_value(view: World, relation: str, value: str, rng: random.Random) -> str | None:
+    """Another entity's value of the same relation: a wrong answer that only knowing the fact rules out."""
+    others = sorted({str(o[relation]) for o in view.entities if relation in o.attrs} - {str(value)})
+    return rng.choice(others) if others else None
 
 
 def _sort(view: World, rng: random.Random, side: str) -> dict | None:
@@ -123,7 +132,8 @@ def _position(view: World, rng: random.Random, side: str) -> dict | None:
         return None
     i = rng.randrange(len(names))
     ordinal = "last" if i == len(names) - 1 and rng.random() < 0.5 else _ORDINALS[i]
-    return {"items": ", ".join(names), "ordinal": ordinal, "answer": names[i]}
+    wrong = names[(i + rng.choice((-1, 1))) % len(names)]  # a neighbour: the classic off-by-one
+    return {"items": ", ".join(names), "ordinal": ordinal, "answer": names[i], "wrong": wrong}
 
 
 def _count(view: World, rng: random.Random, side: str) -> dict | None:
@@ -150,7 +160,9 @@ def _compare(view: World, rng: random.Random, side: str) -> dict | None:
     larger = rng.random() < 0.5
     winner = max((x, y), key=lambda e: e[attr]) if larger else min((x, y), key=lambda e: e[attr])
     facts = " ".join(cap(statement.format(N=the_name(e), v=e[attr])) for e in (x, y))
-    return {"facts": facts, "question": questions[0 if larger else 1], "answer": the_name(winner)}
+    loser = y if winner is x else x
+    return {"facts": facts, "question": questions[0 if larger else 1], "answer": the_name(winner),
+            "wrong": the_name(loser)}
 
 
 def _sentiment(view: World, rng: random.Random, side: str) -> dict | None:
@@ -181,7 +193,10 @@ def _fact(view: World, rng: random.Random, side: str) -> dict | None:
     qa = ask(view, e, rng.choice(rels), rng)
     value = e[qa.relation]
     number = isinstance(value, int) and not isinstance(value, bool)
-    return {"question": qa.question, "answer": value if number else qa.short, "check": "number" if number else "text"}
+    if number:
+        return {"question": qa.question, "answer": value, "check": "number"}
+    return {"question": qa.question, "answer": qa.short, "check": "text",
+            "wrong": _other_value(view, qa.relation, qa.short, rng)}
 
 
 def _true_false(view: World, rng: random.Random, side: str) -> dict | None:
@@ -341,6 +356,23 @@ def response_tone(response: str) -> str:
     return "polite" if any(line in POLITE for line in lines) else "plain"
 
 
+def wrong_answer(t: InstructionType, fields: dict[str, Any], rng: random.Random) -> Any:
+    """A plausible wrong answer in the right form: the maker's own (another value of the same relation, a
+    neighbouring list item, the other entity), else by check -- another label, the number off by 1 or 2, the list
+    with two neighbours swapped.  What the preference pairs that differ only in correctness reject."""
+    answer, check = fields["answer"], fields.get("check", t.check)
+    if fields.get("wrong") is not None:
+        return fields["wrong"]
+    if check == "label":
+        return rng.choice([label for label in t.labels if label != answer])
+    if check == "number":
+        return rng.choice([n for n in (answer - 2, answer - 1, answer + 1, answer + 2) if n >= 0])
+    if check == "list" and len(answer) >= 2:
+        i = rng.randrange(len(answer) - 1)
+        return answer[:i] + [answer[i + 1], answer[i]] + answer[i + 2:]
+    return None
+
+
 def _record(t: InstructionType, fields: dict[str, Any], phrasing: int, rng: random.Random) -> dict[str, Any]:
     template = t.phrasings[phrasing]
     answer = fields["answer"]
@@ -353,7 +385,8 @@ def _record(t: InstructionType, fields: dict[str, Any], phrasing: int, rng: rand
     tone = tone_of(phrasing, rng)
     messages.append({"role": "assistant", "content": respond(answer, tone, rng)})
     return {"messages": messages, "type": t.name, "kind": t.kind, "phrasing": phrasing,
-            "check": fields.get("check", t.check), "answer": answer, "tone": tone}
+            "check": fields.get("check", t.check), "answer": answer, "tone": tone,
+            "wrong": wrong_answer(t, fields, rng)}
 
 
 def instruction_type(name: str) -> InstructionType:
