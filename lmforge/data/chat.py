@@ -19,10 +19,16 @@ say) is refused for prefix masking by name, rather than silently mis-masked.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Sequence
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.core.errors import DataError
 
@@ -48,35 +54,29 @@ class ChatTemplateError(DataError):
 
 
 # ---------------------------------------------------------------------------------------- the environment
+class Generation(Extension):
+    """``{% generation %}…{% endgeneration %}``: renders its body and, while a render is tracked (the environment's
+    ``tracking`` is ``(blocks rendered so far, spans)``), appends the body's ``(start, end)`` character span."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_span", []), [], [], body).set_lineno(lineno)
+
+    def _span(self, caller):
+        text = caller()
+        track = getattr(self.environment, "tracking", None)
+        if track is not None:
+            start = sum(len(b) for b in track[0])
+            track[1].append((start, start + len(text)))
+        return text
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str):
     """The compiled template (cached by its text): transformers' environment, options and globals."""
-    try:
-        import jinja2
-        from jinja2 import nodes
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:  # a core dependency; only a broken install lacks it
-        raise ChatTemplateError("chat templates need jinja2: pip install 'jinja2>=3.1.6'") from None
-
-    class Generation(Extension):
-        """``{% generation %}…{% endgeneration %}``: renders its body and, while a render is tracked, appends
-        the body's ``(start, end)`` character span (start = the text rendered so far)."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_span", []), [], [], body).set_lineno(lineno)
-
-        def _span(self, caller):
-            text = caller()
-            track = self.environment.tracking
-            if track is not None:
-                start = sum(len(b) for b in track[0])
-                track[1].append((start, start + len(text)))
-            return text
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -97,7 +97,6 @@ def compile_template(source: str):
 
 
 def has_generation_blocks(source: str) -> bool:
-    import re
     return re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
 
 
@@ -105,7 +104,6 @@ def render(source: str, messages: Sequence[dict[str, Any]], variables: dict[str,
            add_generation_prompt: bool = False, where: str = "") -> tuple[str, list[tuple[int, int]]]:
     """The text of ``messages`` under the template and the character spans of its ``{% generation %}`` blocks.
     A template that raises (``raise_exception`` or any jinja error) is a one-line ChatTemplateError at ``where``."""
-    import jinja2
     template = compile_template(source)
     env = template.environment
     blocks: list[str] = []
@@ -162,8 +160,8 @@ class ChatFormat:
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if not isinstance(template, str) or not template:
-            raise ChatTemplateError("the tokenizer has no chat_template; give one (chat.template=FILE) or let "
-                                    "lmforge add ChatML (chat.add_chatml=true)")
+            raise ChatTemplateError("the model's tokenizer has no chat_template; add one to its tokenizer_config.json "
+                                    "or train it with `lmforge sft` (which adds ChatML)")
         compile_template(template)
         self.tokenizer = tokenizer
         self.template = template
@@ -234,3 +232,8 @@ class ChatFormat:
         ids, offsets = self._tokens(text)
         special = set(self.tokenizer.special_ids) - {self.tokenizer.bos_id}
         return next((t for t, (s, _e) in zip(ids, offsets) if s >= after and t in special), None)
+
+    def stop_ids(self) -> list[int]:
+        """What generation stops on: the end-of-turn token first, then EOS (once each)."""
+        ids = [self.end_of_turn(), self.tokenizer.eos_id]
+        return list(dict.fromkeys(i for i in ids if i is not None))

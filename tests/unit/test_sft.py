@@ -75,7 +75,7 @@ def test_bad_records_are_one_line_with_file_and_line(tmp_path, rec, message):
     p = _write(tmp_path, "bad.jsonl", [good, rec])
     with pytest.raises(DataError) as e:
         list(read_conversations(str(p)))
-    assert f"bad.jsonl:2: " in str(e.value) and message in str(e.value)
+    assert "bad.jsonl:2: " in str(e.value) and message in str(e.value)
     assert "\n" not in str(e.value)
 
 
