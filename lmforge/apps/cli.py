@@ -299,6 +299,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_sft(args) -> int:
+    require_single_process("sft")  # its Trainer is not wired to a process group yet
     result = run_sft(args.config, args.overrides)
     print(json.dumps({k: result.get(k) for k in ("run_dir", "last", "data", "packing", "masking", "added_tokens",
                                                  "stop_ids", "delta") if k in result}))

@@ -127,7 +127,9 @@ def chat_format(cfg: ChatConfig, model: torch.nn.Module, tokenizer: Tokenizer) -
     """The run's chat format and the token ids it added (ChatML's, or none)."""
     if cfg.template is not None:
         p = Path(cfg.template)
-        tokenizer.chat_template = p.read_text(encoding="utf-8") if p.suffix == ".jinja" or p.is_file() else cfg.template
+        if p.suffix == ".jinja" and not p.is_file():
+            raise ConfigError(f"chat.template='{cfg.template}' does not exist; give a .jinja file or the template text")
+        tokenizer.chat_template = p.read_text(encoding="utf-8") if p.is_file() else cfg.template
         return ChatFormat(tokenizer), []
     if tokenizer.chat_template:
         return ChatFormat(tokenizer), []

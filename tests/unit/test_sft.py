@@ -176,3 +176,26 @@ def test_packed_loss_equals_padded_across_accumulation(tok, family):
         pack_micro = sum(obj.loss(model, obj.collate(examples[k:k + 2])).loss_sum for k in (0, 2)) / n
         assert torch.allclose(pad_micro, a.loss_sum / n, rtol=1e-5)
         assert torch.allclose(pack_micro, a.loss_sum / n, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_trainer_steps_equal_packed_padded_and_accumulated(tok, family, tmp_path):
+    """The Trainer's logged losses over 3 steps: one padded batch, packed rows, packed in micro-batches of 2
+    conversations — the same global-count normalisation, so the same losses and the same updates."""
+    from lmforge.data.examples import ExampleSource
+    from lmforge.train import RunSpec, Trainer, TrainerConfig
+
+    obj, examples = _examples(tok)
+    runs = {}
+    for name, packing, micro in (("padded", False, None), ("packed", True, None), ("packed_micro", True, 2)):
+        model = _model(family, tok.vocab_size).train()
+        obj.packing = packing
+        cfg = TrainerConfig(global_batch_size=4, micro_batch_size=micro, lr=2e-3, warmup_steps=0, schedule="constant",
+                            weight_decay=0.1, eval_every=0, ckpt_every=100, log_every=1, device="cpu")
+        Trainer(model, obj, ExampleSource(list(examples), obj.collate, seed=0), cfg,
+                RunSpec(tmp_path / name, 3, seed=0, resume="false"), progress=False).fit()
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss"] for r in rows if "loss" in r]
+    assert len(runs["padded"]) == 3 and runs["padded"][2] < runs["padded"][0]
+    for name in ("packed", "packed_micro"):
+        assert runs[name] == pytest.approx(runs["padded"], rel=1e-5), (name, runs)
