@@ -29,7 +29,7 @@ from lmforge.data.chat_data import FORMATS, Conversation, read_conversations
 from lmforge.data.examples import ExampleSource
 from lmforge.data.tasks import TaskConfig, load_task
 from lmforge.delta import DeltaConfig, apply_delta, merge_delta, mergeable, save_delta
-from lmforge.delta.token_rows import bake_token_rows, train_token_rows
+from lmforge.delta.token_rows import add_rows_to_peft_adapter, bake_token_rows, train_token_rows
 from lmforge.models.families import get_family
 from lmforge.models.io import load_model, save_model
 from lmforge.models.task import resize_token_embeddings
@@ -262,7 +262,9 @@ def sft(cfg: SFTConfig, progress: bool | None = None) -> dict[str, Any]:
         if parts.delta is not None:
             adapter = save_delta(model, Path(cfg.run_dir) / "adapter", cfg.peft, base_model=parts.model_dir)
             results["delta"] = {"method": "+".join(parts.delta.methods), "adapter_dir": str(adapter),
-                                "merged": mergeable(model)}
+                                "merged": mergeable(model),
+                                # the added tokens' trained rows, as PEFT's trainable_token_indices
+                                "token_rows_in_adapter": add_rows_to_peft_adapter(model, adapter, parts.added)}
             if mergeable(model):
                 merge_delta(model)
         if parts.delta is None or results["delta"]["merged"]:

@@ -81,6 +81,17 @@ def test_lora_trains_the_new_token_rows_only(trained, tmp_path):
     mean = old.float().mean(0)
     for t in ("<|im_start|>", "<|im_end|>"):
         assert not torch.allclose(new[tok.token_to_id(t)], mean, atol=1e-6), t  # the new rows trained
+    # PEFT: the base resized to the tokenizer + RUN_DIR/adapter (LoRA + trainable_token_indices) = RUN_DIR/model
+    peft = pytest.importorskip("peft")
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == [tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")]
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(str(root / "base"))
+    hf_base.resize_token_embeddings(tok.vocab_size)
+    with_adapter = peft.PeftModel.from_pretrained(hf_base, str(run / "adapter")).eval()
+    merged_hf = transformers.AutoModelForCausalLM.from_pretrained(str(run / "model")).eval()
+    ids = torch.tensor([ChatFormat(tok).encode(arithmetic_chats(1)[0]["messages"]).ids])
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(ids).logits, merged_hf(ids).logits, atol=1e-5)
 
 
 def test_inspect_data_marks_supervised_tokens(trained):
