@@ -214,6 +214,11 @@ def prepare(cfg: SFTConfig) -> SFTParts:
     examples, counts = {}, {}
     for split, convs in load_conversations(cfg.data).items():
         examples[split], counts[split] = encode_split(objective, convs)
+    for split, c in counts.items():  # cut or left-out conversations are said, never silent
+        if c["truncated"] or c["dropped"]:
+            print(f"note: {split}: {c['truncated']} of {c['conversations']} conversations cut after their last whole "
+                  f"assistant turn within data.max_length={max_len}, {c['dropped']} dropped (no assistant turn "
+                  f"fits, or every one has weight 0)", file=sys.stderr, flush=True)
     if not examples["train"]:
         raise ConfigError(f"no training conversation fits data.max_length={max_len} ({counts['train']['dropped']} "
                           f"dropped); raise data.max_length")

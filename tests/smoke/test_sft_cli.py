@@ -132,6 +132,15 @@ def test_bad_inputs_are_one_line(trained, tmp_path):
     res = cli("sft", f"model={plain}", f"data.train={root / 'train.jsonl'}", f"run_dir={tmp_path / 'r3'}")
     assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
     assert "ordinary token" in res.stderr and "chat_template" in res.stderr
+    raising = tmp_path / "strict.jinja"  # a template that refuses system prompts, as some do
+    raising.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
+                       "role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    chats = arithmetic_chats(2)
+    chats[1]["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    data = write_jsonl(tmp_path / "sys.jsonl", chats)
+    res = cli("inspect-data", f"model={root / 'base'}", f"data.train={data}", f"chat.template={raising}")
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert f"{data}:2: the chat template raised: no system role" in res.stderr
     res = cli("generate", "--model", str(root / "base"), "--chat", "hi")
     assert res.returncode != 0 and "no chat_template" in res.stderr and res.stderr.count("\n") == 1
 
