@@ -13,6 +13,7 @@ import sys
 from typing import Callable
 
 from lmforge import __version__
+from lmforge.apps.chat import one_turn, run_chat
 from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
@@ -28,6 +29,7 @@ from lmforge.recipes.evaluate import EVAL_TXT_SPLIT, run_fill_mask, run_generate
 from lmforge.recipes.finetune import run_compare, run_finetune
 from lmforge.recipes.merge import merge
 from lmforge.recipes.pretrain import run_pretrain
+from lmforge.recipes.sft import inspect_data, run_sft
 from lmforge.train.distributed import require_single_process, shutdown
 
 TRAINING_EPILOG = (
@@ -103,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run pretrained and random-init fine-tuning over compare.seeds and report them side by side "
                     "with the majority and bag-of-words baselines")
 
+    # supervised fine-tuning on conversations, and chat
+    _add_training_command(sub, "sft", "supervised fine-tuning of a decoder on conversations (messages, ShareGPT, "
+                          "Alpaca, prompt/completion; a world QA task by default) in its chat template, loss on "
+                          "the assistant's turns; full or any delta method (peft:), packed or padded",
+                          config_optional=True)
+    ins = sub.add_parser("inspect-data", help="show SFT examples as rendered, supervised tokens marked [[...]]",
+                         description="Render the first N training conversations of an SFT config with the model's "
+                         "chat template, mark the supervised tokens [[like this]], and count the conversations "
+                         "truncated and dropped by data.max_length.", epilog=TRAINING_EPILOG)
+    ins.add_argument("config", nargs="?", help="YAML config file (an sft config)")
+    ins.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    ins.add_argument("-n", type=_at_least(0), default=3, help="examples to show (default 3)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ch = sub.add_parser("chat", help="chat with a model in the terminal (its chat template, streamed replies)",
+                        description="A terminal chat: each line is a user message, the reply streams. Commands: "
+                        "/reset (clear the history), /system TEXT (set the system prompt), /history, /quit.")
+    ch.add_argument("--model", required=True, help="a model dir with a chat template (e.g. RUN_DIR/model of lmforge sft)")
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--repetition-penalty", type=float, default=1.0)
+    ch.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--device", default="auto")
+
     # eval
     ev = sub.add_parser("eval", help="evaluate a model", description="Evaluate a model.")
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
@@ -133,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
                         description="Generate a completion with the KV-cached engine; --temperature 0 is greedy.")
     ge.add_argument("--model", required=True, help="lmforge model dir or Hugging Face checkpoint dir")
-    ge.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    ge.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    ge.add_argument("--chat", default=None, metavar="TEXT",
+                    help="one chat turn instead of a prompt: TEXT as a user message in the model's chat template")
     ge.add_argument("--max-new-tokens", type=int, default=64)
     ge.add_argument("--temperature", type=float, default=0.0)
     ge.add_argument("--top-k", type=int, default=0)
@@ -258,8 +289,39 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    if (args.chat is None) == (not args.prompt):
+        raise LmforgeError("lmforge generate: give --prompt TEXT (repeatable) or --chat TEXT, not both")
+    if args.chat is not None:
+        one_turn(args)
+        return 0
     run_generate(args)
     return 0
+
+
+def _cmd_sft(args) -> int:
+    require_single_process("sft")  # its Trainer is not wired to a process group yet
+    result = run_sft(args.config, args.overrides)
+    print(json.dumps({k: result.get(k) for k in ("run_dir", "last", "data", "packing", "masking", "added_tokens",
+                                                 "stop_ids", "delta") if k in result}))
+    return 0
+
+
+def _cmd_inspect_data(args) -> int:
+    out = inspect_data(args.config, args.overrides, args.n)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    for i, ex in enumerate(out["examples"]):
+        print(f"--- example {i}: {ex['tokens']} tokens, {ex['supervised']} supervised")
+        print(ex["rendered"])
+    for split, c in out["counts"].items():
+        print(f"{split}: {c['conversations']} conversations, {c['truncated']} truncated, {c['dropped']} dropped "
+              f"(max_length {out['max_length']}; masks from {out['masking']})")
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    return run_chat(args)
 
 
 def _cmd_fill_mask(args) -> int:
@@ -314,7 +376,7 @@ def _cmd_world(args) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench")
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft")
 """The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
 
 COMMANDS: dict[str, Callable] = {
@@ -329,6 +391,9 @@ COMMANDS: dict[str, Callable] = {
     "bench": _cmd_bench,
     "world": _cmd_world,
     "cache": _cmd_cache,
+    "sft": _cmd_sft,
+    "inspect-data": _cmd_inspect_data,
+    "chat": _cmd_chat,
 }
 
 

@@ -187,10 +187,16 @@ class DecoderLM(SlotHost):
         already stored; this call appends ``T`` and advances the cache.  Pass no mask when there is no
         padding: that takes SDPA's ``is_causal`` fast path.  With an ``input`` or ``past_kv`` slot filled, masks and
         positions given are the real tokens'; with a ``side`` network the blocks run without a graph and the side
-        network adds its part (:mod:`lmforge.models.slots`).
+        network adds its part (:mod:`lmforge.models.slots`).  A 4-D boolean ``attention_mask [B, 1, T, T]`` (True =
+        attend) is used as it is, with the ``position_ids`` given: packed sequences (:mod:`lmforge.objectives.sft`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        # packed rows (SFT): the caller's own [B, 1, T, T] mask (block-diagonal causal) and restarted positions
+        packed = attention_mask is not None and attention_mask.dim() == 4
+        if packed and (position_ids is None or cache is not None or self.slot(PAST_KV) is not None
+                       or self.slot(INPUT) is not None):
+            raise ValueError("a [batch, 1, T, T] attention mask needs position_ids, no cache and no prompt/prefix")
         side_cache = None
         if isinstance(cache, SideCache):
             cache, side_cache = cache.main, cache.side
@@ -213,7 +219,7 @@ class DecoderLM(SlotHost):
                 x = prepend(front, x)
         B, T = x.shape[:2]
         S = past + T
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+        if attention_mask is not None and not packed and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, past + "
                              f"new tokens] = [{B}, {S}] (cache holds {past} positions)")
         if position_ids is None:
@@ -277,6 +283,8 @@ def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int,
     a padding query never has an empty row (which would give NaN and leak through the values).
     """
     S = past + T
+    if attention_mask is not None and attention_mask.dim() == 4:  # already [B, 1, T, S] booleans
+        return attention_mask, False
     if attention_mask is None:
         if past == 0:
             return None, T > 1
