@@ -29,6 +29,8 @@ from lmforge.recipes.evaluate import EVAL_TXT_SPLIT, run_fill_mask, run_generate
 from lmforge.recipes.finetune import run_compare, run_finetune
 from lmforge.recipes.merge import merge
 from lmforge.recipes.pretrain import run_pretrain
+from lmforge.recipes.dpo import run_dpo
+from lmforge.recipes.reward import evaluate_reward, run_reward
 from lmforge.recipes.sft import inspect_data, run_sft
 from lmforge.train.distributed import require_single_process, shutdown
 
@@ -110,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "Alpaca, prompt/completion; a world QA task by default) in its chat template, loss on "
                           "the assistant's turns; full or any delta method (peft:), packed or padded",
                           config_optional=True)
+    _add_training_command(sub, "reward", "train a pairwise reward model (Bradley-Terry, optional margin and reward "
+                          "centring, K-way rankings) on preference pairs from an SFT model; saved as transformers' "
+                          "*ForSequenceClassification with one output", config_optional=True)
+    _add_training_command(sub, "dpo", "learn from preference pairs against a frozen reference: DPO (sigmoid), cdpo, "
+                          "robust, hinge, ipo, simpo, + RPO's sft term; the reference a copy, the policy with its "
+                          "delta off, or log-probs precomputed", config_optional=True)
     ins = sub.add_parser("inspect-data", help="show SFT examples as rendered, supervised tokens marked [[...]]",
                          description="Render the first N training conversations of an SFT config with the model's "
                          "chat template, mark the supervised tokens [[like this]], and count the conversations "
@@ -157,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-docs", type=_at_least(1), default=None, help="score only the first N documents")
     pp.add_argument("--device", default="auto")
     pp.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    rw = ev_sub.add_parser("reward", help="a reward model's accuracy on preference pairs",
+                           description="Score preference pairs with a reward model dir (lmforge reward's RUN_DIR/model "
+                           "or any *ForSequenceClassification with one output): accuracy (ties count half), per kind "
+                           "where the data names kinds, and the mean scores.")
+    rw.add_argument("--model", required=True, help="reward model dir (or a run dir with model/)")
+    rw.add_argument("--data", default="world-preferences",
+                    help="preference file (.jsonl/.json/.csv/.parquet or datasets dir) or world-preferences (held-out "
+                    "pairs, the default)")
+    rw.add_argument("--max-length", type=_at_least(2), default=None)
+    rw.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     # generate
     ge = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
@@ -275,6 +293,15 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    if args.eval_command == "reward":
+        out = evaluate_reward(args.model, args.data, args.max_length)
+        if not args.json:
+            for kind, row in out["accuracy"].items():
+                print(f"{kind:<12} accuracy {row['accuracy']:.3f}  ({row['pairs']} pairs)")
+            print(f"mean score: chosen {out['mean_chosen']:.3f}, rejected {out['mean_rejected']:.3f}")
+        else:
+            print(json.dumps(out))
+        return 0
     if args.eval_command != "perplexity":
         raise LmforgeError("usage: lmforge eval perplexity --model DIR --data PATH [--max-length L --stride S] [--json]")
     result = run_perplexity(args)
@@ -303,6 +330,26 @@ def _cmd_sft(args) -> int:
     result = run_sft(args.config, args.overrides)
     print(json.dumps({k: result.get(k) for k in ("run_dir", "last", "data", "packing", "masking", "added_tokens",
                                                  "stop_ids", "delta") if k in result}))
+    return 0
+
+
+def _preference_summary(result: dict) -> None:
+    for kind, row in (result.get("test") or {}).items():
+        print(f"held-out {kind:<12} accuracy {row['accuracy']:.3f}  ({row['pairs']} pairs)", file=sys.stderr)
+    print(json.dumps({k: result.get(k) for k in ("run_dir", "last", "data", "test", "reference", "reference_forwards",
+                                                 "reference_precomputed",
+                                                 "delta") if k in result}))
+
+
+def _cmd_reward(args) -> int:
+    require_single_process("reward")  # its Trainer is not wired to a process group yet
+    _preference_summary(run_reward(args.config, args.overrides))
+    return 0
+
+
+def _cmd_dpo(args) -> int:
+    require_single_process("dpo")
+    _preference_summary(run_dpo(args.config, args.overrides))
     return 0
 
 
@@ -376,7 +423,7 @@ def _cmd_world(args) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft")
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo")
 """The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
 
 COMMANDS: dict[str, Callable] = {
@@ -392,6 +439,8 @@ COMMANDS: dict[str, Callable] = {
     "world": _cmd_world,
     "cache": _cmd_cache,
     "sft": _cmd_sft,
+    "reward": _cmd_reward,
+    "dpo": _cmd_dpo,
     "inspect-data": _cmd_inspect_data,
     "chat": _cmd_chat,
 }

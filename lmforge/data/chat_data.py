@@ -62,7 +62,7 @@ def _text(value: Any, where: str, what: str) -> str:
     return value
 
 
-def _message_list(items: Any, where: str, role_key: str, content_key: str, roles: dict[str, str],
+def message_list(items: Any, where: str, role_key: str, content_key: str, roles: dict[str, str],
                   field: str) -> tuple[list[dict[str, str]], list[int]]:
     if not isinstance(items, list) or not items:
         raise DataError(f"{where}: '{field}' must be a non-empty list of messages")
@@ -94,9 +94,9 @@ def to_conversation(rec: Any, fmt: str, where: str) -> Conversation:
                         f"{', '.join(repr(k) for k in missing)}; keys: {', '.join(sorted(rec)) or 'none'})")
     identity = {r: r for r in ROLES}
     if fmt == "messages":
-        messages, weights = _message_list(rec.get("messages"), where, "role", "content", identity, "messages")
+        messages, weights = message_list(rec.get("messages"), where, "role", "content", identity, "messages")
     elif fmt == "sharegpt":
-        messages, weights = _message_list(rec.get("conversations"), where, "from", "value", _SHAREGPT_ROLES,
+        messages, weights = message_list(rec.get("conversations"), where, "from", "value", _SHAREGPT_ROLES,
                                           "conversations")
     elif fmt == "alpaca":
         instruction = _text(rec.get("instruction"), where, "instruction")
@@ -111,7 +111,7 @@ def to_conversation(rec: Any, fmt: str, where: str) -> Conversation:
         for field, role in (("prompt", "user"), ("completion", "assistant")):
             value = rec.get(field)
             if isinstance(value, list):
-                part, w = _message_list(value, where, "role", "content", identity, field)
+                part, w = message_list(value, where, "role", "content", identity, field)
             else:
                 part, w = [{"role": role, "content": _text(value, where, field)}], [1]
             if field == "prompt":
@@ -159,21 +159,25 @@ def is_dataset_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
 
 
+def iter_rows(spec: str, what: str = "chat data") -> Iterator[tuple[Any, Any]]:
+    """``(where, record)`` of a file or a ``datasets`` folder (``DIR::SPLIT`` picks a split), in order."""
+    name, _, split = str(spec).partition("::")
+    path = Path(name)
+    if is_dataset_dir(path):
+        return _dataset_rows(path, split or None)
+    if path.is_file() and record_format(path) is not None:
+        return read_records(path)
+    if not path.exists():
+        raise DataError(f"{what} '{spec}' does not exist; give a .jsonl/.json/.csv/.parquet file or a datasets "
+                        f"folder saved with save_to_disk")
+    raise DataError(f"{what} '{spec}' is not a .jsonl/.json/.csv/.parquet file or a datasets folder")
+
+
 def read_conversations(spec: str, fmt: str = "auto") -> Iterator[Conversation]:
     """Conversations of a file or a ``datasets`` folder (``DIR::SPLIT`` picks a split), in order."""
     if fmt not in FORMATS:
         raise DataError(f"chat data format {fmt!r} is not one of {', '.join(FORMATS)}")
-    name, _, split = str(spec).partition("::")
-    path = Path(name)
-    if is_dataset_dir(path):
-        rows: Iterator[tuple[Any, Any]] = _dataset_rows(path, split or None)
-    elif path.is_file() and record_format(path) is not None:
-        rows = read_records(path)
-    elif not path.exists():
-        raise DataError(f"chat data '{spec}' does not exist; give a .jsonl/.json/.csv/.parquet file or a datasets "
-                        f"folder saved with save_to_disk")
-    else:
-        raise DataError(f"chat data '{spec}' is not a .jsonl/.json/.csv/.parquet file or a datasets folder")
+    rows = iter_rows(spec)
     chosen = None if fmt == "auto" else fmt
     for where, rec in rows:
         where = str(where)

@@ -122,15 +122,21 @@ def pair_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def collate_pairs(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``{prompt_ids, chosen_ids, rejected_ids[, ref_chosen_logps, ref_rejected_logps]}`` examples -> a batch
-    of ``chosen_*``/``rejected_*`` tensors ``[n, T]`` (right-padded; ``score_mask`` on the completion)."""
+    """Pair examples -> a batch of ``chosen_*``/``rejected_*`` tensors ``[n, T]`` (right-padded; ``score_mask``
+    on the completion).  An example is ``{prompt_ids, chosen_ids, rejected_ids}`` (TRL's layout) or whole rendered
+    sequences with their masks ``{chosen_ids, chosen_mask, rejected_ids, rejected_mask}``; optionally
+    ``ref_chosen_logps``/``ref_rejected_logps``."""
     batch: dict[str, torch.Tensor] = {}
     for side in ("chosen", "rejected"):
-        rows = [list(e["prompt_ids"]) + list(e[f"{side}_ids"]) for e in examples]
+        if examples and f"{side}_mask" in examples[0]:
+            rows = [list(e[f"{side}_ids"]) for e in examples]
+            scored = [list(e[f"{side}_mask"]) for e in examples]
+        else:
+            rows = [list(e["prompt_ids"]) + list(e[f"{side}_ids"]) for e in examples]
+            scored = [[0] * len(e["prompt_ids"]) + [1] * len(e[f"{side}_ids"]) for e in examples]
         batch[f"{side}_input_ids"] = pad_sequences(rows, pad_id)
         batch[f"{side}_attention_mask"] = pad_sequences([[1] * len(r) for r in rows], 0)
-        batch[f"{side}_score_mask"] = pad_sequences(
-            [[0] * len(e["prompt_ids"]) + [1] * len(e[f"{side}_ids"]) for e in examples], 0)
+        batch[f"{side}_score_mask"] = pad_sequences(scored, 0)
     if examples and "ref_chosen_logps" in examples[0]:
         for side in ("chosen", "rejected"):
             batch[f"ref_{side}_logps"] = torch.tensor([float(e[f"ref_{side}_logps"]) for e in examples])

@@ -20,36 +20,22 @@ Metrics (weighted means over pairs; TRL's names): ``accuracy`` (chosen strictly 
 
 from __future__ import annotations
 
-from itertools import combinations
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.core.errors import ConfigError, DataError
+from lmforge.core.errors import ConfigError
 from lmforge.objectives.base import Objective, ObjectiveOutput
 from lmforge.objectives.encoding import pad_sequences
 
 
-def ranking_pairs(responses: Sequence[Any], ranking: Sequence[int], where: str = "ranking") -> list[tuple[Any, Any]]:
-    """All (better, worse) pairs of a K-way ranking (``ranking`` lists the response indices best first)."""
-    k = len(responses)
-    if sorted(ranking) != list(range(k)):
-        missing = sorted(set(range(k)) - set(ranking))
-        repeated = sorted({i for i in ranking if list(ranking).count(i) > 1})
-        raise DataError(f"{where}: ranking {list(ranking)} must list each of the {k} response indices 0..{k - 1} "
-                        f"exactly once (ties are not rankings)"
-                        + (f"; missing {missing}" if missing else "") + (f"; repeated {repeated}" if repeated else ""))
-    if k < 2:
-        raise DataError(f"{where}: a ranking needs at least 2 responses, got {k}")
-    ordered = [responses[i] for i in ranking]
-    return list(combinations(ordered, 2))
-
-
 def collate_reward_pairs(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """``{chosen_ids, rejected_ids[, margin, weight]}`` (prompt included in both) -> ``chosen_*``/``rejected_*``
-    tensors ``[n, T]`` right-padded, ``margin [n]`` and ``weight [n]`` (default 0 and 1)."""
+    tensors ``[n, T]`` right-padded, ``margin [n]`` and ``weight [n]`` (default 0 and 1).  An example may also be a
+    list of such pairs (a ranking's, kept in one batch): they are flattened."""
+    examples = [p for e in examples for p in (e if isinstance(e, list) else [e])]
     batch: dict[str, torch.Tensor] = {}
     for side in ("chosen", "rejected"):
         rows = [list(e[f"{side}_ids"]) for e in examples]

@@ -14,7 +14,8 @@ from lmforge.models.decoder import DecoderLM
 from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.hf_task import load_task_model, save_task_model
 from lmforge.models.task import SequenceClassifier
-from lmforge.objectives.reward import PairwiseRewardObjective, collate_reward_pairs, ranking_pairs
+from lmforge.data.preference_data import ranking_pairs
+from lmforge.objectives.reward import PairwiseRewardObjective, collate_reward_pairs
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,12 +122,12 @@ def test_pairwise_loss_and_metrics_equal_trl(tmp_path, margin, center):
 
 
 def test_a_k_way_ranking_is_every_pair_of_a_prompt_weighted_to_count_once():
-    pairs = ranking_pairs(["a", "b", "c", "d"], [2, 0, 3, 1])
+    pairs = ranking_pairs(["a", "b", "c", "d"], [2, 0, 3, 1], "prefs.jsonl:1")
     assert pairs == [("c", "a"), ("c", "d"), ("c", "b"), ("a", "d"), ("a", "b"), ("d", "b")]
     model = reward_model("gpt2")
     seqs = rows(4, seed=5)
     examples = [{"chosen_ids": seqs[i], "rejected_ids": seqs[j], "weight": 1 / 6}
-                for i, j in ranking_pairs(list(range(4)), [2, 0, 3, 1])]
+                for i, j in ranking_pairs(list(range(4)), [2, 0, 3, 1], "x")]
     examples.append({"chosen_ids": seqs[0], "rejected_ids": seqs[1]})  # a plain pair: one more prompt
     objective = PairwiseRewardObjective(pad_id=PAD)
     batch = objective.collate(examples)
@@ -135,7 +136,7 @@ def test_a_k_way_ranking_is_every_pair_of_a_prompt_weighted_to_count_once():
         out = objective.loss(model, batch)
         score = {i: float(model(torch.tensor([s]))[0, 0]) for i, s in enumerate(seqs)}
     expected = sum(-torch.nn.functional.logsigmoid(torch.tensor(score[i] - score[j])) / 6
-                   for i, j in ranking_pairs(list(range(4)), [2, 0, 3, 1]))
+                   for i, j in ranking_pairs(list(range(4)), [2, 0, 3, 1], "x"))
     expected += -torch.nn.functional.logsigmoid(torch.tensor(score[0] - score[1]))
     assert float(out.loss_sum) == pytest.approx(float(expected), rel=1e-5)
 
