@@ -19,7 +19,8 @@ The fine-tuning stage's settings follow the family's kind (decoder, encoder, enc
 On stderr each stage opens with a banner (what it does, its ETA and the run's, estimated from pretraining's measured
 speed) and the run closes naming the report and the model dirs; stdout's last line is the JSON summary.
 
-Later issues append stages (delta tuning, SFT, alignment) to :data:`STAGES`.
+Later stages (SFT, preferences, RL, in-context scoring) live in `lmforge/apps/stage_*.py` modules, each importing
+only `lmforge/apps/stage.py` (Context, Stage, say); :data:`STAGES` lists them in order.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ import json
 import os
 import platform
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
+from lmforge.apps.stage import Context, Stage, say
 from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
                                  write_finetune_report)
 from lmforge.core.config import dump_yaml, load_config, split_config_arg
@@ -119,23 +120,6 @@ FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"decoder": (200, 1e-3), "enco
 class PipelineConfig(PretrainConfig):
     samples: SampleConfig = field(default_factory=SampleConfig)
     finetune: PipelineFinetuneConfig = field(default_factory=PipelineFinetuneConfig)
-
-
-@dataclass
-class Context:
-    cfg: PipelineConfig
-    report: Report
-    run_dir: Path
-    timings: dict[str, float] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
-    parts: Any = None
-    reproduce: list[tuple[str, str]] = field(default_factory=list)
-    """(number as the report prints it, the command that prints it again), for the report's last section."""
-
-
-def say(text: str) -> None:
-    """The pipeline's own lines, on stderr beside the Trainer's progress (stdout keeps the final JSON line)."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def stage_data(ctx: Context) -> None:
@@ -406,16 +390,6 @@ def _estimate_finetune(ctx: Context) -> Optional[float]:
         return None if f.enabled else 0.0
     steps = f.max_steps or FINETUNE_DEFAULTS[get_family(ctx.cfg.model.family).kind][0]
     return rate[0] * steps * f.global_batch_size / ctx.cfg.train.global_batch_size
-
-
-@dataclass
-class Stage:
-    name: str
-    run: Callable[[Context], None]
-    describe: Callable[[Context], str]
-    """One line for the stage's banner: what it does."""
-    estimate: Callable[[Context], Optional[float]] = lambda ctx: None
-    """Its seconds from what earlier stages measured; None: nothing measured yet."""
 
 
 def _describe_finetune(ctx: Context) -> str:
