@@ -30,8 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.cache import KVCache
 from lmforge.models.decoder_config import DecoderConfig
-from lmforge.models.layers import (CausalSelfAttention, Embedding, GeluMLP, LayerNorm, Linear, RMSNorm,
-                                   RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, reset_children)
+from lmforge.models.layers import (CausalSelfAttention, Embedding, GeluMLP, LayerNorm, Linear, RealTokens,
+                                   RMSNorm, RotaryEmbedding, SwiGLUMLP, gpt2_residual_std, reset_children)
 from lmforge.models.slots import (INPUT, PAST_KV, SIDE, PrefixCache, SideCache, SlotHost, prefilled, prepend,
                                   shifted_positions, with_leading_ones)
 
@@ -70,8 +70,10 @@ class Block(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                attn_mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.attn_norm(x), rope, attn_mask, is_causal, cache))
+                attn_mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None = None,
+                tokens: RealTokens | None = None) -> torch.Tensor:
+        """``x [B, T, d]``, or ``[N, d]`` real tokens with ``tokens`` (see :class:`RealTokens`)."""
+        x = x + self._drop(self.attn(self.attn_norm(x), rope, attn_mask, is_causal, cache, tokens))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -178,7 +180,7 @@ class DecoderLM(SlotHost):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, real_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, d]``) -> hidden ``[B, T, d]``.
 
         ``attention_mask [B, past + T]``: 1 = real token, 0 = padding (left padding for decoding).  With
@@ -189,6 +191,13 @@ class DecoderLM(SlotHost):
         positions given are the real tokens'; with a ``side`` network the blocks run without a graph and the side
         network adds its part (:mod:`lmforge.models.slots`).  A 4-D boolean ``attention_mask [B, 1, T, T]`` (True =
         attend) is used as it is, with the ``position_ids`` given: packed sequences (:mod:`lmforge.objectives.sft`).
+
+        ``real_tokens [B, T]`` (1 = a position whose output is read; no cache and no slot filled, else ignored): the
+        blocks' token-wise layers run on those positions only (:class:`~lmforge.models.layers.RealTokens`) and the
+        other positions of the output are zeros, not what a full pass computes there.  For losses that never read
+        padding (SFT, DPO, rewards at the last real token), given the padding mask: the real positions' outputs equal
+        the full pass's.  Attention still masks as ``attention_mask`` says, so the positions left out must be ones
+        no kept position attends to (padding).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -246,14 +255,20 @@ class DecoderLM(SlotHost):
         else:
             use_ckpt = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
                         and (cache is None or isinstance(cache, PrefixCache)))  # a prefix cache stores nothing
+            tokens = None
+            if real_tokens is not None and cache is None and front is None and past_kv is None:
+                tokens = RealTokens(real_tokens)
+                x = tokens.gather(x)
             for block in self.blocks:
                 if use_ckpt:
-                    x = checkpoint(block, x, rope, attn_mask, is_causal, cache, use_reentrant=False)
+                    x = checkpoint(block, x, rope, attn_mask, is_causal, cache, tokens, use_reentrant=False)
                 else:
-                    x = block(x, rope, attn_mask, is_causal, cache)
+                    x = block(x, rope, attn_mask, is_causal, cache, tokens)
             if cache is not None:
                 cache.advance(T)
             x = self.norm(x)
+            if tokens is not None:
+                x = tokens.scatter(x)
         return x[:, front.n:] if in_front else x
 
     def _beside(self, side: nn.Module, x: torch.Tensor, rope: Any, attn_mask: torch.Tensor | None, is_causal: bool,

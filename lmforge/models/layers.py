@@ -166,6 +166,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+class RealTokens:
+    """The real (non-pad) tokens of a padded ``[B, T]`` batch, for the layers that work token by token.
+
+    Projections, MLPs, norms and residual adds do not mix positions, so they can run on the ``[N, d]`` real tokens
+    alone (N = the mask's sum) and skip the padding's share of the matmuls — 40% of an SFT batch's cells are
+    padding (benchmarks/RESULTS.md).  Only attention needs the ``[B, T]`` grid: :meth:`scatter` before it (zeros at
+    padding, which the mask hides), :meth:`gather` after.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.B, self.T = mask.shape
+        self.index = mask.reshape(-1).nonzero().squeeze(1)  # [N] positions in the flattened grid
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]`` -> ``[N, C]``."""
+        return x.reshape(self.B * self.T, x.shape[-1]).index_select(0, self.index)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C]`` -> ``[B, T, C]``, zeros at padding."""
+        grid = x.new_zeros(self.B * self.T, x.shape[-1])
+        return grid.index_copy(0, self.index, x).view(self.B, self.T, x.shape[-1])
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``F.scaled_dot_product_attention``.
 
@@ -201,16 +224,20 @@ class CausalSelfAttention(nn.Module):
         reset_children(self)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                attn_mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
+                attn_mask: torch.Tensor | None, is_causal: bool, cache: KVCache | None = None,
+                tokens: RealTokens | None = None) -> torch.Tensor:
+        """``x [B, T, d]``, or ``[N, d]`` real tokens with ``tokens`` (projections on those alone; the grid for
+        SDPA only); returns the same layout."""
+        grid = tokens.scatter if tokens is not None else (lambda t: t)
+        B, T = (tokens.B, tokens.T) if tokens is not None else x.shape[:2]
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if self.fused:
             # [B, T, 3d] -> three [B, H, T, D] views, no copies.
-            q, k, v = self.c_attn(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = grid(self.c_attn(x)).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
-            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q = grid(self.q_proj(x)).view(B, T, H, D).transpose(1, 2)
+            k = grid(self.k_proj(x)).view(B, T, Hkv, D).transpose(1, 2)
+            v = grid(self.v_proj(x)).view(B, T, Hkv, D).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q = apply_rotary(q, cos, sin)
@@ -227,6 +254,8 @@ class CausalSelfAttention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, **kwargs)
         y = y.transpose(1, 2).reshape(B, T, H * D)
+        if tokens is not None:
+            y = tokens.gather(y)
         return self.c_proj(y) if self.fused else self.o_proj(y)
 
 

@@ -147,10 +147,12 @@ class SFTObjective(Objective):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final hidden states of a padded or packed batch."""
+        # padding's positions are never read (labels -100 there): real_tokens skips their share of the matmuls
         if "segment_ids" in batch:
             return model(batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
-                         position_ids=batch["position_ids"])
-        return model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+                         position_ids=batch["position_ids"], real_tokens=batch["segment_ids"] > 0)
+        mask = batch.get("attention_mask")
+        return model(batch["input_ids"], attention_mask=mask, real_tokens=mask)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         hidden = self.forward(model, batch)
