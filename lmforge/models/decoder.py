@@ -92,6 +92,8 @@ class DecoderLM(SlotHost):
 
     block_class: type[Block] = Block
     slot_kinds = (INPUT, PAST_KV, SIDE)
+    skips_padding = True
+    """``forward`` takes ``real_tokens`` (:func:`lmforge.objectives.logprobs.skip_padding` asks)."""
 
     def __init__(self, config: DecoderConfig, device: torch.device | str | None = None) -> None:
         super().__init__()

@@ -14,6 +14,7 @@ work: with an ``attention_mask`` the model takes positions from it, so a left-pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,14 @@ class TokenLogProbs:
         return self.sums / self.counts.clamp(min=1)
 
 
+def skip_padding(model: nn.Module, mask: torch.Tensor | None) -> dict[str, Any]:
+    """``forward`` kwargs that let a model skip padding (``real_tokens``, :class:`lmforge.models.decoder.DecoderLM`)
+    when ``mask`` has any and the model says it can (``skips_padding``); else none, and the full pass runs."""
+    if mask is None or not getattr(model, "skips_padding", False) or bool(mask.all()):
+        return {}
+    return {"real_tokens": mask}
+
+
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    score_mask: torch.Tensor | None = None, *, temperature: float = 1.0, entropy: bool = False,
                    chunk_size: int | None = None) -> TokenLogProbs:
@@ -115,7 +124,7 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     go through the head.  Gradients flow into the model unless the caller runs under ``no_grad``.
     """
     B, T = input_ids.shape
-    hidden = model(input_ids, attention_mask=attention_mask)  # [B, T, d]
+    hidden = model(input_ids, attention_mask=attention_mask, **skip_padding(model, attention_mask))  # [B, T, d]
     mask = torch.ones_like(input_ids, dtype=torch.bool) if score_mask is None else score_mask.bool().clone()
     if attention_mask is not None:
         mask &= attention_mask.bool()

@@ -24,6 +24,7 @@ from torch import nn
 from lmforge.core.errors import ConfigError
 from lmforge.models.heads import chunked_cross_entropy
 from lmforge.objectives.base import IGNORE_INDEX, Objective, ObjectiveOutput
+from lmforge.objectives.logprobs import skip_padding
 
 Example = tuple[list[int], list[int]]  # (ids, mask)
 
@@ -150,9 +151,9 @@ class SFTObjective(Objective):
         # padding's positions are never read (labels -100 there): real_tokens skips their share of the matmuls
         if "segment_ids" in batch:
             return model(batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
-                         position_ids=batch["position_ids"], real_tokens=batch["segment_ids"] > 0)
+                         position_ids=batch["position_ids"], **skip_padding(model, batch["segment_ids"] > 0))
         mask = batch.get("attention_mask")
-        return model(batch["input_ids"], attention_mask=mask, real_tokens=mask)
+        return model(batch["input_ids"], attention_mask=mask, **skip_padding(model, mask))
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         hidden = self.forward(model, batch)
