@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -62,6 +62,9 @@ class DPOSection:
     simpo_gamma: float = 0.5
     reference: str = "auto"
     """auto (disabled with a delta method, copy without), copy, disabled, precomputed."""
+    reference_model: Optional[str] = None
+    """A model dir (or run dir) to use as the frozen reference instead of the starting model (with dpo.reference
+    auto or copy); its tokenizer must be the policy's (the log-prob ratio compares the same token ids)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -156,20 +159,47 @@ def implicit_rewards(objective: PreferenceObjective, model: torch.nn.Module, exa
     return pair_accuracy(scores, examples)
 
 
-def _reference(cfg: DPOConfig, model: torch.nn.Module, has_delta: bool):
+def _reference(cfg: DPOConfig, model: torch.nn.Module, has_delta: bool, tokenizer):
     kind = cfg.dpo.reference
     if not set(cfg.dpo.loss_type) - REFERENCE_FREE:
         return None, "none"
     if kind == "auto":
-        kind = "disabled" if has_delta else "copy"
+        kind = "copy" if cfg.dpo.reference_model is not None or not has_delta else "disabled"
+    if cfg.dpo.reference_model is not None and kind != "copy":
+        raise ConfigError(f"dpo.reference_model is a frozen copy's model; it needs dpo.reference=copy (or auto), not "
+                          f"{kind}")
     if kind == "disabled":
         if not has_delta:
             raise ConfigError("dpo.reference=disabled is the policy with its delta switched off, but no peft.method "
                               "is set; use dpo.reference=copy (or precomputed), or train a delta")
         return DisabledReference(lambda m: delta_disabled(m, cfg.peft)), kind
     if kind == "copy":
+        if cfg.dpo.reference_model is not None:
+            return FrozenReference(load_reference(cfg.dpo.reference_model, model, tokenizer).eval()), kind
         return FrozenReference(copy.deepcopy(model).eval()), kind
     return PrecomputedReference(), kind
+
+
+def load_reference(spec: str, policy: torch.nn.Module, tokenizer) -> torch.nn.Module:
+    """``dpo.reference_model``: a decoder whose tokenizer is the policy's, token for token, or one line saying what
+    differs (a ratio of log-probs over different vocabularies compares unrelated tokens)."""
+    ref_dir = resolve_model_dir(spec)
+    ref, ref_tok = load_model(ref_dir)
+    where = f"dpo.reference_model={spec}"
+    if get_family(ref.config.family).kind != "decoder" or hasattr(ref, "backbone"):
+        raise ConfigError(f"{where} is not a decoder language model; give the policy's own kind of model")
+    if ref_tok is None:
+        raise ModelError(f"{where} has no tokenizer.json; the reference's tokenizer must be checked against the "
+                         f"policy's")
+    if ref_tok.get_vocab() != tokenizer.get_vocab():
+        ours, theirs = tokenizer.vocab_size, ref_tok.vocab_size
+        raise ConfigError(f"{where}: its vocabulary ({theirs} tokens) is not the policy's ({ours} tokens"
+                          f"{', the same size but other ids' if ours == theirs else ''}); use a reference trained "
+                          f"with the policy's tokenizer (e.g. the SFT model the policy starts from)")
+    if ref.config.vocab_size != policy.config.vocab_size:
+        raise ConfigError(f"{where}: its embedding has {ref.config.vocab_size} rows, the policy's "
+                          f"{policy.config.vocab_size}; use a reference with the policy's vocabulary")
+    return ref
 
 
 def dpo(cfg: DPOConfig, progress: bool | None = None) -> dict[str, Any]:
@@ -190,13 +220,15 @@ def dpo(cfg: DPOConfig, progress: bool | None = None) -> dict[str, Any]:
         if max_len > limit:
             raise ConfigError(f"data.max_length={max_len} exceeds the model's max_seq_len={limit}; lower it")
         examples, counts = encode_pairs(PairEncoder(fmt, max_len), load_pairs(cfg.data))
-        reference_copy = cfg.dpo.reference == "copy" or (cfg.dpo.reference == "auto" and not cfg.peft.methods)
-        reference, kind = _reference(cfg, model, bool(cfg.peft.methods)) if reference_copy else (None, None)
+        reference_copy = cfg.dpo.reference == "copy" or (cfg.dpo.reference == "auto" and (
+            not cfg.peft.methods or cfg.dpo.reference_model is not None))
+        reference, kind = (_reference(cfg, model, bool(cfg.peft.methods), tokenizer) if reference_copy
+                           else (None, None))
         delta = apply_delta(model, cfg.peft, tokenizer)
         if delta is not None:
             print(delta.line(), file=sys.stderr, flush=True)
         if not reference_copy:
-            reference, kind = _reference(cfg, model, delta is not None)
+            reference, kind = _reference(cfg, model, delta is not None, tokenizer)
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
         objective = PreferenceObjective(cfg.dpo.loss_type, cfg.dpo.loss_weights, beta=cfg.dpo.beta,
                                         label_smoothing=cfg.dpo.label_smoothing, simpo_gamma=cfg.dpo.simpo_gamma,

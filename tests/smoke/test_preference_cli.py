@@ -75,6 +75,19 @@ def test_dpo_with_lora_uses_the_disabled_delta_as_reference(base, tmp_path):
     assert first["step"] == 1 and first["loss"] == pytest.approx(0.6931, abs=2e-3)
 
 
+def test_dpo_reference_model_must_share_the_policys_vocabulary(base, tmp_path):
+    first = last_json(run_cli("dpo", f"model={base}", f"run_dir={tmp_path / 'a'}", *SMALL))  # ChatML added, saved
+    policy = tmp_path / "a" / "model"
+    same = last_json(run_cli("dpo", f"model={policy}", f"dpo.reference_model={policy}", f"run_dir={tmp_path / 'b'}",
+                             *SMALL))
+    assert same["reference"] == "copy" and same["reference_forwards"] > 0 and first["reference"] == "copy"
+    other = tiny_model_dir(tmp_path / "other", ordinary_tokens=["zzz"])  # a token the policy does not have
+    assert_refused(cli("dpo", f"model={policy}", f"dpo.reference_model={other}", f"run_dir={tmp_path / 'c'}",
+                       *SMALL), f"dpo.reference_model={other}", "vocabulary", "policy's tokenizer")
+    assert_refused(cli("dpo", f"model={policy}", f"dpo.reference_model={policy}", "dpo.reference=precomputed",
+                       f"run_dir={tmp_path / 'd'}", *SMALL), "dpo.reference_model", "dpo.reference=copy")
+
+
 def test_dpo_refuses_a_disabled_reference_without_a_delta(base, tmp_path):
     assert_refused(cli("dpo", f"model={base}", f"run_dir={tmp_path / 'r'}", "dpo.reference=disabled", *SMALL),
                    "dpo.reference=disabled")
