@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.core.errors import DataError
+from lmforge.core.errors import DataError, ModelError
 from lmforge.core.tokenizer import Tokenizer
+from lmforge.models.families import family_of
 from lmforge.objectives.logprobs import head_logprobs
 
 
@@ -79,6 +80,16 @@ def check_item(item: ChoiceItem) -> None:
     if isinstance(item.answer, bool) or not isinstance(item.answer, int) or not 0 <= item.answer < n:
         raise DataError(f"{item.where or 'item'}: answer {item.answer!r} is not an index of its {n} choices "
                         f"(0..{n - 1}); give the right choice's 0-based index")
+
+
+def check_decoder(model: nn.Module, path: str, command: str = "eval choice") -> None:
+    """Scoring runs a causal LM over prompt + answer; an encoder or encoder-decoder dir is one line."""
+    family = family_of(model)
+    if family is None or family.kind != "decoder":
+        name = family.name if family is not None else type(model).__name__
+        kind = family.kind if family is not None else "model"
+        raise ModelError(f"'{path}' is a {name} {kind}; `lmforge {command}` scores causal decoders (gpt2, llama "
+                         f"and kin) by the log-likelihood of each answer after the prompt: pass a decoder's model dir")
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
