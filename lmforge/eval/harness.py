@@ -108,6 +108,9 @@ def register() -> type:
     cls = _model_class()
     # optional extra: pip install 'lmforge[harness]'
     from lm_eval.api.registry import register_model
+    # lm-eval fills its registry with its own models (hf, vllm, ...) only while it is empty: load them first, or
+    # registering ours would hide them (optional extra: pip install 'lmforge[harness]')
+    import lm_eval.models  # noqa: F401
     if not _REGISTERED.get("done"):
         try:
             register_model(MODEL_NAME)(cls)

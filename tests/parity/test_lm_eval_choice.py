@@ -117,3 +117,39 @@ def test_encode_pair_moves_trailing_spaces_and_splits_the_whole_encoding(setup):
     assert ctx == tok.encode("the cat") and ctx + cont == tok.encode("the cat  sat")
     ctx, cont = encode_pair(tok, "", "the cat")
     assert ctx == [tok.eos_id] and cont == tok.encode("the cat")
+
+
+def test_eval_harness_runs_lmforges_model_on_a_local_task(setup):
+    """`lmforge eval harness`: lmforge's registered model type on the local task YAML (nothing downloaded) gives
+    lm-eval's HFLM's acc and acc_norm and, per request, its log-likelihoods."""
+    from tests.conftest import cli
+
+    d, _, _ = setup
+    args = ["eval", "harness", "--model", str(d / "model"), "--tasks", "lmforge_parity", "--include-path",
+            str(d / "tasks"), "--num-fewshot", "1", "--json"]
+    mine, ref = cli(*args), cli(*args, "--model-type", "hf")
+    assert mine.returncode == 0 and ref.returncode == 0, mine.stderr[-2000:] + ref.stderr[-2000:]
+    a = json.loads(mine.stdout.strip().splitlines()[-1])["results"]["lmforge_parity"]
+    b = json.loads(ref.stdout.strip().splitlines()[-1])["results"]["lmforge_parity"]
+    assert a["acc,none"] == b["acc,none"] and a["acc_norm,none"] == b["acc_norm,none"]
+    r = cli("eval", "harness", "--model", str(d / "model"), "--tasks", "no_such_task", "--include-path",
+            str(d / "tasks"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "unknown lm-eval task 'no_such_task'" in r.stderr
+
+
+def test_rolling_loglikelihood_and_generation_equal_hflm(setup):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from lmforge.eval.harness import register
+
+    d, _, _ = setup
+    mine, ref = register()(pretrained=str(d / "model"), device="cpu"), HFLM(pretrained=str(d / "model"),
+                                                                           dtype="float32", device="cpu")
+    text = " ".join(TEXTS[:12])  # longer than the 64-token window: several rolling windows
+    req = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert math.isclose(mine.loglikelihood_rolling(req)[0], ref.loglikelihood_rolling(req)[0], rel_tol=1e-5)
+    gen = [Instance("generate_until", {}, ("the cat", {"until": ["\n", "mat"], "max_gen_toks": 12,
+                                                        "do_sample": False}), 0)]
+    assert mine.generate_until(gen) == ref.generate_until(gen)
