@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("--stop", action="append", help="stop string of generative tasks (default a newline)")
     mc.add_argument("--max-new-tokens", type=_at_least(1), default=16)
     mc.add_argument("--batch-tokens", type=_at_least(16), default=4096)
+    mc.add_argument("--max-length", type=_at_least(2), default=None,
+                    help="inputs longer than this are cut on the left, as lm-eval does (default: the window the model "
+                    "was trained with, recorded in its dir by lmforge; else the model's positions)")
     mc.add_argument("--device", default="auto")
     mc.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     hv = ev_sub.add_parser(

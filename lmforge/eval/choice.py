@@ -109,8 +109,9 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return ctx, whole[len(ctx):]
 
 
-def _window(model: nn.Module) -> int:
-    return int(model.config.max_seq_len)
+def _window(model: nn.Module, max_length: int | None = None) -> int:
+    """lm-eval's ``max_length``: the model's positions, or fewer (e.g. the window it was trained on)."""
+    return int(model.config.max_seq_len) if max_length is None else min(int(max_length), model.config.max_seq_len)
 
 
 def _truncated(ctx: list[int], cont: list[int], max_len: int) -> list[int]:
@@ -129,10 +130,10 @@ def _score_rows(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, cols
 
 @torch.no_grad()
 def score_requests_per_choice(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]],
-                              batch_size: int = 16) -> list[tuple[float, bool]]:
+                              batch_size: int = 16, max_length: int | None = None) -> list[tuple[float, bool]]:
     """One right-padded row per ``(context ids, continuation ids)``, as lm-eval's HFLM runs them: the input is
     ``(ctx + cont)[-(max_len + 1):][:-1]`` and its last ``len(cont)`` positions predict the continuation."""
-    max_len, out = _window(model), []
+    max_len, out = _window(model, max_length), []
     device = model.lm_head.weight.device
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
@@ -234,10 +235,11 @@ def _packed_batch(rows: list[_Packed]) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @torch.no_grad()
 def score_requests(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]],
-                   batch_tokens: int = 4096) -> list[tuple[float, bool]]:
+                   batch_tokens: int = 4096, max_length: int | None = None) -> list[tuple[float, bool]]:
     """``(log-likelihood, is_greedy)`` of each ``(context ids, continuation ids)``, every context run once per
-    packed row (rows batched up to ``batch_tokens`` padded tokens)."""
-    max_len = _window(model)
+    packed row (rows batched up to ``batch_tokens`` padded tokens); inputs longer than ``max_length`` (default: the
+    model's positions) are left-cut as lm-eval cuts them."""
+    max_len = _window(model, max_length)
     device = model.lm_head.weight.device
     rows, alone = _pack(pairs, max_len)
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
@@ -266,7 +268,8 @@ def score_requests(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]
             out[i] = res
         start = end
     if alone:
-        for i, res in zip(alone, score_requests_per_choice(model, [pairs[i] for i in alone])):
+        for i, res in zip(alone, score_requests_per_choice(model, [pairs[i] for i in alone],
+                                                           max_length=max_len)):
             out[i] = res
     return out  # type: ignore[return-value]
 
@@ -281,7 +284,8 @@ def item_requests(tokenizer: Tokenizer, item: ChoiceItem, target_delimiter: str 
 
 
 def score_choices(model: nn.Module, tokenizer: Tokenizer, items: Sequence[ChoiceItem], *,
-                  target_delimiter: str = " ", batch_tokens: int = 4096) -> list[ChoiceScore]:
+                  target_delimiter: str = " ", batch_tokens: int = 4096, max_length: int | None = None
+                  ) -> list[ChoiceScore]:
     """Score multiple-choice ``items`` with a decoder (``model.eval()`` first): the library call for
     "which answer does the model find most likely".  Each item's context is run once for all its choices."""
     for item in items:
@@ -291,7 +295,7 @@ def score_choices(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Choice
         reqs = item_requests(tokenizer, item, target_delimiter)
         spans.append((len(pairs), len(reqs)))
         pairs += reqs
-    results = score_requests(model, pairs, batch_tokens=batch_tokens)
+    results = score_requests(model, pairs, batch_tokens=batch_tokens, max_length=max_length)
     scores = []
     for item, (s, n) in zip(items, spans):
         lls = [results[s + j][0] for j in range(n)]

@@ -19,6 +19,7 @@ from lmforge.data.world.verifiers import verify
 from lmforge.eval.choice import ChoiceItem, check_decoder, choice_metrics, score_choices
 from lmforge.eval.generate import GenerationConfig, generate_text
 from lmforge.eval.harness import run_harness
+from lmforge.models.model_dir import train_window
 from lmforge.recipes.evaluate import load_for_inference
 
 SHOTS = (0, 1, 2, 4, 8)
@@ -42,6 +43,8 @@ class InContextSettings:
     max_new_tokens: int = 16
     batch_tokens: int = 4096
     world_seed: int = 0
+    max_length: int | None = None
+    """Inputs longer than this are left-cut (lm-eval's ``max_length``); None: the model's positions."""
 
 
 def load_decoder(path: str, device: str = "auto") -> tuple[nn.Module, Tokenizer]:
@@ -66,7 +69,7 @@ def evaluate_task(model: nn.Module, tok: Tokenizer, task: Task, k: int, s: InCon
         return _generative(model, tok, task, contexts, s)
     items = [ChoiceItem(c, ex.choices, ex.answer, ex.where) for c, ex in zip(contexts, task.examples)]
     return choice_metrics(score_choices(model, tok, items, target_delimiter=s.target_delimiter,
-                                        batch_tokens=s.batch_tokens))
+                                        batch_tokens=s.batch_tokens, max_length=s.max_length))
 
 
 def evaluate_incontext(model: nn.Module, tok: Tokenizer, s: InContextSettings) -> dict[str, dict[int, dict]]:
@@ -107,9 +110,10 @@ def run_choice(args) -> dict[str, Any]:
                           seed=args.fewshot_seed, description=args.description or "",
                           target_delimiter=args.target_delimiter, fewshot_delimiter=args.fewshot_delimiter,
                           stop=list(args.stop) if args.stop else ["\n"], max_new_tokens=args.max_new_tokens,
-                          batch_tokens=args.batch_tokens)
+                          batch_tokens=args.batch_tokens,
+                          max_length=args.max_length if args.max_length is not None else train_window(args.model))
     results = evaluate_incontext(model, tok, s)
-    return {"model": args.model, "results": {t: {str(k): m for k, m in per.items()} for t, per in results.items()},
+    return {"model": args.model, "max_length": s.max_length, "results": {t: {str(k): m for k, m in per.items()} for t, per in results.items()},
             "table": results_table(results)}
 
 
