@@ -4,7 +4,7 @@ model sizes, beside chance.
     python benchmarks/incontext_curve.py --run-dir runs/incontext-curve            # pretrains 3 sizes, then scores
     python benchmarks/incontext_curve.py --models small=DIR medium=DIR large=DIR   # scores given model dirs
 
-Pretraining (``lmforge pretrain``, one process per size, one thread) is cached in RUN_DIR/<size>: a size whose
+Pretraining (``lmforge pretrain``, one single-threaded process per size, side by side) is cached in RUN_DIR/<size>: a size whose
 ``model/`` exists is reused and an interrupted one resumes from its last checkpoint (``resume=auto``).  Models are
 trained on windows of 256 tokens, so 8-shot prompts fit (longer ones are left-cut, as lm-eval cuts them).  Writes
 RUN_DIR/incontext_curve.{json,png,md}; the JSON line is the last line printed.
@@ -40,16 +40,23 @@ COMMON = ["data.seq_len=256", "model.max_seq_len=256", "train.global_batch_size=
 TASKS = ["world-fact", "world-arithmetic", "world-kind", "world-true-false", "world-sentiment"]
 
 
-def pretrain(run_dir: Path, name: str, steps: int) -> Path:
-    out = run_dir / name
-    if (out / "model" / "model.safetensors").is_file():
-        return out / "model"
-    cmd = [sys.executable, "-m", "lmforge", "pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={out}",
-           f"max_steps={steps}", *COMMON, *SIZES[name]]
+def pretrain_all(run_dir: Path, steps: int) -> dict[str, str]:
+    """Every size not yet trained, one single-threaded ``lmforge pretrain`` process each, side by side."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, env=env)
-    return out / "model"
+    procs = []
+    for name, overrides in SIZES.items():
+        out = run_dir / name
+        if (out / "model" / "model.safetensors").is_file():
+            continue
+        cmd = [sys.executable, "-m", "lmforge", "pretrain", str(ROOT / "configs/tiny-gpt2.yaml"), f"run_dir={out}",
+               f"max_steps={steps}", *COMMON, *overrides]
+        print("+", " ".join(cmd), file=sys.stderr, flush=True)
+        log = open(run_dir / f"{name}.log", "a")
+        procs.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    for name, p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"pretraining {name} failed (exit {p.returncode}); see {run_dir / (name + '.log')}")
+    return {name: str(run_dir / name / "model") for name in SIZES}
 
 
 def plot(results: dict[str, dict], png: Path) -> bool:
@@ -87,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", default="runs/incontext-curve")
     ap.add_argument("--models", nargs="*", default=None, metavar="NAME=DIR", help="score these instead of pretraining")
-    ap.add_argument("--steps", type=int, default=800, help="pretraining steps per size")
+    ap.add_argument("--steps", type=int, default=500, help="pretraining steps per size")
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--n", type=int, default=200, help="evaluated examples per task")
     args = ap.parse_args()
@@ -95,8 +102,7 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    models = (dict(m.split("=", 1) for m in args.models) if args.models else
-              {name: str(pretrain(run_dir, name, args.steps)) for name in SIZES})
+    models = dict(m.split("=", 1) for m in args.models) if args.models else pretrain_all(run_dir, args.steps)
     t_train = time.perf_counter() - t0
     settings = InContextSettings(tasks=list(args.tasks), shots=list(SHOTS), n=args.n)
     results, lines = {}, []
