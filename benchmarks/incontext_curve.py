@@ -107,12 +107,24 @@ def main() -> None:
     settings = InContextSettings(tasks=list(args.tasks), shots=list(SHOTS), n=args.n)
     results, lines = {}, []
     for name, path in models.items():
-        t = time.perf_counter()
-        model, tok = load_decoder(path, "cpu")
-        scores = evaluate_incontext(model, tok, settings)
-        params = sum(p.numel() for p in model.parameters())
-        results[name] = {"dir": path, "params": params, "seconds": round(time.perf_counter() - t, 1),
-                         "scores": {task: {str(k): m for k, m in per.items()} for task, per in scores.items()}}
+        # scores of a model dir are cached beside the curve (the same dir, tasks, n and k reuse them), so a size
+        # can be scored as soon as it is trained and the final call only draws the table and the plot
+        cache = run_dir / f"scores-{name}.json"
+        key = {"dir": str(Path(path).resolve()), "tasks": list(args.tasks), "n": args.n, "shots": list(SHOTS)}
+        cached = json.loads(cache.read_text()) if cache.is_file() else None
+        if cached is not None and cached["key"] == key:
+            results[name] = cached["result"]
+        else:
+            t = time.perf_counter()
+            model, tok = load_decoder(path, "cpu")
+            scores = evaluate_incontext(model, tok, settings)
+            params = sum(p.numel() for p in model.parameters())
+            results[name] = {"dir": path, "params": params, "seconds": round(time.perf_counter() - t, 1),
+                             "load": os.getloadavg(),
+                             "scores": {task: {str(k): m for k, m in per.items()} for task, per in scores.items()}}
+            cache.write_text(json.dumps({"key": key, "result": results[name]}))
+        params = results[name]["params"]
+        scores = {task: {int(k): m for k, m in per.items()} for task, per in results[name]["scores"].items()}
         header, rows = results_table(scores)
         block = f"{name} ({params / 1e6:.2f}M parameters, {path})\n" + format_table(header, rows)
         print(block, flush=True)

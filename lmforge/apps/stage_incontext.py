@@ -77,8 +77,8 @@ def stage_incontext(ctx: Context) -> None:
                                                    "results": data, "command": command})
     ctx.results["incontext"] = data
     first = s.tasks[0]
-    ctx.reproduce.append((f"{first} k={s.shots[0]} {headline(results[first][s.shots[0]])[1]:.3f} (the in-context "
-                          f"table)", command))
+    ctx.reproduce.append((f"the in-context table ({first}: acc {headline(results[first][s.shots[0]])[1]:.3f} at "
+                          f"k={s.shots[0]}, ...)", command))
     say("in-context: " + ", ".join(f"{task} k={s.shots[0]} {headline(per[s.shots[0]])[1]:.2f} → "
                                     f"k={s.shots[-1]} {headline(per[s.shots[-1]])[1]:.2f}"
                                     for task, per in results.items()))
