@@ -13,7 +13,7 @@ TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000
         "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "train.global_batch_size=4",
         "train.eval_every=5", "train.ckpt_every=5", "train.eval_max_batches=2", "train.warmup_steps=2",
         "train.log_every=2", "samples.max_new_tokens=4", "finetune.max_steps=4", "finetune.n_train=64",
-        "finetune.global_batch_size=8"]
+        "finetune.global_batch_size=8", "incontext.n=4", "incontext.tasks=[world-kind,world-arithmetic]"]
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +38,26 @@ def test_pipeline_runs_a_finetune_stage(pipe):
 def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
     run_dir, proc = pipe
     err = proc.stderr
-    banners = re.findall(r"^== stage (\d)/5: ([a-z +]+) — ", err, flags=re.M)
+    banners = re.findall(r"^== stage (\d)/6: ([a-z +-]+) — ", err, flags=re.M)
     assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
-                       ("5", "finetune")]
+                       ("5", "in-context"), ("6", "finetune")]
     before_training = err[:err.index("step 2/10")]
     for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
         assert said in before_training
     # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
-    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 3
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 4
     closing = err[err.index("pipeline done in"):]
     assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
         in closing and "32-token windows, stride 16" in closing
+
+
+def test_pipeline_reports_an_incontext_table(pipe):
+    run_dir, _ = pipe
+    data = json.loads((run_dir / "incontext.json").read_text())
+    assert list(data["results"]) == ["world-kind", "world-arithmetic"] and data["shots"] == [0, 1, 4]
+    assert data["max_length"] == 32 and data["results"]["world-kind"]["4"]["n"] == 4
+    report = (run_dir / "report.md").read_text()
+    assert "| task | metric | chance | k=0 | k=1 | k=4 |" in report and "| world-kind | acc | 0.200 |" in report
 
 
 def test_every_link_of_the_report_resolves(pipe):
