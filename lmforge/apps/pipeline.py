@@ -37,7 +37,8 @@ from typing import Any, Optional
 
 import torch
 
-from lmforge.apps.stage import Context, Stage, say
+from lmforge.apps import stage_sft
+from lmforge.apps.stage import Context, Stage, say, world_seed
 from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
                                  write_finetune_report)
 from lmforge.core.config import dump_yaml, load_config, split_config_arg
@@ -120,6 +121,7 @@ FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"decoder": (200, 1e-3), "enco
 class PipelineConfig(PretrainConfig):
     samples: SampleConfig = field(default_factory=SampleConfig)
     finetune: PipelineFinetuneConfig = field(default_factory=PipelineFinetuneConfig)
+    sft: stage_sft.PipelineSFTConfig = field(default_factory=stage_sft.PipelineSFTConfig)
 
 
 def stage_data(ctx: Context) -> None:
@@ -332,7 +334,7 @@ def stage_finetune(ctx: Context) -> None:
     if seq2seq:  # AdamW at T5's scale overwrites the small attention weights; frozen head: held-out names
         train = dataclasses.replace(train, optimizer="adafactor", freeze=["shared"])
     # counterfactual answers: the model must read the passage, not recall the train entities' answers
-    task_cfg = TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source),
+    task_cfg = TaskConfig(name=task, n_train=f.n_train, world_seed=world_seed(ctx.cfg.data.source),
                           counterfactual=1.0 if task == "world-qa-context" else 0.0)
     cfg = FinetuneConfig(run_dir=str(ctx.run_dir / "finetune"), seed=ctx.cfg.seed, max_steps=steps,
                          resume="auto", overwrite=ctx.cfg.overwrite, model=str(ctx.run_dir / "model"), task=task_cfg,
@@ -353,10 +355,6 @@ def finetune_task(cfg: PipelineConfig) -> str:
     if task == "auto":
         task = "world-qa-context" if get_family(cfg.model.family).kind == "encoder-decoder" else "world-sentiment"
     return task
-
-
-def _world_seed(source: str) -> int:
-    return int(source.split(":", 1)[1]) if source.startswith("world:") else 0
 
 
 # ---- what the terminal shows: a banner per stage with its ETA and the run's -------------------------------------
@@ -410,6 +408,7 @@ STAGES: list[Stage] = [
     Stage("eval", stage_eval, lambda c: "score the model on the validation split beside a baseline", _estimate_eval),
     Stage("samples", stage_samples, lambda c: "a few prompts, answered greedily", _estimate_samples),
     Stage("finetune", stage_finetune, _describe_finetune, _estimate_finetune),
+    stage_sft.STAGE,
 ]
 
 
@@ -437,6 +436,8 @@ def closing_lines(ctx: Context, report_path: Path, total: float) -> list[str]:
              f"  pretrained model: {ctx.run_dir / 'model'}"]
     if (ctx.run_dir / "finetune" / "model").is_dir():
         lines.append(f"  fine-tuned model: {ctx.run_dir / 'finetune' / 'model'}")
+    if (ctx.run_dir / "sft" / "model").is_dir():
+        lines.append(f"  SFT model: {ctx.run_dir / 'sft' / 'model'}")
     ev = ctx.results.get("eval", {})
     if "val_perplexity" in ev:
         lines.append(f"  validation perplexity {ev['val_perplexity']:.4f} ({ev['window']}-token windows, stride "
