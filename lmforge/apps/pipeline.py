@@ -499,7 +499,7 @@ def _run_stages(cfg: PipelineConfig) -> dict[str, Any]:
     report_path = report.write(run_dir / "report.md")
     summary = {"run_dir": str(run_dir), "family": cfg.model.family, "wall_s": total, **ctx.results.get("eval", {}),
                "final_loss": ctx.results.get("pretrain", {}).get("loss"), "finetune": ctx.results.get("finetune"),
-               "report": str(report_path)}
+               "sft": ctx.results.get("sft"), "report": str(report_path)}
     atomic_write_json(run_dir / "pipeline_summary.json", {**summary, "timings": ctx.timings,
                                                           "samples": ctx.results.get("samples")})
     say("\n".join(closing_lines(ctx, report_path, total)))

@@ -17,6 +17,7 @@ from typing import Optional
 
 from lmforge.apps.report import instructions_tables, markdown_table, plot_curves, read_metrics
 from lmforge.apps.stage import Context, Stage, say, world_seed
+from lmforge.models.families import get_family
 from lmforge.recipes.instructions import evaluate_instructions, headline
 from lmforge.recipes.sft import WORLD_INSTRUCTIONS, SFTConfig, SFTDataConfig, sft, sft_train_defaults
 
@@ -49,15 +50,25 @@ def sft_config(ctx: Context) -> SFTConfig:
                      train=train)
 
 
+def summary_line(ev: dict) -> str:
+    """The command's line for held-out entities, in-context types, as its table prints it."""
+    return next(line for line in instructions_tables(ev).splitlines() if line.startswith("| test_entities | in_context"))
+
+
 def eval_command(ctx: Context) -> str:
     s = ctx.cfg.sft
     return shlex.join(["lmforge", "eval", "instructions", "--model", str(ctx.run_dir / "sft" / "model"), "--base",
                        str(ctx.run_dir / "model"), "--n", str(s.eval_n), "--shots", str(s.shots)])
 
 
+def runs(ctx: Context) -> bool:
+    """Enabled, and the family is a decoder (SFT generates; bert and t5 pipelines skip the stage)."""
+    return ctx.cfg.sft.enabled and get_family(ctx.cfg.model.family).kind == "decoder"
+
+
 def stage_sft(ctx: Context) -> None:
     s = ctx.cfg.sft
-    if not s.enabled:
+    if not runs(ctx):
         return
     cfg = sft_config(ctx)
     result = sft(cfg)
@@ -70,7 +81,7 @@ def stage_sft(ctx: Context) -> None:
     ctx.results["sft"] = {"model": str(sft_dir / "model"), "train_s": result["train_s"], "loss": last.get("loss"),
                           "val_loss": last.get("val_loss"), "step": last.get("step"), "eval": headline(ev),
                           "samples": ev["samples"]}
-    ctx.reproduce.append(("the exact-match tables", eval_command(ctx)))
+    ctx.reproduce.append((summary_line(ev), eval_command(ctx)))
     counts = result["data"]["train"]
     samples = []
     for x in ev["samples"]:
@@ -102,7 +113,7 @@ def stage_sft(ctx: Context) -> None:
 def _estimate(ctx: Context) -> Optional[float]:
     # a step packs global_batch_size rows of the model's context; pretraining's rows are data.seq_len tokens
     r, s = ctx.results.get("pretrain"), ctx.cfg.sft
-    if not s.enabled:
+    if not runs(ctx):
         return 0.0
     if not r or not r.get("elapsed_s") or not r.get("step"):
         return None
@@ -113,8 +124,9 @@ def _estimate(ctx: Context) -> Optional[float]:
 
 def _describe(ctx: Context) -> str:
     s = ctx.cfg.sft
-    if not s.enabled:
-        return "skipped (sft.enabled=false)"
+    if not runs(ctx):
+        return ("skipped (sft.enabled=false)" if not s.enabled else
+                f"skipped ({ctx.cfg.model.family} is no decoder: SFT generates replies)")
     return (f"instruction-tune the pretrained model on {s.n_train} world instructions for {s.max_steps} steps, then "
             f"exact match per task type beside the pretrained model zero- and few-shot")
 
