@@ -59,11 +59,16 @@ class Prompter:
     def ids(self, messages: Sequence[dict[str, str]], demos: Sequence[Sequence[dict[str, str]]] = ()) -> list[int]:
         """``demos`` (whole solved conversations) first, then ``messages`` (ending in a user turn)."""
         if self.format is not None:
-            history = [m for d in demos for m in d] + list(messages)
-            return self.format.prompt_ids(history)
+            return self.format.prompt_ids([m for d in demos for m in d] + list(messages))
+        return self.tokenizer.encode(self.text(messages, demos))
+
+    def text(self, messages: Sequence[dict[str, str]], demos: Sequence[Sequence[dict[str, str]]] = ()) -> str:
+        """The prompt as text (what likelihood scoring continues with each candidate answer)."""
+        if self.format is not None:
+            return self.format.render([m for d in demos for m in d] + list(messages), add_generation_prompt=True)[0]
         blocks = ["\n".join(_plain_turn(m) for m in d) for d in demos]
         blocks.append("\n".join(_plain_turn(m) for m in messages) + "\nA:")
-        return self.tokenizer.encode("\n\n".join(blocks))
+        return "\n\n".join(blocks)
 
     def stop_ids(self) -> list[int] | None:
         return self.format.stop_ids() if self.format is not None else None
