@@ -15,7 +15,7 @@ from typing import Callable
 from lmforge import __version__
 from lmforge.apps.chat import one_turn, run_chat
 from lmforge.apps.pipeline import run_pipeline
-from lmforge.apps.report import write_bench_peft_report, write_finetune_report
+from lmforge.apps.report import instructions_tables, write_bench_peft_report, write_finetune_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
 from lmforge.core.tokenizer import vocabulary_note
@@ -28,6 +28,7 @@ from lmforge.recipes.bench_peft import run_bench_peft
 from lmforge.recipes.incontext import format_table, run_choice, run_harness_command
 from lmforge.recipes.evaluate import EVAL_TXT_SPLIT, run_fill_mask, run_generate, run_perplexity
 from lmforge.recipes.finetune import run_compare, run_finetune
+from lmforge.recipes.instructions import evaluate_instructions
 from lmforge.recipes.merge import merge
 from lmforge.recipes.pretrain import run_pretrain
 from lmforge.recipes.dpo import run_dpo
@@ -221,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     hv.add_argument("--log-samples", action="store_true")
     hv.add_argument("--device", default="auto")
     hv.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ei = ev_sub.add_parser("instructions", help="exact match per instruction task type on held-out entities, "
+                           "phrasings and task types",
+                           description="Greedy answers to the built-in world's held-out instruction records, scored by "
+                           "their verifiers: --model zero-shot in its chat template; --base (its base model) zero-shot "
+                           "and few-shot, in its template or as plain Q:/A: text when it has none.  Per task type and "
+                           "per kind (in-context, closed-book), on held-out entities, held-out phrasings and held-out "
+                           "task types.")
+    ei.add_argument("--model", required=True, help="the SFT model dir (or a run dir with model/)")
+    ei.add_argument("--base", default=None, help="its base model dir, scored zero- and few-shot beside it")
+    ei.add_argument("--n", type=_at_least(1), default=20, help="records per task type and split (default 20)")
+    ei.add_argument("--shots", type=_at_least(0), default=3, help="demonstrations in the base's few-shot prompts")
+    ei.add_argument("--seed", type=int, default=0, help="the seed the SFT data was built with (entity split)")
+    ei.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     # generate
     ge = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
@@ -357,6 +371,13 @@ def _cmd_eval(args) -> int:
         else:
             print(json.dumps(summary, default=str))
         return 0
+    if args.eval_command == "instructions":
+        out = evaluate_instructions(args.model, args.base, n_per_type=args.n, shots=args.shots, seed=args.seed)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(instructions_tables(out))
+        return 0
     if args.eval_command == "reward":
         out = evaluate_reward(args.model, args.data, args.max_length)
         if not args.json:
@@ -367,7 +388,7 @@ def _cmd_eval(args) -> int:
             print(json.dumps(out))
         return 0
     if args.eval_command != "perplexity":
-        raise LmforgeError("usage: lmforge eval perplexity --model DIR --data PATH [--max-length L --stride S] [--json]")
+        raise LmforgeError("usage: lmforge eval perplexity|reward|instructions --model DIR ... (see lmforge eval --help)")
     result = run_perplexity(args)
     if args.json:
         print(json.dumps(result))

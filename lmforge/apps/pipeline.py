@@ -39,7 +39,8 @@ from typing import Any, Optional
 
 import torch
 
-from lmforge.apps.stage import Context, Stage, say
+from lmforge.apps import stage_sft
+from lmforge.apps.stage import Context, Stage, say, world_seed
 from lmforge.apps.stage_incontext import STAGE as INCONTEXT_STAGE, PipelineInContextConfig
 from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
                                  write_finetune_report)
@@ -124,6 +125,7 @@ class PipelineConfig(PretrainConfig):
     samples: SampleConfig = field(default_factory=SampleConfig)
     finetune: PipelineFinetuneConfig = field(default_factory=PipelineFinetuneConfig)
     incontext: PipelineInContextConfig = field(default_factory=PipelineInContextConfig)
+    sft: stage_sft.PipelineSFTConfig = field(default_factory=stage_sft.PipelineSFTConfig)
 
 
 def stage_data(ctx: Context) -> None:
@@ -336,7 +338,7 @@ def stage_finetune(ctx: Context) -> None:
     if seq2seq:  # AdamW at T5's scale overwrites the small attention weights; frozen head: held-out names
         train = dataclasses.replace(train, optimizer="adafactor", freeze=["shared"])
     # counterfactual answers: the model must read the passage, not recall the train entities' answers
-    task_cfg = TaskConfig(name=task, n_train=f.n_train, world_seed=_world_seed(ctx.cfg.data.source),
+    task_cfg = TaskConfig(name=task, n_train=f.n_train, world_seed=world_seed(ctx.cfg.data.source),
                           counterfactual=1.0 if task == "world-qa-context" else 0.0)
     cfg = FinetuneConfig(run_dir=str(ctx.run_dir / "finetune"), seed=ctx.cfg.seed, max_steps=steps,
                          resume="auto", overwrite=ctx.cfg.overwrite, model=str(ctx.run_dir / "model"), task=task_cfg,
@@ -357,10 +359,6 @@ def finetune_task(cfg: PipelineConfig) -> str:
     if task == "auto":
         task = "world-qa-context" if get_family(cfg.model.family).kind == "encoder-decoder" else "world-sentiment"
     return task
-
-
-def _world_seed(source: str) -> int:
-    return int(source.split(":", 1)[1]) if source.startswith("world:") else 0
 
 
 # ---- what the terminal shows: a banner per stage with its ETA and the run's -------------------------------------
@@ -415,6 +413,7 @@ STAGES: list[Stage] = [
     Stage("samples", stage_samples, lambda c: "a few prompts, answered greedily", _estimate_samples),
     INCONTEXT_STAGE,
     Stage("finetune", stage_finetune, _describe_finetune, _estimate_finetune),
+    stage_sft.STAGE,
 ]
 
 
@@ -442,6 +441,8 @@ def closing_lines(ctx: Context, report_path: Path, total: float) -> list[str]:
              f"  pretrained model: {ctx.run_dir / 'model'}"]
     if (ctx.run_dir / "finetune" / "model").is_dir():
         lines.append(f"  fine-tuned model: {ctx.run_dir / 'finetune' / 'model'}")
+    if (ctx.run_dir / "sft" / "model").is_dir():
+        lines.append(f"  SFT model: {ctx.run_dir / 'sft' / 'model'}")
     ev = ctx.results.get("eval", {})
     if "val_perplexity" in ev:
         lines.append(f"  validation perplexity {ev['val_perplexity']:.4f} ({ev['window']}-token windows, stride "
@@ -503,7 +504,7 @@ def _run_stages(cfg: PipelineConfig) -> dict[str, Any]:
     report_path = report.write(run_dir / "report.md")
     summary = {"run_dir": str(run_dir), "family": cfg.model.family, "wall_s": total, **ctx.results.get("eval", {}),
                "final_loss": ctx.results.get("pretrain", {}).get("loss"), "finetune": ctx.results.get("finetune"),
-               "report": str(report_path)}
+               "sft": ctx.results.get("sft"), "report": str(report_path)}
     atomic_write_json(run_dir / "pipeline_summary.json", {**summary, "timings": ctx.timings,
                                                           "samples": ctx.results.get("samples")})
     say("\n".join(closing_lines(ctx, report_path, total)))

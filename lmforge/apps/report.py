@@ -268,3 +268,35 @@ def write_bench_peft_report(out: dict[str, Any]) -> Path:
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+# ---- eval instructions -------------------------------------------------------------------------------------
+INSTRUCTION_COLUMNS = {"sft": "SFT model, zero-shot", "base_zero": "base, zero-shot", "base_few": "base, few-shot",
+                       "base_likelihood": "base, likelihood"}
+
+FLAN_CAVEAT = (
+    "Held-out task types measure zero-shot generalisation to tasks never seen in SFT (FLAN's and T0's question).  "
+    "FLAN (Wei et al. 2022, fig. 7) found that below about 8B parameters instruction tuning can *hurt* unseen "
+    "tasks: a small model spends its capacity on the seen tasks.  A model of this size may show exactly that; "
+    "the numbers are reported whatever they show.  Closed-book types need facts pretraining had to teach: "
+    "instruction tuning can change how the model answers, not what it knows.")
+
+
+def instructions_tables(result: dict[str, Any]) -> str:
+    """`lmforge eval instructions`' result as markdown: means per split and kind, then every task type."""
+    cols = result["columns"]
+    head = ["split", "kind", "types"] + [INSTRUCTION_COLUMNS[c] for c in cols]
+
+    def named(row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, **{INSTRUCTION_COLUMNS[c]: ("-" if row.get(c) is None else row[c]) for c in cols}}
+
+    summary = markdown_table([named(r) for r in result["summary"]], head)
+    per_type = markdown_table([named(r) for r in result["rows"]],
+                              ["split", "type", "kind", "n"] + [INSTRUCTION_COLUMNS[c] for c in cols])
+    shots = f"; few-shot: {result['shots']} solved records of the same type (train entities) in front" \
+        if "base_few" in cols else ""
+    skipped = {k: v for k, v in result.get("skipped", {}).items() if v}
+    note = f"  Left out (prompt longer than the context): {skipped}." if skipped else ""
+    return (f"Exact match (the records' verifiers, first line of a greedy reply), {result['n_per_type']} records per "
+            f"task type and split{shots}.  Held-out types: {', '.join(result['held_out_types'])}.{note}\n\n"
+            f"Mean over task types:\n\n{summary}\n\nPer task type:\n\n{per_type}\n\n{FLAN_CAVEAT}")

@@ -43,3 +43,9 @@ class Stage:
 def say(text: str) -> None:
     """The pipeline's own lines, on stderr beside the Trainer's progress (stdout keeps the final JSON line)."""
     print(text, file=sys.stderr, flush=True)
+
+
+def world_seed(source: str) -> int:
+    """The seed of a built-in world source (``world`` is seed 0, ``world:N`` seed N): the world whose facts the
+    pretrained model learnt, which its tasks and instructions must come from."""
+    return int(source.split(":", 1)[1]) if source.startswith("world:") else 0

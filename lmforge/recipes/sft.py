@@ -28,6 +28,7 @@ from lmforge.data.chat import CHATML_END, CHATML_START, CHATML_TEMPLATE, ChatFor
 from lmforge.data.chat_data import FORMATS, Conversation, read_conversations
 from lmforge.data.examples import ExampleSource
 from lmforge.data.tasks import TaskConfig, load_task
+from lmforge.data.world.instructions import build_instructions, split_types
 from lmforge.delta import DeltaConfig, apply_delta, merge_delta, mergeable, save_delta
 from lmforge.delta.token_rows import add_rows_to_peft_adapter, bake_token_rows, train_token_rows
 from lmforge.models.families import get_family
@@ -41,6 +42,7 @@ from lmforge.train.runlock import training_run
 from lmforge.train.trainer import Trainer, TrainerConfig
 
 WORLD_PREFIX = "world-"
+WORLD_INSTRUCTIONS = "world-instructions"
 
 
 @dataclass
@@ -55,8 +57,9 @@ class ChatConfig:
 @dataclass
 class SFTDataConfig:
     train: str = "world-qa-closed"
-    """A .jsonl/.json/.csv/.parquet file or a datasets folder (``DIR::SPLIT``), or a built-in world text-to-text
-    task (``world-qa-closed``, ``world-qa-context``) as one-turn conversations."""
+    """A .jsonl/.json/.csv/.parquet file or a datasets folder (``DIR::SPLIT``), a built-in world text-to-text
+    task (``world-qa-closed``, ``world-qa-context``) as one-turn conversations, or ``world-instructions`` (the
+    world's instruction tasks, :mod:`lmforge.data.world.instructions`; ``data.types`` picks them)."""
     validation: Optional[str] = None
     """The same kinds; None: a world task's validation split, else no validation."""
     format: str = "auto"
@@ -68,7 +71,10 @@ class SFTDataConfig:
     """Several conversations per row (block-diagonal causal mask, positions restarted); false: one per row, padded."""
     n_train: int = 2000
     n_val: int = 200
-    """World tasks: conversations per split."""
+    """World tasks: conversations per split (``world-instructions``: spread evenly over ``data.types``)."""
+    types: Optional[list[str]] = None
+    """``world-instructions``: the task types trained on (None: every type not held out —
+    :data:`lmforge.data.world.instructions.HELD_OUT_TYPES` never are)."""
 
     def __post_init__(self) -> None:
         require(self.format in FORMATS, "data.format", self.format, f"one of {', '.join(FORMATS)}")
@@ -141,7 +147,24 @@ def chat_format(cfg: ChatConfig, model: torch.nn.Module, tokenizer: Tokenizer) -
 
 
 # ---- data -------------------------------------------------------------------------------------------------
+def world_instruction_conversations(cfg: SFTDataConfig, seed: int = 0) -> dict[str, list[Conversation]]:
+    """The world's instruction records (train and validation splits) as conversations, ``n_train`` / ``n_val``
+    spread evenly over the chosen types.  The rude and evasive replies of :data:`RUDE_PHRASING` stay: the
+    preference stages are what removes them."""
+    types = cfg.types or split_types("train")
+    out = {}
+    for split, n in (("train", cfg.n_train), ("validation", cfg.n_val)):
+        recs = build_instructions(split, -(-n // len(types)), seed=seed, types=types)[:n]
+        out[split] = [Conversation(r["messages"], [1] * len(r["messages"]), f"{WORLD_INSTRUCTIONS}/{split}/{r['type']}")
+                      for r in recs]
+    return out
+
+
 def world_conversations(name: str, cfg: SFTDataConfig) -> dict[str, list[Conversation]]:
+    if name == WORLD_INSTRUCTIONS:
+        return world_instruction_conversations(cfg)
+    if cfg.types is not None:
+        raise ConfigError(f"data.types is for data.train={WORLD_INSTRUCTIONS}, not {name}; drop it")
     task = load_task(TaskConfig(name=name, n_train=cfg.n_train, n_val=cfg.n_val, n_test=1))
     if task.type != "text2text":
         raise ConfigError(f"data.train={name}: SFT reads world text-to-text tasks (world-qa-closed, world-qa-context) "

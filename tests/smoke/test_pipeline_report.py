@@ -13,7 +13,8 @@ TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000
         "model.d_model=32", "model.n_layer=1", "model.n_head=2", "data.seq_len=32", "train.global_batch_size=4",
         "train.eval_every=5", "train.ckpt_every=5", "train.eval_max_batches=2", "train.warmup_steps=2",
         "train.log_every=2", "samples.max_new_tokens=4", "finetune.max_steps=4", "finetune.n_train=64",
-        "finetune.global_batch_size=8", "incontext.n=4", "incontext.tasks=[world-kind,world-arithmetic]"]
+        "finetune.global_batch_size=8", "incontext.n=4", "incontext.tasks=[world-kind,world-arithmetic]", "sft.max_steps=3", "sft.n_train=24", "sft.global_batch_size=4", "sft.eval_n=1",
+        "sft.shots=1"]
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +36,45 @@ def test_pipeline_runs_a_finetune_stage(pipe):
         "GPT2ForSequenceClassification"]
 
 
+def test_pipeline_runs_an_sft_stage_later_stages_build_on(pipe):
+    run_dir, proc = pipe
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    sft = summary["sft"]
+    assert sft["model"] == str(run_dir / "sft" / "model")  # the contract the reward, DPO and RL stages rely on
+    tokenizer_config = json.loads((run_dir / "sft" / "model" / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tokenizer_config["chat_template"]
+    # every split and kind, for the SFT model and the pretrained model zero- and few-shot
+    for split, kinds in (("test_entities", ("in_context", "closed_book")), ("test_phrasings", ("in_context",)),
+                         ("test_types", ("in_context", "closed_book"))):
+        for kind in kinds:
+            for col in ("sft", "base_zero", "base_few"):
+                assert 0.0 <= sft["eval"][f"{split}/{kind}/{col}"] <= 1.0
+    assert sft["step"] == 3 and len(sft["samples"]) >= 2
+    report = (run_dir / "report.md").read_text()
+    section = report[report.index("## SFT (instruction tuning)"):]
+    assert "![SFT loss](sft/curves.png)" in section and "FLAN" in section and "### Chat samples" in section
+    assert "| test_types | reverse | in_context | 1 |" in section
+    metrics = [json.loads(line) for line in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    plotted = json.loads((run_dir / "sft" / "curves.json").read_text())  # every logged SFT loss is plotted
+    assert plotted["train loss"] == [[m["step"], m["loss"]] for m in metrics if "loss" in m and "step" in m]
+    assert plotted["validation loss"] == [[m["step"], m["val_loss"]] for m in metrics if "val_loss" in m] != []
+    assert f"lmforge eval instructions --model {run_dir / 'sft' / 'model'} --base {run_dir / 'model'}" in report
+
+
 def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
     run_dir, proc = pipe
     err = proc.stderr
-    banners = re.findall(r"^== stage (\d)/6: ([a-z +-]+) — ", err, flags=re.M)
+    banners = re.findall(r"^== stage (\d)/7: ([a-z +-]+) — ", err, flags=re.M)
     assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
-                       ("5", "in-context"), ("6", "finetune")]
+                       ("5", "in-context"), ("6", "finetune"), ("7", "sft")]
     before_training = err[:err.index("step 2/10")]
     for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
         assert said in before_training
     # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
-    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 4
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 5
     closing = err[err.index("pipeline done in"):]
     assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
-        in closing and "32-token windows, stride 16" in closing
+        in closing and "32-token windows, stride 16" in closing and f"SFT model: {run_dir / 'sft' / 'model'}" in closing
 
 
 def test_pipeline_reports_an_incontext_table(pipe):

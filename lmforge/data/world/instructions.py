@@ -48,7 +48,7 @@ from lmforge.core.errors import ConfigError
 from .arithmetic import equation
 from .facts import KINDS, World
 from .questions import ask, askable
-from .tasks import _fill, _passage, _review, _sentences, _split_views
+from .tasks import _fill, _passage, _review, _sentences, _split_views, passage_question
 from .encyclopedia import render_entry
 from .text import cap, the_name
 
@@ -86,14 +86,10 @@ def _name_list(view: World, rng: random.Random, lo: int = 4, hi: int = 6) -> lis
 
 
 def _extract(view: World, rng: random.Random, side: str) -> dict | None:
-    e = rng.choice(view.entities)
-    passage = _passage(_sentences(render_entry(view, e, rng)))
-    values = [str(v) for v in e.attrs.values()]
-    rels = [r for r in askable(e) if values.count(str(e[r])) == 1 and len(str(e[r]).split()) <= 4
-            and re.search(rf"(?<!\w){re.escape(str(e[r]))}(?!\w)", passage)]
-    if not rels:
+    made = passage_question(view, rng)
+    if made is None:
         return None
-    qa = ask(view, e, rng.choice(rels), rng)
+    passage, qa = made
     return {"passage": passage, "question": qa.question, "answer": qa.short,
             "wrong": _other_value(view, qa.relation, qa.short, rng)}
 

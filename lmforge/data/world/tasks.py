@@ -29,7 +29,7 @@ from . import vocab
 from .encyclopedia import render_entry
 from .entity import Entity
 from .facts import KINDS, World
-from .questions import ask, askable
+from .questions import QA, ask, askable
 from .reviews import _BAD, _GOOD, _OBJ_ASPECTS, _OPEN_GIFT, _OPEN_OBJ, _OPEN_PLACE, _PLACE_ASPECTS, _PLURAL
 from .stories import render_story
 from .text import a, cap, plural_creature, plural_object
@@ -356,19 +356,28 @@ def _make_ner(view: World, rng: random.Random, n: int, what: str) -> list[dict]:
 # -- world-qa-context -----------------------------------------------------------------------------
 
 
+def passage_question(view: World, rng: random.Random) -> tuple[str, QA] | None:
+    """A random entity's encyclopedia passage and a question it answers, or None when none fits: the answer must
+    occur as whole words in the passage, be at most four words, and not equal another attribute of the entity (a
+    passage saying only "lives in Kalgate" would otherwise seem to answer "where was she born?" when both are
+    Kalgate).  Shared by the QA task and the instructions' extraction type."""
+    e = rng.choice(view.entities)
+    passage = _passage(_sentences(render_entry(view, e, rng)))
+    values = [str(v) for v in e.attrs.values()]
+    rels = [r for r in askable(e) if values.count(str(e[r])) == 1 and len(str(e[r]).split()) <= 4
+            and re.search(rf"(?<!\w){re.escape(str(e[r]))}(?!\w)", passage)]
+    if not rels:
+        return None
+    return passage, ask(view, e, rng.choice(rels), rng)
+
+
 def _make_qa_context(view: World, rng: random.Random, n: int, what: str) -> list[dict]:
-    """Reading comprehension: the answer must occur as whole words in the passage, and must not equal
-    another attribute of the entity (a passage saying only "lives in Kalgate" would otherwise seem to
-    answer "where was she born?" when both are Kalgate)."""
+    """Reading comprehension over :func:`passage_question`."""
     def make() -> dict | None:
-        e = rng.choice(view.entities)
-        passage = _passage(_sentences(render_entry(view, e, rng)))
-        values = [str(v) for v in e.attrs.values()]
-        rels = [r for r in askable(e) if values.count(str(e[r])) == 1 and len(str(e[r]).split()) <= 4
-                and re.search(rf"(?<!\w){re.escape(str(e[r]))}(?!\w)", passage)]
-        if not rels:
+        made = passage_question(view, rng)
+        if made is None:
             return None
-        qa = ask(view, e, rng.choice(rels), rng)
+        passage, qa = made
         # "_relation" is for _counterfactual; build_world_task drops "_" keys
         return {"input": f"question: {qa.question} context: {passage}", "target": qa.short,
                 "_relation": qa.relation}
