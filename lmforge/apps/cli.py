@@ -34,6 +34,7 @@ from lmforge.recipes.pretrain import run_pretrain
 from lmforge.recipes.dpo import run_dpo
 from lmforge.recipes.reward import evaluate_reward, run_reward
 from lmforge.recipes.sft import inspect_data, run_sft
+from lmforge.recipes.tone import answer_tone, tone_line
 from lmforge.train.distributed import require_single_process, shutdown
 
 TRAINING_EPILOG = (
@@ -222,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     hv.add_argument("--log-samples", action="store_true")
     hv.add_argument("--device", default="auto")
     hv.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    et = ev_sub.add_parser("tone", help="share of rude and evasive greedy replies on held-out instruction prompts",
+                           description="Greedy replies, each to the end of its turn, to the built-in world's held-out-"
+                           "entity instruction records: the share of rude, evasive, polite and plain replies (on every "
+                           "phrasing and on the one the SFT data is rude on) and the verifier's exact match.")
+    et.add_argument("--model", required=True, help="a chat model dir (or a run dir with model/)")
+    et.add_argument("--n", type=_at_least(1), default=10, help="records per task type (default 10)")
+    et.add_argument("--seed", type=int, default=0, help="the seed the SFT data was built with (entity split)")
+    et.add_argument("--world-seed", type=int, default=0)
+    et.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ei = ev_sub.add_parser("instructions", help="exact match per instruction task type on held-out entities, "
                            "phrasings and task types",
                            description="Greedy answers to the built-in world's held-out instruction records, scored by "
@@ -370,6 +380,10 @@ def _cmd_eval(args) -> int:
                 print(f"{task}: {shown}")
         else:
             print(json.dumps(summary, default=str))
+        return 0
+    if args.eval_command == "tone":
+        out = answer_tone(args.model, n_per_type=args.n, seed=args.seed, world_seed=args.world_seed)
+        print(json.dumps(out) if args.json else tone_line(out))
         return 0
     if args.eval_command == "instructions":
         out = evaluate_instructions(args.model, args.base, n_per_type=args.n, shots=args.shots, seed=args.seed)

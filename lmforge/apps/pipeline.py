@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from lmforge.apps import stage_sft
+from lmforge.apps import stage_preferences, stage_sft
 from lmforge.apps.stage import Context, Stage, say, world_seed
 from lmforge.apps.stage_incontext import STAGE as INCONTEXT_STAGE, PipelineInContextConfig
 from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
@@ -126,6 +126,8 @@ class PipelineConfig(PretrainConfig):
     finetune: PipelineFinetuneConfig = field(default_factory=PipelineFinetuneConfig)
     incontext: PipelineInContextConfig = field(default_factory=PipelineInContextConfig)
     sft: stage_sft.PipelineSFTConfig = field(default_factory=stage_sft.PipelineSFTConfig)
+    preferences: stage_preferences.PipelinePreferenceConfig = field(
+        default_factory=stage_preferences.PipelinePreferenceConfig)
 
 
 def stage_data(ctx: Context) -> None:
@@ -414,6 +416,8 @@ STAGES: list[Stage] = [
     INCONTEXT_STAGE,
     Stage("finetune", stage_finetune, _describe_finetune, _estimate_finetune),
     stage_sft.STAGE,
+    stage_preferences.REWARD_STAGE,
+    stage_preferences.DPO_STAGE,
 ]
 
 
@@ -443,6 +447,9 @@ def closing_lines(ctx: Context, report_path: Path, total: float) -> list[str]:
         lines.append(f"  fine-tuned model: {ctx.run_dir / 'finetune' / 'model'}")
     if (ctx.run_dir / "sft" / "model").is_dir():
         lines.append(f"  SFT model: {ctx.run_dir / 'sft' / 'model'}")
+    for stage, what in (("reward", "reward model"), ("dpo", "DPO model")):
+        if ctx.results.get(stage, {}).get("model"):
+            lines.append(f"  {what}: {ctx.results[stage]['model']}")
     ev = ctx.results.get("eval", {})
     if "val_perplexity" in ev:
         lines.append(f"  validation perplexity {ev['val_perplexity']:.4f} ({ev['window']}-token windows, stride "
@@ -504,7 +511,8 @@ def _run_stages(cfg: PipelineConfig) -> dict[str, Any]:
     report_path = report.write(run_dir / "report.md")
     summary = {"run_dir": str(run_dir), "family": cfg.model.family, "wall_s": total, **ctx.results.get("eval", {}),
                "final_loss": ctx.results.get("pretrain", {}).get("loss"), "finetune": ctx.results.get("finetune"),
-               "sft": ctx.results.get("sft"), "report": str(report_path)}
+               "sft": ctx.results.get("sft"), "reward": ctx.results.get("reward"), "dpo": ctx.results.get("dpo"),
+               "report": str(report_path)}
     atomic_write_json(run_dir / "pipeline_summary.json", {**summary, "timings": ctx.timings,
                                                           "samples": ctx.results.get("samples")})
     say("\n".join(closing_lines(ctx, report_path, total)))

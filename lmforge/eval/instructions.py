@@ -92,10 +92,12 @@ def solved(record: dict[str, Any], answer_text: str) -> list[dict[str, str]]:
 
 def score_instructions(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
                        demos: dict[str, list[list[dict[str, str]]]] | None = None, shots: int = 0,
-                       form: str | None = None, max_new_tokens: int = 48, batch_size: int = 32
-                       ) -> InstructionScores:
+                       form: str | None = None, max_new_tokens: int = 48, batch_size: int = 32,
+                       stop: Sequence[str] = ("\n",)) -> InstructionScores:
     """Greedy replies to ``records`` and their verdicts; ``demos[type]`` supplies up to ``shots`` demonstrations
-    per record (the same ones for every record of a type, so a table's few-shot column is one prompt per type)."""
+    per record (the same ones for every record of a type, so a table's few-shot column is one prompt per type).
+    ``stop``: the reply ends at these strings (default the first line, which is all a verifier reads; ``()`` lets
+    it run to the end of the turn, to see what a reply adds after its answer)."""
     prompter = Prompter(tokenizer, form)
     limit = model_context_length(model) or 1 << 30
     out = InstructionScores()
@@ -111,7 +113,7 @@ def score_instructions(model: nn.Module, tokenizer: Any, records: Sequence[dict[
             continue
         prompts.append((ids, rec, len(chosen)))
     stops = prompter.stop_ids()
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"],
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(stop),
                            eos_token_id=stops or None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))  # similar lengths: little left padding
     replies: dict[int, str] = {}

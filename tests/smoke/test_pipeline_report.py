@@ -14,7 +14,8 @@ TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000
         "train.eval_every=5", "train.ckpt_every=5", "train.eval_max_batches=2", "train.warmup_steps=2",
         "train.log_every=2", "samples.max_new_tokens=4", "finetune.max_steps=4", "finetune.n_train=64",
         "finetune.global_batch_size=8", "incontext.n=4", "incontext.tasks=[world-kind,world-arithmetic]", "sft.max_steps=3", "sft.n_train=24", "sft.global_batch_size=4", "sft.eval_n=1",
-        "sft.shots=1"]
+        "sft.shots=1", "preferences.reward_steps=3", "preferences.dpo_steps=3", "preferences.n_train=1",
+        "preferences.tone_n=1", "preferences.global_batch_size=4"]
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +62,38 @@ def test_pipeline_runs_an_sft_stage_later_stages_build_on(pipe):
     assert f"lmforge eval instructions --model {run_dir / 'sft' / 'model'} --base {run_dir / 'model'}" in report
 
 
+def test_pipeline_runs_reward_and_dpo_stages_from_the_sft_model(pipe):
+    run_dir, proc = pipe
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["reward"]["model"] == str(run_dir / "reward" / "model")
+    assert {"all", "correctness", "tone", "evasive"} <= set(summary["reward"]["test"])
+    assert {"all", "correctness", "tone", "evasive"} <= set(summary["dpo"]["test"])
+    assert set(summary["dpo"]["tone"]) == {"sft", "dpo"}
+    dpo_config = json.loads((run_dir / "dpo" / "results.json").read_text())
+    assert dpo_config["model"] == str(run_dir / "sft" / "model") and dpo_config["reference"] == "copy"
+    report = (run_dir / "report.md").read_text()
+    assert "## Reward model" in report and "## DPO" in report and "| kind | held-out accuracy | pairs |" in report
+    # the report's numbers come back from the commands it names
+    tone = report[report.index("lmforge eval tone --model " + str(run_dir / "dpo" / "model")):].splitlines()
+    printed = next(line for line in tone if line.startswith("prints `"))[len("prints `"):-2]
+    again = run_cli("eval", "tone", "--model", str(run_dir / "dpo" / "model"), "--n", "1")
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == printed
+    again = run_cli("eval", "reward", "--model", str(run_dir / "reward" / "model"))
+    assert again.returncode == 0
+    assert f"{'all':<12} accuracy {summary['reward']['test']['all']['accuracy']:.3f}" in again.stdout
+
+
 def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
     run_dir, proc = pipe
     err = proc.stderr
-    banners = re.findall(r"^== stage (\d)/7: ([a-z +-]+) — ", err, flags=re.M)
+    banners = re.findall(r"^== stage (\d)/9: ([a-z +-]+) — ", err, flags=re.M)
     assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
-                       ("5", "in-context"), ("6", "finetune"), ("7", "sft")]
+                       ("5", "in-context"), ("6", "finetune"), ("7", "sft"), ("8", "reward"), ("9", "dpo")]
     before_training = err[:err.index("step 2/10")]
     for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
         assert said in before_training
     # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
-    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 5
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 7
     closing = err[err.index("pipeline done in"):]
     assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
         in closing and "32-token windows, stride 16" in closing and f"SFT model: {run_dir / 'sft' / 'model'}" in closing
