@@ -26,9 +26,9 @@ class PipelinePreferenceConfig:
     """The pipeline's reward and DPO stages (``lmforge reward`` / ``lmforge dpo`` do more)."""
 
     enabled: bool = True
-    reward_steps: int = 150
+    reward_steps: int = 100
     reward_lr: float = 3e-4
-    dpo_steps: int = 150
+    dpo_steps: int = 100
     dpo_lr: float = 2e-4
     beta: float = 0.1
     global_batch_size: int = 16
