@@ -114,16 +114,24 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     ``attention_mask`` (or every token); column 0 is never scored (nothing predicts it).  Only the scored rows
     go through the head.  Gradients flow into the model unless the caller runs under ``no_grad``.
     """
-    B, T = input_ids.shape
     hidden = model(input_ids, attention_mask=attention_mask)  # [B, T, d]
+    return hidden_logprobs(hidden, model.lm_head, input_ids, attention_mask, score_mask, temperature=temperature,
+                           entropy=entropy, chunk_size=chunk_size)
+
+
+def hidden_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, score_mask: torch.Tensor | None = None, *,
+                    temperature: float = 1.0, entropy: bool = False, chunk_size: int | None = None) -> TokenLogProbs:
+    """:func:`token_logprobs` from hidden states ``[B, T, d]`` a caller already has (PPO's value head reads the
+    same forward's hidden states)."""
+    B, T = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if score_mask is None else score_mask.bool().clone()
     if attention_mask is not None:
         mask &= attention_mask.bool()
     mask[:, 0] = False
     pred = torch.zeros_like(mask)
     pred[:, :-1] = mask[:, 1:]  # hidden at t-1 predicts token t
-    logp_rows, ent_rows = head_logprobs(hidden[pred], model.lm_head, input_ids[mask], temperature, entropy,
-                                        chunk_size)
+    logp_rows, ent_rows = head_logprobs(hidden[pred], lm_head, input_ids[mask], temperature, entropy, chunk_size)
     logprobs = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device)
     logprobs = logprobs.masked_scatter(mask, logp_rows)
     ent = None
