@@ -5,8 +5,9 @@ returns one float per answer; :class:`Rewards` sums them with their weights.  Fa
 
 * a user function that raises or returns a non-finite value is named with the prompt it was scoring;
 * a record without the field a verifier reads (``answer``, ``check``) is named by its index and the missing field;
-* a reward model whose tokenizer is not the policy's is refused unless ``retokenize: true`` (the conversion rule:
-  the answer's text is rendered again with the reward model's own chat format and tokenizer).
+* a reward model whose tokenizer gives some token of the policy's another id is refused unless ``retokenize: true``
+  (the conversion rule: the answer's text is rendered again with the reward model's own chat format and tokenizer);
+  added tokens (``lmforge reward``'s pad token) are fine.
 
 A reward model's score is read on the last real token of ``prompt + answer`` (its EOS, or the last token of a
 length-cut answer) -- :func:`lmforge.models.task.last_token` by the attention mask of right-padded rows, never a pad.
@@ -125,6 +126,15 @@ class RunningMoments:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
+def same_ids(policy: Any, other: Any) -> bool:
+    """Does ``other`` give every token of ``policy`` the same id?  (The reward model ``lmforge reward`` writes is the
+    SFT tokenizer plus a pad token: the policy's rows are its rows.)"""
+    if policy.fingerprint == other.fingerprint:
+        return True
+    theirs = other.hf.get_vocab(with_added_tokens=True)
+    return all(theirs.get(t) == i for t, i in policy.hf.get_vocab(with_added_tokens=True).items())
+
+
 class _Verifier:
     name = "verifier"
 
@@ -162,7 +172,7 @@ class _RewardModel:
         if not isinstance(model, SequenceClassifier) or not model.scalar:
             raise ModelError(f"rewards[].model='{cfg.model}' is not a reward model (a scalar sequence classifier "
                              f"`lmforge reward` writes); train one with `lmforge reward`")
-        same = tok is not None and policy_tokenizer is not None and tok.fingerprint == policy_tokenizer.fingerprint
+        same = tok is not None and policy_tokenizer is not None and same_ids(policy_tokenizer, tok)
         if not same and not cfg.retokenize:
             raise ConfigError(f"rewards[].model='{cfg.model}' has another tokenizer than the policy (fingerprint "
                               f"{getattr(tok, 'fingerprint', 'none')[:12]} vs "

@@ -106,7 +106,7 @@ def test_a_reward_model_reads_the_last_real_token_never_a_pad(tmp_path, policy_d
     torch.nn.init.normal_(rm.head.weight)
     ensure_pad_token(rm, tok)
     save_model(rm, tmp_path / "rm", tokenizer=tok)
-    rewards = Rewards([RewardConfig(kind="model", model=str(tmp_path / "rm"))], tok)
+    rewards = Rewards([RewardConfig(kind="model", model=str(tmp_path / "rm"))], load_model(policy_dir)[1])
     rows = [[5, 6, 7, tok.eos_id], [5, 6], [8, 9, 10, 11, 12]]
     ids = torch.full((3, 5), tok.eos_id)  # right padding with pad = EOS
     attn = torch.zeros(3, 5, dtype=torch.bool)
