@@ -203,7 +203,8 @@ class _RolloutObjective(Objective):
 
 class GRPOObjective(_RolloutObjective):
     """GRPO on a rollout batch: ``input_ids``, ``attention_mask``, ``score_mask``, ``old_logps`` (the policy's at
-    rollout time, same alignment), ``advantages [B]``, optionally ``ref_logps``; ``tok_scale``/``row_scale``."""
+    rollout time, same alignment; absent at μ = 1, where it is the current forward's, detached), ``advantages [B]``,
+    optionally ``ref_logps``; ``tok_scale``/``row_scale``."""
 
     def __init__(self, *, loss_type: str = "dapo", eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
                  temperature: float = 1.0, max_completion_length: int = 64) -> None:
@@ -220,7 +221,9 @@ class GRPOObjective(_RolloutObjective):
                             temperature=self.temperature, entropy=True)
         mask = lp.mask
         adv = batch["advantages"].to(lp.logprobs.dtype)
-        per_token, coef, kl = grpo_token_loss(lp.logprobs, batch["old_logps"], adv, self.eps_low, self.eps_high,
+        # μ = 1: the rollout's policy is this one, old = current (TRL's shortcut: no second forward at rollout time)
+        old = batch["old_logps"] if "old_logps" in batch else lp.logprobs.detach()
+        per_token, coef, kl = grpo_token_loss(lp.logprobs, old, adv, self.eps_low, self.eps_high,
                                               batch.get("ref_logps"), self.beta)
         loss_sum, count = aggregate(per_token, mask, self.loss_type, self.max_completion_length)
         low = (coef < 1 - self.eps_low) & (adv[:, None] < 0)
@@ -230,6 +233,8 @@ class GRPOObjective(_RolloutObjective):
                    "clip_ratio/high_mean": _token_sum(high.float(), mask, batch),
                    "clip_ratio/region_mean": _token_sum((low | high).float(), mask, batch),
                    **_row_stats(batch)}
+        if "gen_logps" in batch and "old_logps" not in batch:  # the on-policy gap, from this very forward
+            metrics["rollout/logprob_gap"] = _token_sum((lp.logprobs - batch["gen_logps"]).abs(), mask, batch)
         if kl is not None:
             metrics["kl"] = _token_sum(kl, mask, batch)
         return ObjectiveOutput(loss_sum, count, metrics)

@@ -101,7 +101,8 @@ def _algo(parts: RLParts) -> tuple[GRPOAlgo, GRPOObjective]:
             reference = policy_scorer(parts.reference_copy, T, parts.device)
         else:
             reference = policy_scorer(parts.policy, T, parts.device, lambda: delta_disabled(parts.policy, cfg.peft))
-    algo = GRPOAlgo(objective, policy_scorer(parts.policy, T, parts.device), reference, g.scale_rewards)
+    policy = policy_scorer(parts.policy, T, parts.device) if g.num_iterations > 1 else None
+    algo = GRPOAlgo(objective, policy, reference, g.scale_rewards)
     return algo, objective
 
 

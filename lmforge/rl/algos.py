@@ -53,21 +53,25 @@ def _row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _common_stats(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     mask = batch["score_mask"]
     stats = {"stat/completions/mean_length": batch["lengths"],
-             "stat/completions/clipped_ratio": batch["truncated"].float(),
-             "stat/rollout/logprob_gap": _row_mean((batch["gen_logps"] - batch["old_logps"]).abs(), mask)}
+             "stat/completions/clipped_ratio": batch["truncated"].float()}
+    if "old_logps" in batch:
+        stats["stat/rollout/logprob_gap"] = _row_mean((batch["gen_logps"] - batch["old_logps"]).abs(), mask)
     for k in [k for k in batch if k.startswith("reward/")]:
         stats[f"stat/rewards/{k[7:]}/mean"] = batch.pop(k)
     return stats
 
 
 class GRPOAlgo:
-    def __init__(self, objective: GRPOObjective, policy: Scorer, reference: Scorer | None, scale_rewards: str
-                 ) -> None:
+    """``policy`` None: μ = 1, no log-prob pass at rollout time (the update's own forward, detached, is the old
+    policy's; the on-policy gap is then measured there)."""
+
+    def __init__(self, objective: GRPOObjective, policy: Scorer | None, reference: Scorer | None,
+                 scale_rewards: str) -> None:
         self.objective, self.policy, self.reference, self.scale_rewards = objective, policy, reference, scale_rewards
 
     def score_local(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = rows["input_ids"], rows["attention_mask"], rows["score_mask"]
-        out = {"old_logps": self.policy(*args)}
+        out = {"old_logps": self.policy(*args)} if self.policy is not None else {}
         if self.reference is not None:
             out["ref_logps"] = self.reference(*args)
         return out

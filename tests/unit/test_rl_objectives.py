@@ -246,3 +246,30 @@ def test_grpo_objective_metrics_are_global_token_means_however_the_batch_is_spli
         logp = token_logprobs(model, ids, attn, mask).logprobs.detach()
         kl = kl_k3(logp, batch["ref_logps"])
         assert math.isclose(float(whole["kl"]) / count, float(kl[mask].mean()), rel_tol=1e-5)
+
+
+def test_on_policy_grpo_needs_no_rollout_forward_and_logs_the_gap_from_the_update():
+    """μ = 1: without ``old_logps`` the loss and gradient are those with old = the current log-probs (ratio 1)."""
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.models.decoder_config import DecoderConfig
+    from lmforge.objectives.logprobs import token_logprobs
+    torch.manual_seed(0)
+    model = DecoderLM(DecoderConfig(family="gpt2", vocab_size=40, d_model=16, n_layer=1, n_head=2, max_seq_len=32,
+                                    dropout=0.0))
+    ids = torch.randint(3, 40, (4, 8))
+    mask = completion_mask([2, 3, 2, 4], [5, 2, 6, 3], 8)
+    attn = torch.ones(4, 8, dtype=torch.bool)
+    with torch.no_grad():
+        lp = token_logprobs(model, ids, attn, mask).logprobs
+    batch = add_scales({"input_ids": ids, "attention_mask": attn, "score_mask": mask, "gen_logps": lp + 1e-3 * mask,
+                        "advantages": torch.tensor([1.0, -0.5, 0.3, -0.8])}, int(mask.sum()))
+    obj = GRPOObjective(loss_type="dapo")
+    out = obj.loss(model, batch)
+    grads = torch.autograd.grad(out.loss_sum, list(model.parameters()))
+    ref = obj.loss(model, {**batch, "old_logps": lp})
+    ref_grads = torch.autograd.grad(ref.loss_sum, list(model.parameters()))
+    torch.testing.assert_close(out.loss_sum, ref.loss_sum)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert math.isclose(float(out.metrics["rollout/logprob_gap"]) / out.count, 1e-3, rel_tol=1e-3)
+    assert float(out.metrics["clip_ratio/region_mean"]) == 0
