@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 
 from lmforge.apps.stage import Context, Stage, say
+from lmforge.apps.stage_rl import RL_STAGE, PipelineRLConfig
 from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
                                  write_finetune_report)
 from lmforge.core.config import dump_yaml, load_config, split_config_arg
@@ -120,6 +121,7 @@ FINETUNE_DEFAULTS: dict[str, tuple[int, float]] = {"decoder": (200, 1e-3), "enco
 class PipelineConfig(PretrainConfig):
     samples: SampleConfig = field(default_factory=SampleConfig)
     finetune: PipelineFinetuneConfig = field(default_factory=PipelineFinetuneConfig)
+    rl: PipelineRLConfig = field(default_factory=PipelineRLConfig)
 
 
 def stage_data(ctx: Context) -> None:
@@ -410,6 +412,7 @@ STAGES: list[Stage] = [
     Stage("eval", stage_eval, lambda c: "score the model on the validation split beside a baseline", _estimate_eval),
     Stage("samples", stage_samples, lambda c: "a few prompts, answered greedily", _estimate_samples),
     Stage("finetune", stage_finetune, _describe_finetune, _estimate_finetune),
+    RL_STAGE,  # after SFT (ctx.results["sft"]); skipped, saying so, without it
 ]
 
 

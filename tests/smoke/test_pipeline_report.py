@@ -38,14 +38,14 @@ def test_pipeline_runs_a_finetune_stage(pipe):
 def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
     run_dir, proc = pipe
     err = proc.stderr
-    banners = re.findall(r"^== stage (\d)/5: ([a-z +]+) — ", err, flags=re.M)
+    banners = re.findall(r"^== stage (\d)/6: ([a-z +]+) — ", err, flags=re.M)
     assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
-                       ("5", "finetune")]
+                       ("5", "finetune"), ("6", "rl")]
     before_training = err[:err.index("step 2/10")]
     for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
         assert said in before_training
     # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
-    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 3
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 4
     closing = err[err.index("pipeline done in"):]
     assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
         in closing and "32-token windows, stride 16" in closing
