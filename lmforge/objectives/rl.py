@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lmforge.objectives.base import Objective, ObjectiveOutput
-from lmforge.objectives.logprobs import hidden_logprobs, token_logprobs
+from lmforge.objectives.logprobs import hidden_logprobs, shared_prompt_logprobs, shares_prompts, token_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -204,12 +204,14 @@ class _RolloutObjective(Objective):
 class GRPOObjective(_RolloutObjective):
     """GRPO on a rollout batch: ``input_ids``, ``attention_mask``, ``score_mask``, ``old_logps`` (the policy's at
     rollout time, same alignment; absent at μ = 1, where it is the current forward's, detached), ``advantages [B]``,
-    optionally ``ref_logps``; ``tok_scale``/``row_scale``."""
+    optionally ``ref_logps``; ``tok_scale``/``row_scale``; with ``group`` / ``prompt_len`` (the rollout source's) the
+    forward runs each prompt once for its answers (:func:`~lmforge.objectives.logprobs.shared_prompt_logprobs`)."""
 
     def __init__(self, *, loss_type: str = "dapo", eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
-                 temperature: float = 1.0, max_completion_length: int = 64) -> None:
+                 temperature: float = 1.0, max_completion_length: int = 64, share_prompts: bool = True) -> None:
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}")
+        self.share_prompts = share_prompts
         self.loss_type, self.eps_low, self.eps_high, self.beta = loss_type, eps_low, eps_high, beta
         self.temperature, self.max_completion_length = temperature, max_completion_length
 
@@ -217,8 +219,12 @@ class GRPOObjective(_RolloutObjective):
         return aggregation_count(batch["score_mask"], self.loss_type)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        lp = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["score_mask"],
-                            temperature=self.temperature, entropy=True)
+        args = batch["input_ids"], batch["attention_mask"], batch["score_mask"]
+        if self.share_prompts and "group" in batch and shares_prompts(model):  # each prompt once for its G answers
+            lp = shared_prompt_logprobs(model, *args, batch["prompt_len"], batch["group"],
+                                        temperature=self.temperature, entropy=True)
+        else:
+            lp = token_logprobs(model, *args, temperature=self.temperature, entropy=True)
         mask = lp.mask
         adv = batch["advantages"].to(lp.logprobs.dtype)
         # μ = 1: the rollout's policy is this one, old = current (TRL's shortcut: no second forward at rollout time)

@@ -158,6 +158,10 @@ class RolloutSource:
             rows["score_mask"] &= ~truncated[:, None]
         local = {**rows, "scores": penalised, "raw_scores": scores, "truncated": truncated,
                  "lengths": torch.tensor([len(r.tokens) for r in results], dtype=torch.float32),
+                 # which rows share a prompt (its G answers; one id per prompt of the whole rollout) and its length:
+                 # the update runs each prompt once (objectives.logprobs.shared_prompt_logprobs)
+                 "group": torch.arange(len(results)) // G + self.rank * per,
+                 "prompt_len": torch.tensor([len(p.ids) for p in rep]),
                  "gen_logps": self._gen_logps(rows, results), **parts}
         local.update(self.algo.score_local(local))
         t2 = time.perf_counter()

@@ -273,3 +273,46 @@ def test_on_policy_grpo_needs_no_rollout_forward_and_logs_the_gap_from_the_updat
         torch.testing.assert_close(a, b)
     assert math.isclose(float(out.metrics["rollout/logprob_gap"]) / out.count, 1e-3, rel_tol=1e-3)
     assert float(out.metrics["clip_ratio/region_mean"]) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_each_prompt_run_once_gives_the_log_probs_and_gradients_of_whole_rows(family):
+    """shared_prompt_logprobs (the prompt's keys/values reused by its G answers) = token_logprobs on the full rows,
+    also when a micro-batch starts inside a group; GRPO's loss takes it when the batch says which rows share."""
+    from lmforge.eval.generate import generate
+    from lmforge.eval.sampling import GenerationConfig, completion_batch
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.models.decoder_config import DecoderConfig
+    from lmforge.objectives.logprobs import shared_prompt_logprobs, token_logprobs
+    torch.manual_seed(0)
+    kw = dict(n_kv_head=2, tie_embeddings=False) if family == "llama" else {}
+    model = DecoderLM(DecoderConfig(family=family, vocab_size=61, d_model=32, n_layer=2, n_head=4, d_ff=48,
+                                    max_seq_len=48, eos_token_id=2, pad_token_id=0, dropout=0.0, **kw))
+    prompts, G = [[5, 9, 11, 3, 7, 30], [4, 8], [12, 13, 14, 15]], 3
+    res = generate(model, prompts, GenerationConfig(max_new_tokens=8, temperature=1.0, eos_token_id=2),
+                   num_samples=G, generator=torch.Generator().manual_seed(1))
+    b = completion_batch(prompts, res, 0, G)
+    plen = torch.tensor([len(prompts[i // G]) for i in range(len(res))])
+    group = torch.arange(len(res)) // G
+    for rows in (slice(0, 9), slice(2, 7)):  # all rows; a slice cutting groups 0 and 2
+        args = b["input_ids"][rows], b["attention_mask"][rows], b["score_mask"][rows]
+        whole = token_logprobs(model, *args, temperature=0.8, entropy=True)
+        shared = shared_prompt_logprobs(model, *args, plen[rows], group[rows], temperature=0.8, entropy=True)
+        assert torch.equal(whole.mask, shared.mask)
+        torch.testing.assert_close(shared.logprobs, whole.logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(shared.entropy, whole.entropy, atol=1e-5, rtol=0)
+        w = torch.randn_like(whole.logprobs)
+        g_whole = torch.autograd.grad((whole.logprobs * w).sum(), list(model.parameters()))
+        g_shared = torch.autograd.grad((shared.logprobs * w).sum(), list(model.parameters()))
+        for x, y in zip(g_shared, g_whole):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    batch = add_scales({**b, "prompt_len": plen, "group": group, "advantages": torch.randn(9)}, 0)
+    obj = GRPOObjective(loss_type="dapo")
+    batch = add_scales(batch, obj.target_count(batch))
+    a = obj.loss(model, batch)
+    ga = torch.autograd.grad(a.loss_sum, list(model.parameters()))
+    b_ = GRPOObjective(loss_type="dapo", share_prompts=False).loss(model, batch)
+    gb = torch.autograd.grad(b_.loss_sum, list(model.parameters()))
+    torch.testing.assert_close(a.loss_sum, b_.loss_sum, atol=1e-6, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
