@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.core.config import load_config  # noqa: E402
 from lmforge.recipes.grpo import GRPOConfig, grpo  # noqa: E402
+from lmforge.recipes.ppo import PPOConfig, ppo  # noqa: E402
 from lmforge.recipes.sft import SFTConfig, sft  # noqa: E402
 from tests.sft_models import tiny_model_dir  # noqa: E402
 
@@ -43,10 +44,14 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--grpo-steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--beta", type=float, default=0.0, help="GRPO's k3 KL coefficient (PPO: its start)")
+    ap.add_argument("--algo", choices=["grpo", "ppo"], default="grpo")
+    ap.add_argument("--target-kl", type=float, default=None, help="PPO: adaptive KL target (per sequence)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in ("sft", "grpo"):  # a rerun starts both runs afresh (the base model is reused)
+    # a rerun starts the runs afresh (the base model is reused; --sft-steps 0 reuses the SFT model too)
+    for old in (["sft"] if a.sft_steps else []) + ["grpo"]:
         shutil.rmtree(out / old, ignore_errors=True)
     ws = words(600, 0)
     sft_words, rl_words, held = ws[:200], ws[200:500], ws[500:]
@@ -56,21 +61,35 @@ def main() -> None:
                                          f"data.train={write(out / 'sft.jsonl', sft_words, True)}",
                                          "overwrite=true", "resume=false", "train.lr=1e-3", "train.device=cpu",
                                          "train.tensorboard=false", "train.eval_every=0", "train.ckpt_every=0"])
-    sft(scfg, progress=False)
+    if a.sft_steps:
+        sft(scfg, progress=False)
     t1 = time.perf_counter()
-    gcfg = load_config(GRPOConfig, None, [
+    args = [
         f"model={out / 'sft' / 'model'}", f"run_dir={out / 'grpo'}", f"max_steps={a.grpo_steps}", "overwrite=true",
         f"data.train={write(out / 'rl.jsonl', rl_words, False)}", f"data.eval={write(out / 'held.jsonl', held, False)}",
         "data.eval_max_new_tokens=8", "rollout.max_new_tokens=8", "rollout.num_generations=8",
         "train.global_batch_size=32", f"train.lr={a.lr}", "train.eval_every=20", "train.ckpt_every=0",
-        "train.device=cpu", "train.tensorboard=false", "grpo.loss_type=dapo"])
-    r = grpo(gcfg, progress=False)
+        "train.device=cpu", "train.tensorboard=false"]
+    if a.algo == "grpo":
+        gcfg = load_config(GRPOConfig, None, args + ["grpo.loss_type=dapo", f"grpo.beta={a.beta}"])
+        r = grpo(gcfg, progress=False)
+    else:
+        extra = [f"ppo.kl_coef={a.beta}"] + ([f"ppo.target_kl={a.target_kl}"] if a.target_kl else [])
+        r = ppo(load_config(PPOConfig, None, args + extra), progress=False)
     t2 = time.perf_counter()
     before, after = r["start"].get("eval/accuracy"), r["last"].get("eval/accuracy")
-    print(f"held-out accuracy: SFT model {before:.3f} -> after {a.grpo_steps} GRPO steps {after:.3f} "
+    print(f"held-out accuracy: SFT model {before:.3f} -> after {a.grpo_steps} {a.algo.upper()} steps {after:.3f} "
           f"(SFT {t1 - t0:.0f}s, GRPO {t2 - t1:.0f}s)")
-    print(json.dumps({"bench": "calibrate_grpo", "sft_steps": a.sft_steps, "grpo_steps": a.grpo_steps,
-                      "before": before, "after": after, "sft_s": t1 - t0, "grpo_s": t2 - t1}))
+    rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    kl_key = "kl" if a.algo == "grpo" else "objective/kl"
+    tail = rows[-max(1, len(rows) // 3):]
+    kl = sum(r.get(kl_key, 0.0) for r in tail) / len(tail)
+    reward_key = "reward" if a.algo == "grpo" else "objective/scores"
+    reward = sum(r[reward_key] for r in tail) / len(tail)
+    print(f"last third of the run: reward {reward:.3f}, {kl_key} {kl:.4f}")
+    print(json.dumps({"bench": "calibrate_grpo", "algo": a.algo, "beta": a.beta, "target_kl": a.target_kl,
+                      "sft_steps": a.sft_steps, "grpo_steps": a.grpo_steps, "before": before, "after": after,
+                      "reward_last_third": reward, "kl_last_third": kl, "sft_s": t1 - t0, "grpo_s": t2 - t1}))
 
 
 if __name__ == "__main__":
