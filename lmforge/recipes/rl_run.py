@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -285,8 +286,16 @@ def train_rl(cfg: Any, name: str, wrap_model: Callable[[Any, torch.nn.Module], t
                                 tokenizer=tokenizer, pad_id=pad, grad_mode="no_grad")
 
         source.generate = rollout_generate
-        start = trainer.evaluate() if evaluator is not None and not trainer.resuming else {}
-        start_samples = list(samples)
+        # the starting model's held-out scores, kept in the run dir so a resumed run still reports them
+        start_file = Path(cfg.run_dir) / "eval_start.json"
+        if trainer.resuming and start_file.is_file():
+            saved = json.loads(start_file.read_text(encoding="utf-8"))
+            start, start_samples = saved["metrics"], saved["samples"]
+        else:
+            start = trainer.evaluate() if evaluator is not None else {}
+            start_samples = list(samples)
+            if dist.is_main:
+                atomic_write_json(start_file, {"metrics": start, "samples": start_samples})
         fit = trainer.fit()
         final = trainer.export_model()
         results: dict[str, Any] = {"run_dir": str(cfg.run_dir), "model": str(model_dir), "algorithm": name,

@@ -2,6 +2,7 @@
 then resumed, end with weights byte-identical to an uninterrupted run: the checkpoint keeps the rollout buffer, the
 prompt position, the sampling RNG and (PPO) the adaptive KL coefficient (CPU, same seed, one thread)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -64,3 +65,7 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_weights(tmp_path, algo
     assert a == b, f"{algo}: weights after SIGKILL + resume differ from the uninterrupted run"
     start = Path(model / "model.safetensors").read_bytes()
     assert a != start  # it trained
+    # the starting model's held-out scores, measured before the kill, are still in the resumed run's results
+    straight_start = json.loads((tmp_path / "straight" / "results.json").read_text())["start"]
+    assert json.loads((tmp_path / "killed" / "results.json").read_text())["start"] == straight_start
+    assert "eval/accuracy" in straight_start
