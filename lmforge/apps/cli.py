@@ -32,6 +32,8 @@ from lmforge.recipes.instructions import evaluate_instructions
 from lmforge.recipes.merge import merge
 from lmforge.recipes.pretrain import run_pretrain
 from lmforge.recipes.dpo import run_dpo
+from lmforge.recipes.grpo import run_grpo
+from lmforge.recipes.ppo import run_ppo
 from lmforge.recipes.reward import evaluate_reward, run_reward
 from lmforge.recipes.sft import inspect_data, run_sft
 from lmforge.recipes.tone import answer_tone, tone_line
@@ -121,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_command(sub, "dpo", "learn from preference pairs against a frozen reference: DPO (sigmoid), cdpo, "
                           "robust, hinge, ipo, simpo, + RPO's sft term; the reference a copy, the policy with its "
                           "delta off, or log-probs precomputed", config_optional=True)
+    _add_training_command(sub, "grpo", "RL with group-relative advantages (GRPO): G answers per prompt on the "
+                          "generation engine, rewards from the world's verifiers, a reward model or module:function, "
+                          "clipped loss (grpo, bnpo, dr_grpo, dapo), optional k3 KL to a reference",
+                          config_optional=True)
+    _add_training_command(sub, "ppo", "RL with PPO and a KL leash: per-token KL penalty (fixed or adaptive), the score "
+                          "on the answer's last token, GAE, clipped policy and value losses, a value head on the "
+                          "policy or a separate critic", config_optional=True)
     ins = sub.add_parser("inspect-data", help="show SFT examples as rendered, supervised tokens marked [[...]]",
                          description="Render the first N training conversations of an SFT config with the model's "
                          "chat template, mark the supervised tokens [[like this]], and count the conversations "
@@ -452,6 +461,24 @@ def _cmd_dpo(args) -> int:
     return 0
 
 
+def _rl_summary(result: dict) -> None:
+    start, last = result.get("start") or {}, result.get("last") or {}
+    if "eval/accuracy" in start and "eval/accuracy" in last:
+        print(f"held-out accuracy {start['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}", file=sys.stderr)
+    print(json.dumps({k: result.get(k) for k in ("run_dir", "algorithm", "prompts", "start", "last", "delta")
+                      if k in result}))
+
+
+def _cmd_grpo(args) -> int:
+    _rl_summary(run_grpo(args.config, args.overrides))
+    return 0
+
+
+def _cmd_ppo(args) -> int:
+    _rl_summary(run_ppo(args.config, args.overrides))
+    return 0
+
+
 def _cmd_inspect_data(args) -> int:
     out = inspect_data(args.config, args.overrides, args.n)
     if args.json:
@@ -522,7 +549,7 @@ def _cmd_world(args) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo")
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo", "grpo", "ppo")
 """The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
 
 COMMANDS: dict[str, Callable] = {
@@ -540,6 +567,8 @@ COMMANDS: dict[str, Callable] = {
     "sft": _cmd_sft,
     "reward": _cmd_reward,
     "dpo": _cmd_dpo,
+    "grpo": _cmd_grpo,
+    "ppo": _cmd_ppo,
     "inspect-data": _cmd_inspect_data,
     "chat": _cmd_chat,
 }

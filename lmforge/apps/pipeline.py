@@ -42,6 +42,7 @@ import torch
 from lmforge.apps import stage_preferences, stage_sft
 from lmforge.apps.stage import Context, Stage, say, world_seed
 from lmforge.apps.stage_incontext import STAGE as INCONTEXT_STAGE, PipelineInContextConfig
+from lmforge.apps.stage_rl import RL_STAGE, PipelineRLConfig
 from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
                                  write_finetune_report)
 from lmforge.core.config import dump_yaml, load_config, split_config_arg
@@ -128,6 +129,7 @@ class PipelineConfig(PretrainConfig):
     sft: stage_sft.PipelineSFTConfig = field(default_factory=stage_sft.PipelineSFTConfig)
     preferences: stage_preferences.PipelinePreferenceConfig = field(
         default_factory=stage_preferences.PipelinePreferenceConfig)
+    rl: PipelineRLConfig = field(default_factory=PipelineRLConfig)
 
 
 def stage_data(ctx: Context) -> None:
@@ -418,6 +420,7 @@ STAGES: list[Stage] = [
     stage_sft.STAGE,
     stage_preferences.REWARD_STAGE,
     stage_preferences.DPO_STAGE,
+    RL_STAGE,  # after SFT (ctx.results["sft"]); skipped, saying so, without it
 ]
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.heads import _TARGET_ELEMENTS  # the same logits budget per chunk as the training loss
+from lmforge.models.slots import INPUT, PAST_KV, SIDE, PrefixCache
 
 
 class _HeadLogProbs(torch.autograd.Function):
@@ -123,16 +124,24 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     ``attention_mask`` (or every token); column 0 is never scored (nothing predicts it).  Only the scored rows
     go through the head.  Gradients flow into the model unless the caller runs under ``no_grad``.
     """
-    B, T = input_ids.shape
     hidden = model(input_ids, attention_mask=attention_mask, **skip_padding(model, attention_mask))  # [B, T, d]
+    return hidden_logprobs(hidden, model.lm_head, input_ids, attention_mask, score_mask, temperature=temperature,
+                           entropy=entropy, chunk_size=chunk_size)
+
+
+def hidden_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, score_mask: torch.Tensor | None = None, *,
+                    temperature: float = 1.0, entropy: bool = False, chunk_size: int | None = None) -> TokenLogProbs:
+    """:func:`token_logprobs` from hidden states ``[B, T, d]`` a caller already has (PPO's value head reads the
+    same forward's hidden states)."""
+    B, T = input_ids.shape
     mask = torch.ones_like(input_ids, dtype=torch.bool) if score_mask is None else score_mask.bool().clone()
     if attention_mask is not None:
         mask &= attention_mask.bool()
     mask[:, 0] = False
     pred = torch.zeros_like(mask)
     pred[:, :-1] = mask[:, 1:]  # hidden at t-1 predicts token t
-    logp_rows, ent_rows = head_logprobs(hidden[pred], model.lm_head, input_ids[mask], temperature, entropy,
-                                        chunk_size)
+    logp_rows, ent_rows = head_logprobs(hidden[pred], lm_head, input_ids[mask], temperature, entropy, chunk_size)
     logprobs = torch.zeros((B, T), dtype=torch.float32, device=input_ids.device)
     logprobs = logprobs.masked_scatter(mask, logp_rows)
     ent = None
@@ -147,3 +156,71 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """Per-row ``(sum of log-probs [B] fp32, number of scored tokens [B] int64)``: DPO's sequence score."""
     out = token_logprobs(model, input_ids, attention_mask, score_mask, temperature=temperature)
     return out.sums, out.counts
+
+
+class _PromptKV:
+    """A cache stand-in for the prompts' forward: keeps each layer's keys/values (with their graph), stores nothing
+    else, so the answers' forward can attend to them (:class:`lmforge.models.slots.PrefixCache`)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.length = 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.kv[layer_idx] = (k, v)
+        return k, v
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+def shares_prompts(model: nn.Module) -> bool:
+    """Can :func:`shared_prompt_logprobs` run ``model``: a decoder with the cache protocol and no slot filled (a soft
+    prompt, prefix or side network changes what a cached prompt means)."""
+    slot = getattr(model, "slot", None)
+    return (slot is not None and hasattr(model, "blocks") and hasattr(model, "lm_head")
+            and all(slot(k) is None for k in (INPUT, PAST_KV, SIDE)))
+
+
+def shared_prompt_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           score_mask: torch.Tensor, prompt_len: torch.Tensor, group: torch.Tensor, *,
+                           temperature: float = 1.0, entropy: bool = False,
+                           chunk_size: int | None = None) -> TokenLogProbs:
+    """:func:`token_logprobs` of right-padded ``prompt + answer`` rows where consecutive rows of one ``group`` share
+    their prompt (GRPO's G answers): each prompt runs once, its keys/values are repeated for its answers, which run
+    after it -- the same numbers (causal attention: a prompt's states do not depend on what follows), the prompt's
+    work done once instead of G times, gradients through both passes.  ``prompt_len [B]``: each row's prompt tokens;
+    ``group [B]``: equal on the rows of one prompt (contiguous)."""
+    B, L = input_ids.shape
+    dev = input_ids.device
+    plen = prompt_len.to(dev).long()
+    clen = attention_mask.sum(-1).long() - plen
+    _, inverse = torch.unique_consecutive(group.to(dev), return_inverse=True)
+    first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=dev).scatter_reduce(
+        0, inverse, torch.arange(B, device=dev), reduce="amin", include_self=False)
+    Lp, Lc = int(plen.max()), max(int(clen.max()), 1)
+    # prompts left-padded [P, Lp] (positions from the mask, as generation runs them)
+    p_idx = plen[first, None] - Lp + torch.arange(Lp, device=dev)
+    p_mask = p_idx >= 0
+    p_ids = input_ids[first].gather(1, p_idx.clamp(min=0)) * p_mask
+    rec = _PromptKV(len(model.blocks))
+    h_prompt = model(p_ids, attention_mask=p_mask, cache=rec)  # [P, Lp, d]
+    kv = [(k.index_select(0, inverse), v.index_select(0, inverse)) for k, v in rec.kv]
+    # answers [B, Lc] after their prompt's cached keys/values
+    c_idx = plen[:, None] + torch.arange(Lc, device=dev)
+    c_mask = torch.arange(Lc, device=dev)[None] < clen[:, None]
+    c_ids = input_ids.gather(1, c_idx.clamp(max=L - 1)) * c_mask
+    mask2 = torch.cat([p_mask.index_select(0, inverse), c_mask], dim=1)
+    h_answer = model(c_ids, attention_mask=mask2, position_ids=c_idx, cache=PrefixCache(kv))  # [B, Lc, d]
+    # the state predicting answer token t: the prompt's last (t = 0), else the answer's token t - 1
+    pred = torch.cat([h_prompt[:, -1:].index_select(0, inverse), h_answer[:, :-1]], dim=1)
+    scored = c_mask & score_mask.gather(1, c_idx.clamp(max=L - 1)).bool()
+    logp_rows, ent_rows = head_logprobs(pred[scored], model.lm_head, c_ids[scored], temperature, entropy, chunk_size)
+    rows = torch.arange(B, device=dev)[:, None].expand(B, Lc)[scored]
+    cols = c_idx[scored]
+    mask = torch.zeros(B, L, dtype=torch.bool, device=dev).index_put((rows, cols), torch.ones_like(cols).bool())
+    logprobs = torch.zeros(B, L, dtype=torch.float32, device=dev).index_put((rows, cols), logp_rows)
+    ent = None
+    if ent_rows is not None:
+        ent = torch.zeros(B, L, dtype=torch.float32, device=dev).index_put((rows, cols), ent_rows)
+    return TokenLogProbs(logprobs=logprobs, mask=mask, sums=logprobs.sum(-1), counts=mask.sum(-1), entropy=ent)

@@ -15,7 +15,8 @@ TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000
         "train.log_every=2", "samples.max_new_tokens=4", "finetune.max_steps=4", "finetune.n_train=64",
         "finetune.global_batch_size=8", "incontext.n=4", "incontext.tasks=[world-kind,world-arithmetic]", "sft.max_steps=3", "sft.n_train=24", "sft.global_batch_size=4", "sft.eval_n=1",
         "sft.shots=1", "preferences.reward_steps=3", "preferences.dpo_steps=3", "preferences.n_train=1",
-        "preferences.tone_n=1", "preferences.global_batch_size=4"]
+        "preferences.tone_n=1", "preferences.global_batch_size=4", "rl.max_steps=2", "rl.n_train=4", "rl.n_eval=2",
+        "rl.num_generations=2", "rl.global_batch_size=4", "rl.max_new_tokens=4", "rl.eval_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +87,15 @@ def test_pipeline_runs_reward_and_dpo_stages_from_the_sft_model(pipe):
 def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
     run_dir, proc = pipe
     err = proc.stderr
-    banners = re.findall(r"^== stage (\d)/9: ([a-z +-]+) — ", err, flags=re.M)
+    banners = re.findall(r"^== stage (\d+)/10: ([a-z +-]+) — ", err, flags=re.M)
     assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
-                       ("5", "in-context"), ("6", "finetune"), ("7", "sft"), ("8", "reward"), ("9", "dpo")]
+                       ("5", "in-context"), ("6", "finetune"), ("7", "sft"), ("8", "reward"), ("9", "dpo"),
+                       ("10", "rl")]
     before_training = err[:err.index("step 2/10")]
     for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
         assert said in before_training
     # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
-    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 7
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 8
     closing = err[err.index("pipeline done in"):]
     assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
         in closing and "32-token windows, stride 16" in closing and f"SFT model: {run_dir / 'sft' / 'model'}" in closing
