@@ -31,6 +31,7 @@ from lmforge.recipes.merge import merge
 from lmforge.recipes.pretrain import run_pretrain
 from lmforge.recipes.dpo import run_dpo
 from lmforge.recipes.reward import evaluate_reward, run_reward
+from lmforge.recipes.scaling_sweep import run_scaling_sweep
 from lmforge.recipes.sft import inspect_data, run_sft
 from lmforge.train.distributed import require_single_process, shutdown
 
@@ -218,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("config", nargs="?", help="YAML config file")
     bp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
+    # scaling
+    sc = sub.add_parser("scaling", help="scaling-law studies: an IsoFLOP sweep of pretraining runs, Chinchilla fits",
+                        description="Scaling-law studies (Hoffmann et al. 2022): sweep budgets × model sizes, fit.")
+    sc_sub = sc.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND")
+    ss = sc_sub.add_parser("sweep", help="pretrain budgets × model sizes on an IsoFLOP grid (each run its own process)",
+                           description="Train every (compute budget, model size) of an IsoFLOP grid with lmforge "
+                           "pretrain (fresh tokens, schedule scaled to the run's tokens, final validation loss); "
+                           "finished runs are reused, interrupted ones resumed; writes RUN_DIR/points.csv, "
+                           "sweep.json, and the fits' report.md + PNGs.",
+                           epilog="Keys: run_dir, pretrain (the base pretraining config), overrides, budgets (FLOPs), "
+                           "sizes (list of model.* dicts), n_params (non_embedding|total), min_steps, "
+                           "warmup_fraction, jobs, timeout_s, reuse, fit (the fit's keys, as `scaling fit`).")
+    ss.add_argument("config", nargs="?", help="YAML config file")
+    ss.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
     # merge
     me = sub.add_parser("merge", help="bake a LoRA/DoRA/BitFit delta into its base model (a plain HF model dir)",
                         description="Load BASE, apply the delta in ADAPTER (PEFT's LoRA/DoRA format or lmforge's own), "
@@ -387,6 +403,14 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_scaling(args) -> int:
+    if args.scaling_command != "sweep":
+        raise LmforgeError("usage: lmforge scaling sweep CONFIG [key=value ...] | lmforge scaling fit DATA [--json]")
+    out = run_scaling_sweep(args.config, args.overrides, say=lambda text: print(text, file=sys.stderr, flush=True))
+    print(json.dumps({"run_dir": out["run_dir"], "points": len(out["points"])}))
+    return 0
+
+
 def _cmd_merge(args) -> int:
     out = merge(args.base, args.adapter, args.out, check_base=not args.no_check_base, force=args.force)
     print(f"merged {args.adapter} into {args.base}: saved {out}")
@@ -423,7 +447,7 @@ def _cmd_world(args) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo")
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo", "scaling")
 """The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
 
 COMMANDS: dict[str, Callable] = {
@@ -435,6 +459,7 @@ COMMANDS: dict[str, Callable] = {
     "generate": _cmd_generate,
     "fill-mask": _cmd_fill_mask,
     "merge": _cmd_merge,
+    "scaling": _cmd_scaling,
     "bench": _cmd_bench,
     "world": _cmd_world,
     "cache": _cmd_cache,
@@ -457,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command", "cache_command")
+    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command", "cache_command",
+                                                   "scaling_command")
                         if getattr(args, k, None)), None)
     try:
         with running(" ".join(filter(None, (args.command, sub_command)))):  # recorded in what the command writes

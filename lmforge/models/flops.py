@@ -14,6 +14,8 @@ real compute per token; token and position embedding lookups are not).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -80,6 +82,26 @@ def flops_per_token(config: DecoderConfig, seq_len: int | None = None) -> int:
     ``seq_len`` defaults to ``config.max_seq_len``."""
     T = config.max_seq_len if seq_len is None else seq_len
     return 6 * config_params(config, non_embedding=True) + 12 * config.n_layer * config.d_model * T
+
+
+@dataclass(frozen=True)
+class FlopFormula:
+    """A family's parameter and training-FLOP counts, registered with it (``Family.flops``).
+
+    ``params(config, non_embedding) -> int``; ``per_token(config, seq_len, **shape) -> float``: training (forward +
+    backward = 3 × forward) FLOPs per token of a ``seq_len`` input window, ``shape`` the objective's extra sizes
+    (``mask_rate`` for an MLM, ``target_len`` for an encoder–decoder); ``convention``: one line saying what is
+    counted, printed with every figure that uses it."""
+
+    params: Callable[..., int]
+    per_token: Callable[..., float]
+    convention: str
+
+
+DECODER_CONVENTION = ("training FLOPs/token = 6·N + 12·n_layer·d_attn·seq_len (Kaplan 2020 / PaLM App. B): N "
+                      "without embeddings, LM head included; full T×T attention, no causal discount; norms, "
+                      "activations and softmax not counted")
+DECODER_FLOPS = FlopFormula(config_params, lambda c, seq_len, **_: flops_per_token(c, seq_len), DECODER_CONVENTION)
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' data sheets, matched by
