@@ -72,6 +72,8 @@ class ScalingSweepConfig:
     """Per-run time limit."""
     reuse: bool = True
     """A run whose directory holds the stamp of the same command is read, not run again."""
+    bootstrap: int = 100
+    """Bootstrap resamples for approach 3's intervals in the sweep's report (``lmforge scaling fit`` refits at will)."""
 
     def __post_init__(self) -> None:
         if not self.budgets:
