@@ -1,7 +1,7 @@
 """`lmforge scaling sweep CONFIG`: an IsoFLOP grid of pretraining runs, compute budgets × model sizes.
 
 For each budget ``C`` (training FLOPs) and each model size the sweep trains one model for ``D = C / F`` tokens, where
-``F`` is the model's training FLOPs per token (:func:`lmforge.models.families.base.train_flops_per_token`, the family's own
+``F`` is the model's training FLOPs per token (:func:`lmforge.recipes.pretrain.run_flops_per_token`, the family's own
 formula), so every run of one budget costs the same compute: the IsoFLOP curves of Hoffmann et al. 2022 (§3.2).
 Each run is a plain ``lmforge pretrain`` (:mod:`lmforge.recipes.pretrain`) in a process of its own, from the base
 pretraining config with the size's ``model.*`` keys, ``max_steps`` for its token budget and the learning-rate
@@ -40,8 +40,9 @@ from lmforge.core.config import load_config, split_config_arg, to_dict
 from lmforge.core.errors import ConfigError, LmforgeError
 from lmforge.core.io import atomic_write_json, atomic_write_text
 from lmforge.data.shards import build_shards
-from lmforge.models.families.base import model_params, train_flops_per_token
-from lmforge.recipes.pretrain import PretrainConfig, model_config_for, resolve_tokenizer
+from lmforge.models.families.base import model_params
+from lmforge.recipes.pretrain import (PretrainConfig, model_config_for, resolve_tokenizer, run_flops_per_token,
+                                      train_window_of)
 
 STAMP = "sweep-command.json"
 """Written into a run's directory when it finishes: the command that made it (its presence means done)."""
@@ -130,14 +131,19 @@ def plan(cfg: ScalingSweepConfig) -> list[PlannedRun]:
         raise ConfigError(f"sizes: {len(cfg.sizes)} given; an IsoFLOP curve needs at least three model sizes "
                           f"(approach 2 fits a parabola in log N per budget)")
     base = base_config(cfg)
-    rows_per_step = base.train.global_batch_size * base.data.seq_len  # tokens per optimizer step
+    rows_per_step = base.train.global_batch_size * train_window_of(base)  # tokens per optimizer step
     runs: list[PlannedRun] = []
     for budget in cfg.budgets:
         kept = []
         smallest = None
         for size in cfg.sizes:
-            model_cfg = base_config(cfg, _size_overrides(size)).model
-            fpt = train_flops_per_token(model_cfg, base.data.seq_len)
+            sized = base_config(cfg, _size_overrides(size))
+            model_cfg = sized.model
+            fpt = run_flops_per_token(sized)
+            if fpt is None:
+                raise ConfigError(f"model.family={model_cfg.family!r} registers no FLOP formula (Family.flops); a "
+                                  f"scaling sweep needs one to size its runs")
+            fpt = int(round(fpt))
             n_ne, n_tot = model_params(model_cfg, True), model_params(model_cfg, False)
             steps = int(budget // (fpt * rows_per_step))
             if smallest is None or fpt < smallest[0]:
