@@ -112,9 +112,14 @@ def fit(source: str | Path, opts: FitOptions) -> dict[str, Any]:
     out: dict[str, Any] = {"source": path, "points": points, "budget": budget,
                            "convention": f"C = {K_FLOPS:g}·N·D for the compute-optimal split (Kaplan et al. 2020)"}
     if opts.approach in ("2", "both"):
-        a2 = fit_approach2(budgets_of(points), [p["N"] for p in points], [p["D"] for p in points],
-                           [p["loss"] for p in points])
-        out["approach2"] = {**as_dict(a2), "optimal": approach2_optimal(a2, budget)}
+        try:
+            a2 = fit_approach2(budgets_of(points), [p["N"] for p in points], [p["D"] for p in points],
+                               [p["loss"] for p in points])
+            out["approach2"] = {**as_dict(a2), "optimal": approach2_optimal(a2, budget)}
+        except DataError as e:
+            if opts.approach == "2":
+                raise
+            out["approach2_error"] = str(e)  # both asked for: approach 3 still runs, the report says why not 2
     if opts.approach in ("3", "both"):
         a3 = fit_approach3([p["N"] for p in points], [p["D"] for p in points], [p["loss"] for p in points],
                            grid=epoch_grid() if opts.grid == "full" else small_grid(), bootstrap=opts.bootstrap,
@@ -132,6 +137,8 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
         lines.append(f"approach 2 ({len(a2['curves'])} IsoFLOP curves): N_opt ∝ C^{a2['N_exponent']:.3f}, "
                      f"D_opt ∝ C^{a2['D_exponent']:.3f}; N_opt = {o['N_opt']:.4g}, D_opt = {o['D_opt']:.4g}, "
                      f"{o['tokens_per_param']:.1f} tokens per parameter")
+    if "approach2_error" in out:
+        lines.append(f"approach 2: not fitted: {out['approach2_error']}")
     if "approach3" in out:
         a3, o = out["approach3"], out["approach3"]["optimal"]
         p = a3["params"]
