@@ -166,8 +166,8 @@ def plan(cfg: ScalingSweepConfig) -> list[PlannedRun]:
                               f"= {need:.3g} FLOPs); raise the budget to >= {need:.3g} or add a smaller size")
         if len(kept) < 3:
             raise ConfigError(f"budgets: {budget:.3g} FLOPs fits only {len(kept)} model size(s) "
-                              f"({', '.join(r.name for r in kept)}) with >= min_steps={cfg.min_steps} steps; approach 2 "
-                              f"needs three per budget: raise the budget or add smaller sizes")
+                              f"({', '.join(r.name for r in kept)}) with >= min_steps={cfg.min_steps} steps; "
+                              f"approach 2 needs three per budget: raise the budget or add smaller sizes")
         runs.extend(kept)
     return runs
 

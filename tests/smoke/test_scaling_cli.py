@@ -30,8 +30,8 @@ def test_fit_prints_the_fit_and_tokens_per_parameter_as_json(tmp_path):
 
 def test_fit_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("size,flop\n1,2\n")
-    assert_clean_error(cli("scaling", "fit", str(bad)), "bad.csv:1", "lacks column(s) loss")
+    bad.write_text("params,flop\n1,2\n")
+    assert_clean_error(cli("scaling", "fit", str(bad)), "bad.csv:1", "lacks column(s) loss, D or C")
     assert_clean_error(cli("scaling", "fit", str(CHINCHILLA), "--approach", "2"), "approach 2", "three or more sizes")
     assert_clean_error(cli("scaling", "fit", str(tmp_path / "nope.csv")), "neither a CSV file nor")
 
