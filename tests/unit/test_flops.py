@@ -110,3 +110,13 @@ def test_a_family_without_a_formula_is_one_clear_error():
             train_flops_per_token(type("C", (), {"family": "noflops"})(), 16)
     finally:
         del base._FAMILIES["noflops"]
+
+
+def test_a_registered_family_brings_its_formula_through_the_registry():
+    from tests.toy_family import FAMILY  # registers "toy" (llama with a GELU MLP)
+
+    cfg = FAMILY.config_class(vocab_size=512, d_model=64, n_layer=2, n_head=4, max_seq_len=T)
+    model = FAMILY.model_class(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    counted = _counted(lambda: model.logits(model(ids)).float().logsumexp(-1).sum())
+    assert abs(train_flops_per_token(cfg, T) * B * T / counted - 1) < 0.05
