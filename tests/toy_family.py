@@ -16,6 +16,7 @@ from lmforge.core.errors import ModelError
 from lmforge.models.decoder import Block, DecoderLM
 from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.families import Family, register_family
+from lmforge.models.flops import DECODER_FLOPS
 from lmforge.models.hf import LLAMA_ROWS, DecoderCheckpoint
 from lmforge.models.layers import GeluMLP
 
@@ -64,4 +65,5 @@ FAMILY = register_family(Family(
     prefix_sites=("blocks.{i}.attn.k_proj", "blocks.{i}.attn.v_proj"),
     prefix_shape=lambda c: (c.n_layer, c.kv_heads, c.head_dim),
     classifier="last_token", needs_pad_token=True,
+    flops=DECODER_FLOPS,  # a decoder: 6N + attention counts it (its MLP's size is in config.mlp_matrices)
 ))

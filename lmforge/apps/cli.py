@@ -16,6 +16,7 @@ from lmforge import __version__
 from lmforge.apps.chat import one_turn, run_chat
 from lmforge.apps.pipeline import run_pipeline
 from lmforge.apps.report import instructions_tables, write_bench_peft_report, write_finetune_report
+from lmforge.apps.scaling_report import write_scaling_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
 from lmforge.core.tokenizer import vocabulary_note
@@ -35,6 +36,9 @@ from lmforge.recipes.dpo import run_dpo
 from lmforge.recipes.grpo import run_grpo
 from lmforge.recipes.ppo import run_ppo
 from lmforge.recipes.reward import evaluate_reward, run_reward
+from lmforge.recipes.scaling_fit import FitOptions, summary_lines
+from lmforge.recipes.scaling_fit import fit as fit_scaling
+from lmforge.recipes.scaling_sweep import run_scaling_sweep
 from lmforge.recipes.sft import inspect_data, run_sft
 from lmforge.recipes.tone import answer_tone, tone_line
 from lmforge.train.distributed import require_single_process, shutdown
@@ -297,6 +301,38 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("config", nargs="?", help="YAML config file")
     bp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
+    # scaling
+    sc = sub.add_parser("scaling", help="scaling-law studies: an IsoFLOP sweep of pretraining runs, Chinchilla fits",
+                        description="Scaling-law studies (Hoffmann et al. 2022): sweep budgets × model sizes, fit.")
+    sc_sub = sc.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND")
+    ss = sc_sub.add_parser("sweep", help="pretrain budgets × model sizes on an IsoFLOP grid (each run its own process)",
+                           description="Train every (compute budget, model size) of an IsoFLOP grid with lmforge "
+                           "pretrain (fresh tokens, schedule scaled to the run's tokens, final validation loss); "
+                           "finished runs are reused, interrupted ones resumed; writes RUN_DIR/points.csv, "
+                           "sweep.json, and the fits' report.md + PNGs.",
+                           epilog="Keys: run_dir, pretrain (the base pretraining config), overrides, budgets (FLOPs), "
+                           "sizes (list of model.* dicts), n_params (non_embedding|total), min_steps, "
+                           "warmup_fraction, jobs, timeout_s, reuse, fit (the fit's keys, as `scaling fit`).")
+    ss.add_argument("config", nargs="?", help="YAML config file")
+    ss.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    sf = sc_sub.add_parser("fit", help="Chinchilla approaches 2 and 3 on a sweep's points or a CSV (N, D or C, loss)",
+                           description="Fit approach 2 (a parabola per IsoFLOP curve in log N, then N_opt(C), "
+                           "D_opt(C) power laws) and approach 3 (L = E + A/N^alpha + B/D^beta, Huber delta=1e-3 on "
+                           "log loss, batched L-BFGS from a grid of starts, bootstrap intervals); print the "
+                           "compute-optimal N, D and tokens per parameter at a budget; write report.md + PNGs.")
+    sf.add_argument("data", help="a scaling sweep's run dir, or a CSV with columns N, D or C, and loss")
+    sf.add_argument("--approach", choices=["2", "3", "both"], default="both")
+    sf.add_argument("--drop-highest", type=_at_least(0), default=0, metavar="K",
+                    help="leave out the K highest-loss points (Epoch AI drop 5 of Chinchilla's)")
+    sf.add_argument("--grid", choices=["full", "small"], default="full",
+                    help="approach 3's starts: the 4,500-point grid of Besiroglu et al. 2024, or 72")
+    sf.add_argument("--bootstrap", type=_at_least(0), default=0, metavar="B", help="bootstrap resamples (0: none)")
+    sf.add_argument("--budget", type=float, default=None, help="FLOPs for the compute-optimal N and D (default: "
+                    "the largest C in the data)")
+    sf.add_argument("--out", default=None, help="directory for report.md, fit.json and the PNGs (default: the "
+                    "sweep's run dir; none for a CSV)")
+    sf.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
     # merge
     me = sub.add_parser("merge", help="bake a LoRA/DoRA/BitFit delta into its base model (a plain HF model dir)",
                         description="Load BASE, apply the delta in ADAPTER (PEFT's LoRA/DoRA format or lmforge's own), "
@@ -513,6 +549,27 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_scaling(args) -> int:
+    if args.scaling_command == "sweep":
+        out = run_scaling_sweep(args.config, args.overrides, say=lambda text: print(text, file=sys.stderr, flush=True))
+        fitted = fit_scaling(out["run_dir"], FitOptions(bootstrap=out["config"]["bootstrap"]))
+        path = write_scaling_report(fitted, out["run_dir"], title=f"Scaling sweep {out['run_dir']}")
+        print("\n".join(summary_lines(fitted)), file=sys.stderr)
+        print(json.dumps({"run_dir": out["run_dir"], "points": len(out["points"]), "report": str(path)}))
+        return 0
+    if args.scaling_command != "fit":
+        raise LmforgeError("usage: lmforge scaling sweep CONFIG [key=value ...] | lmforge scaling fit DATA [--json]")
+    fitted = fit_scaling(args.data, FitOptions(approach=args.approach, drop_highest=args.drop_highest, grid=args.grid,
+                                               bootstrap=args.bootstrap, budget=args.budget))
+    out_dir = args.out or (args.data if os.path.isdir(args.data) else None)
+    if out_dir:
+        fitted["report"] = str(write_scaling_report(fitted, out_dir))
+    print("\n".join(summary_lines(fitted)), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({k: v for k, v in fitted.items() if k != "points"}))
+    return 0
+
+
 def _cmd_merge(args) -> int:
     out = merge(args.base, args.adapter, args.out, check_base=not args.no_check_base, force=args.force)
     print(f"merged {args.adapter} into {args.base}: saved {out}")
@@ -549,7 +606,7 @@ def _cmd_world(args) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo", "grpo", "ppo")
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo", "grpo", "ppo", "scaling")
 """The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
 
 COMMANDS: dict[str, Callable] = {
@@ -561,6 +618,7 @@ COMMANDS: dict[str, Callable] = {
     "generate": _cmd_generate,
     "fill-mask": _cmd_fill_mask,
     "merge": _cmd_merge,
+    "scaling": _cmd_scaling,
     "bench": _cmd_bench,
     "world": _cmd_world,
     "cache": _cmd_cache,
@@ -585,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command", "cache_command")
+    sub_command = next((getattr(args, k) for k in ("tok_command", "eval_command", "bench_command", "cache_command",
+                                                   "scaling_command")
                         if getattr(args, k, None)), None)
     try:
         with running(" ".join(filter(None, (args.command, sub_command)))):  # recorded in what the command writes

@@ -31,12 +31,12 @@ from lmforge.data.span import add_sentinels
 from lmforge.eval.pretrain_eval import EVALUATORS
 from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.families import families, get_family
-from lmforge.models.flops import flops_per_token
+from lmforge.models.families.base import train_flops_per_token
 from lmforge.models.io import save_model
 from lmforge.models.model_dir import record_train_window
 from lmforge.objectives.mlm import MLMConfig
 from lmforge.objectives.registry import PretrainingObjective, pretraining_objective
-from lmforge.objectives.span import SpanConfig
+from lmforge.objectives.span import SpanConfig, compute_input_and_target_lengths
 from lmforge.train.distributed import Dist, DistributedConfig, setup_distributed
 from lmforge.train.rundir import check_run_dir, check_run_outputs
 from lmforge.train.run import Evaluation, FitResult, RunSpec, check_run_keys
@@ -208,6 +208,17 @@ def paradigm_parts(cfg: PretrainConfig, shards: ShardSet, tokenizer: Tokenizer, 
     return objective, src, evaluator
 
 
+def run_flops_per_token(cfg: PretrainConfig) -> float | None:
+    """Training FLOPs per input token of this run by its family's formula (``Family.flops``), with the sizes each
+    formula reads: the input window, the MLM mask rate (bert), the span-corruption target length (t5); None when the
+    family registers no formula."""
+    if get_family(cfg.model.family).flops is None:
+        return None
+    targets = compute_input_and_target_lengths(cfg.span.inputs_length, cfg.span.noise_density,
+                                               cfg.span.mean_noise_span_length)[1]
+    return train_flops_per_token(cfg.model, train_window_of(cfg), mask_rate=cfg.mlm.mask_prob, target_len=targets)
+
+
 @dataclass
 class PretrainParts:
     """Everything a pretraining run is made of, for recipes (the pipeline) that add stages around it."""
@@ -267,8 +278,7 @@ def build(cfg: PretrainConfig, progress: bool | None = None,
     else:
         model = build_model(model_cfg)
     objective, train_src, evaluator = paradigm_parts(cfg, shards, tokenizer)
-    # FLOPs are counted for decoder configs (a variant family's included): mfu in the log lines
-    fpt = flops_per_token(model_cfg, cfg.data.seq_len) if isinstance(model_cfg, DecoderConfig) else None
+    fpt = run_flops_per_token(cfg)  # mfu in the log lines (None: the family registers no FLOP formula)
     # pretraining exports the final model: the best checkpoint by val_loss is kept, not restored
     trainer = Trainer(model, objective, train_src, cfg.train,
                       RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg)),

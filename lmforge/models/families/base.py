@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lmforge.core.errors import ConfigError, ModelError
+from lmforge.models.flops import FlopFormula
 from lmforge.models.model_dir import unwrap_model
 
 Kind = Literal["decoder", "encoder", "encoder-decoder"]
@@ -84,6 +85,9 @@ class Family:
     completion: decoders, whose classifier reads the last real token and whose EOS is a target."""
     fan_in_fan_out: bool = False
     """HF stores the Linear weights transposed (GPT-2's Conv1D): PEFT's ``fan_in_fan_out``."""
+    flops: FlopFormula | None = None
+    """Its parameter and training-FLOP counts (:mod:`lmforge.models.flops`): what MFU, scaling sweeps and fits use;
+    None: the family has none (MFU is not reported, a scaling sweep refuses it)."""
 
     def plan(self, task_type: str) -> str:
         """How the family fine-tunes for ``task_type`` (see :attr:`finetune`), or a ConfigError saying why not."""
@@ -146,3 +150,22 @@ def family_for_hf_config(hf_config: dict[str, Any], source: str = "<dict>") -> F
     decoders = [t for f in _FAMILIES.values() if f.kind == "decoder" for t in f.model_types]
     raise ModelError(f"config.json of '{source}': model_type {model_type!r} is not supported by lmforge's decoder "
                      f"models (supported: {', '.join(decoders)})")
+
+
+def flop_formula(config: Any) -> FlopFormula:
+    """The FLOP formula of ``config``'s family; a family without one is a ConfigError."""
+    family = get_family(getattr(config, "family", None))
+    if family.flops is None:
+        raise ConfigError(f"model family {family.name!r} registers no FLOP formula (Family.flops); give it one "
+                          f"(lmforge.models.flops.FlopFormula) to count its FLOPs")
+    return family.flops
+
+
+def model_params(config: Any, non_embedding: bool = True) -> int:
+    """Parameters of ``config``'s model by its family's formula (``non_embedding``: without embedding tables)."""
+    return flop_formula(config).params(config, non_embedding)
+
+
+def train_flops_per_token(config: Any, seq_len: int, **shape: Any) -> float:
+    """Training FLOPs per token by ``config``'s family's formula (see :class:`~lmforge.models.flops.FlopFormula`)."""
+    return flop_formula(config).per_token(config, seq_len, **shape)

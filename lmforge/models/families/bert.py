@@ -11,6 +11,7 @@ from lmforge.models import hf_bert
 from lmforge.models.encoder import EncoderLM
 from lmforge.models.encoder_config import EncoderConfig
 from lmforge.models.families.base import Family, register_family
+from lmforge.models.flops import BERT_CONVENTION, FlopFormula, bert_flops_per_token, meta_params
 
 
 def _state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: EncoderConfig,
@@ -39,4 +40,5 @@ FAMILY = register_family(Family(
     prefix_sites=("blocks.{i}.attention.self.key", "blocks.{i}.attention.self.value"),
     prefix_shape=lambda c: (c.n_layer, c.n_head, c.head_dim),
     classifier="pooled", token_classifier=True,
+    flops=FlopFormula(meta_params(EncoderLM), bert_flops_per_token, BERT_CONVENTION),
 ))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.decoder_config import DecoderConfig
 from lmforge.models.families.base import Family, register_family
+from lmforge.models.flops import DECODER_FLOPS
 from lmforge.models.hf import GPT2
 
 FAMILY = register_family(Family(
@@ -22,4 +23,5 @@ FAMILY = register_family(Family(
     prefix_shape=lambda c: (c.n_layer, c.kv_heads, c.head_dim),
     classifier="last_token", needs_pad_token=True,
     fan_in_fan_out=True,  # HF's Conv1D layers
+    flops=DECODER_FLOPS,
 ))

@@ -7,6 +7,7 @@ import functools
 from lmforge.models import hf_t5
 from lmforge.models.encdec import EncoderDecoderLM
 from lmforge.models.families.base import Family, register_family
+from lmforge.models.flops import T5_CONVENTION, FlopFormula, meta_params, t5_flops_per_token
 from lmforge.models.t5_layers import T5Config
 
 FAMILY = register_family(Family(
@@ -29,4 +30,5 @@ FAMILY = register_family(Family(
     adapter_sites=(["self_attn.o", "cross_attn.o"], ["ff.wo"]),
     prefix_sites=("decoder.blocks.{i}.self_attn.k", "decoder.blocks.{i}.self_attn.v"),  # the decoder's self-attention
     prefix_shape=lambda c: (c.decoder_layers, c.num_heads, c.d_kv),
+    flops=FlopFormula(meta_params(EncoderDecoderLM), t5_flops_per_token, T5_CONVENTION),
 ))
