@@ -18,6 +18,8 @@ checkpoint).
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,8 @@ def load_function(spec: str) -> Callable[..., Any]:
     module, _, name = spec.partition(":")
     if not module or not name:
         raise ConfigError(f"rewards[].function={spec!r} must be 'module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: the working directory first,
+        sys.path.insert(0, os.getcwd())                     # so `lmforge grpo` finds a rewards.py beside the config
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
