@@ -57,7 +57,7 @@ def test_pipeline_reports_an_incontext_table(pipe):
     assert list(data["results"]) == ["world-kind", "world-arithmetic"] and data["shots"] == [0, 1, 4]
     assert data["max_length"] == 32 and data["results"]["world-kind"]["4"]["n"] == 4
     report = (run_dir / "report.md").read_text()
-    assert "| task | metric | chance | k=0 | k=1 | k=4 |" in report and "| world-kind | acc | 0.200 |" in report
+    assert "| task | metric | chance | majority | k=0 | k=1 | k=4 |" in report and "| world-kind | acc | 0.200 |" in report
 
 
 def test_every_link_of_the_report_resolves(pipe):

@@ -131,6 +131,7 @@ def test_scores_follow_their_definitions(tiny):
         assert s.pred_norm == int((lls / chars).argmax()) and s.pred_bytes == int((lls / nbytes).argmax())
     m = choice_metrics(scores)
     assert m["n"] == 3 and math.isclose(m["chance"], (1 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert math.isclose(m["majority"], 2 / 3)  # answers 0, 1, 1: always choice 1 gets two of three
     assert m["acc"] == sum(s.acc for s in scores) / 3
 
 
