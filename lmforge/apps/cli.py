@@ -25,6 +25,7 @@ from lmforge.data.shards import train_tokenizer
 from lmforge.data.sources import cache_root
 from lmforge.data.world import write_corpus
 from lmforge.recipes.bench_peft import run_bench_peft
+from lmforge.recipes.incontext import format_table, run_choice, run_harness_command
 from lmforge.recipes.evaluate import EVAL_TXT_SPLIT, run_fill_mask, run_generate, run_perplexity
 from lmforge.recipes.finetune import run_compare, run_finetune
 from lmforge.recipes.instructions import evaluate_instructions
@@ -190,6 +191,50 @@ def build_parser() -> argparse.ArgumentParser:
     ei.add_argument("--shots", type=_at_least(0), default=3, help="demonstrations in the base's few-shot prompts")
     ei.add_argument("--seed", type=int, default=0, help="the seed the SFT data was built with (entity split)")
     ei.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    mc = ev_sub.add_parser(
+        "choice", help="zero/few-shot accuracy by log-likelihood (multiple choice) or exact match (generative)",
+        description="In-context evaluation as lm-evaluation-harness scores it: each choice's log-likelihood after the "
+        "prompt (acc; acc_norm: divided by the choice's length in characters; acc_bytes: by its UTF-8 bytes), each "
+        "prompt's context run once for all its choices; generative tasks by greedy decoding to a stop string, "
+        "judged by the world's verifier.  k demonstrations drawn with --fewshot-seed, never the evaluated example.")
+    mc.add_argument("--model", required=True, help="decoder model dir (lmforge or Hugging Face)")
+    mc.add_argument("--tasks", nargs="+", required=True,
+                    help="world tasks (world-fact, world-arithmetic, world-kind, world-true-false, world-sentiment, "
+                    "world-topic, world-fact-gen, world-arithmetic-gen) or .jsonl files of {question, choices, answer}")
+    mc.add_argument("--num-fewshot", "-k", type=_at_least(0), nargs="+", default=[0], metavar="K",
+                    help="demonstrations per prompt (several: one column each), default 0")
+    mc.add_argument("--limit", type=_at_least(1), default=200, help="examples per task (default 200)")
+    mc.add_argument("--pool", type=_at_least(1), default=64, help="demonstrations a world task draws from")
+    mc.add_argument("--fewshot-seed", type=int, default=1234)
+    mc.add_argument("--description", default="", help="text before the demonstrations")
+    mc.add_argument("--target-delimiter", default=" ")
+    mc.add_argument("--fewshot-delimiter", default="\n\n")
+    mc.add_argument("--stop", action="append", help="stop string of generative tasks (default a newline)")
+    mc.add_argument("--max-new-tokens", type=_at_least(1), default=16)
+    mc.add_argument("--batch-tokens", type=_at_least(16), default=4096)
+    mc.add_argument("--max-length", type=_at_least(2), default=None,
+                    help="inputs longer than this are cut on the left, as lm-eval does (default: the window the model "
+                    "was trained with, recorded in its dir by lmforge; else the model's positions)")
+    mc.add_argument("--device", default="auto")
+    mc.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    hv = ev_sub.add_parser(
+        "harness", help="run lm-evaluation-harness tasks on an lmforge or HF model dir",
+        description="Registers lmforge's model type 'lmforge' with lm-evaluation-harness and runs "
+        "lm_eval.simple_evaluate (needs the extra: pip install 'lmforge[harness]').  Tasks come from lm-eval's "
+        "registry or --include-path; nothing is downloaded that the task does not ask for.")
+    hv.add_argument("--model", required=True, help="decoder model dir (lmforge or Hugging Face)")
+    hv.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names")
+    hv.add_argument("--num-fewshot", type=_at_least(0), default=None)
+    hv.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    hv.add_argument("--include-path", default=None, help="a folder of lm-eval task YAMLs")
+    hv.add_argument("--fewshot-seed", type=int, default=1234)
+    hv.add_argument("--gen-kwargs", default=None, help="lm-eval's generation arguments, e.g. temperature=0")
+    hv.add_argument("--model-type", choices=["lmforge", "hf"], default="lmforge",
+                    help="lmforge's scorer (default) or lm-eval's own HFLM on the same dir")
+    hv.add_argument("--batch-tokens", type=_at_least(16), default=4096)
+    hv.add_argument("--log-samples", action="store_true")
+    hv.add_argument("--device", default="auto")
+    hv.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     # generate
     ge = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)",
@@ -314,6 +359,24 @@ def _cmd_eval(args) -> int:
             print(json.dumps(out))
         else:
             print(instructions_tables(out))
+        return 0
+    if args.eval_command == "choice":
+        out = run_choice(args)
+        header, rows = out.pop("table")
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(format_table(header, rows))
+        return 0
+    if args.eval_command == "harness":
+        res = run_harness_command(args)
+        summary = {"model": args.model, "results": res["results"]}
+        if not args.json:
+            for task, metrics in res["results"].items():
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                print(f"{task}: {shown}")
+        else:
+            print(json.dumps(summary, default=str))
         return 0
     if args.eval_command == "reward":
         out = evaluate_reward(args.model, args.data, args.max_length)

@@ -7,6 +7,8 @@ Stages run in order and each contributes a section to ``RUN_DIR/report.md`` and 
 3. eval — validation perplexity and bits-per-byte beside the unigram baseline of the same text (scored on
    ``RUN_DIR/validation.jsonl`` by the call ``lmforge eval perplexity`` makes; the report gives the command);
 4. samples — greedy continuations of a few prompts;
+   then in-context — zero/few-shot accuracy on world tasks by log-likelihood beside chance (decoders;
+   ``apps/stage_incontext.py``);
 5. finetune — the pretrained model fine-tuned on a world task (sentiment; T5: reading-comprehension QA)
    beside the task's majority and bag-of-words baselines.
 
@@ -39,6 +41,7 @@ import torch
 
 from lmforge.apps import stage_sft
 from lmforge.apps.stage import Context, Stage, say, world_seed
+from lmforge.apps.stage_incontext import STAGE as INCONTEXT_STAGE, PipelineInContextConfig
 from lmforge.apps.report import (Report, finetune_section, markdown_table, plot_curves, read_metrics,
                                  write_finetune_report)
 from lmforge.core.config import dump_yaml, load_config, split_config_arg
@@ -122,6 +125,7 @@ class PipelineConfig(PretrainConfig):
     samples: SampleConfig = field(default_factory=SampleConfig)
     finetune: PipelineFinetuneConfig = field(default_factory=PipelineFinetuneConfig)
     sft: stage_sft.PipelineSFTConfig = field(default_factory=stage_sft.PipelineSFTConfig)
+    incontext: PipelineInContextConfig = field(default_factory=PipelineInContextConfig)
 
 
 def stage_data(ctx: Context) -> None:
@@ -407,6 +411,7 @@ STAGES: list[Stage] = [
                     f"{c.cfg.train.eval_every} steps"),
     Stage("eval", stage_eval, lambda c: "score the model on the validation split beside a baseline", _estimate_eval),
     Stage("samples", stage_samples, lambda c: "a few prompts, answered greedily", _estimate_samples),
+    INCONTEXT_STAGE,
     Stage("finetune", stage_finetune, _describe_finetune, _estimate_finetune),
     stage_sft.STAGE,
 ]

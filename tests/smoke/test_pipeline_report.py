@@ -14,7 +14,8 @@ TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000
         "train.eval_every=5", "train.ckpt_every=5", "train.eval_max_batches=2", "train.warmup_steps=2",
         "train.log_every=2", "samples.max_new_tokens=4", "finetune.max_steps=4", "finetune.n_train=64",
         "finetune.global_batch_size=8", "sft.max_steps=3", "sft.n_train=24", "sft.global_batch_size=4", "sft.eval_n=1",
-        "sft.shots=1"]
+        "sft.shots=1",
+        "incontext.n=4", "incontext.tasks=[world-kind,world-arithmetic]"]
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +65,26 @@ def test_pipeline_runs_an_sft_stage_later_stages_build_on(pipe):
 def test_pipeline_talks_before_the_first_step_and_names_what_it_wrote(pipe):
     run_dir, proc = pipe
     err = proc.stderr
-    banners = re.findall(r"^== stage (\d)/6: ([a-z +]+) — ", err, flags=re.M)
+    banners = re.findall(r"^== stage (\d)/7: ([a-z +-]+) — ", err, flags=re.M)
     assert banners == [("1", "data + tokenizer"), ("2", "pretrain"), ("3", "eval"), ("4", "samples"),
-                       ("5", "finetune"), ("6", "sft")]
+                       ("5", "in-context"), ("6", "finetune"), ("7", "sft")]
     before_training = err[:err.index("step 2/10")]
     for said in ("tokenizer: 512 tokens", "shards: ", "model: gpt2"):
         assert said in before_training
     # before pretraining is timed the ETAs say so; after it, the later stages' banners carry estimates
-    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 4
+    assert err.count("not measured yet") == 2 and err.count("the run's ≈") == 5
     closing = err[err.index("pipeline done in"):]
     assert f"report {run_dir / 'report.md'}" in closing and f"fine-tuned model: {run_dir / 'finetune' / 'model'}" \
         in closing and "32-token windows, stride 16" in closing and f"SFT model: {run_dir / 'sft' / 'model'}" in closing
+
+
+def test_pipeline_reports_an_incontext_table(pipe):
+    run_dir, _ = pipe
+    data = json.loads((run_dir / "incontext.json").read_text())
+    assert list(data["results"]) == ["world-kind", "world-arithmetic"] and data["shots"] == [0, 1, 4]
+    assert data["max_length"] == 32 and data["results"]["world-kind"]["4"]["n"] == 4
+    report = (run_dir / "report.md").read_text()
+    assert "| task | metric | chance | majority | k=0 | k=1 | k=4 |" in report and "| world-kind | acc | 0.200 |" in report
 
 
 def test_every_link_of_the_report_resolves(pipe):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2] / "lmforge"
 
 # What a function may import lazily: optional dependencies (extras in pyproject.toml) and the standard library's
 # heavier corners.  Anything from lmforge itself is imported at the top of its module.
-OPTIONAL = {"transformers", "peft", "trl", "datasets", "pyarrow", "matplotlib", "tensorboard", "torch.utils.tensorboard"}
+OPTIONAL = {"transformers", "peft", "trl", "lm_eval", "datasets", "pyarrow", "matplotlib", "tensorboard", "torch.utils.tensorboard"}
 
 
 def _modules() -> dict[str, Path]:
