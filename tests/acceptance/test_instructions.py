@@ -16,7 +16,7 @@ def test_sft_stage_writes_the_model_later_stages_use_and_an_honest_table(pipelin
     run_dir, summary = pipeline_run(family)
     sft = summary["sft"]
     em = sft["eval"]
-    print("\nSFT stage exact match (split/kind/column):\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in em.items()))
+    print("\nSFT stage exact match (split/kind/column):\n" + "\n".join(f"  {k}: {v}" for k, v in em.items()))
     assert sft["model"] == str(run_dir / "sft" / "model")
     assert (run_dir / "sft" / "model" / "model.safetensors").is_file()
     assert json.loads((run_dir / "sft" / "model" / "tokenizer_config.json").read_text())["chat_template"]
@@ -26,6 +26,8 @@ def test_sft_stage_writes_the_model_later_stages_use_and_an_honest_table(pipelin
     # closed-book and held-out types: reported beside the base model, whatever they show
     for key in ("test_entities/closed_book", "test_types/in_context", "test_types/closed_book"):
         assert {f"{key}/{c}" for c in ("sft", "base_zero", "base_few")} <= set(em)
+    for key in ("test_entities/closed_book", "test_types/closed_book"):  # and by likelihood for closed-book types
+        assert 0.0 <= em[f"{key}/base_likelihood"] <= 1.0
     report = (run_dir / "report.md").read_text()
     assert "## SFT (instruction tuning)" in report and "FLAN" in report and "### Chat samples" in report
     assert "![SFT loss](sft/curves.png)" in report

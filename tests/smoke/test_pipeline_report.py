@@ -50,6 +50,8 @@ def test_pipeline_runs_an_sft_stage_later_stages_build_on(pipe):
         for kind in kinds:
             for col in ("sft", "base_zero", "base_few"):
                 assert 0.0 <= sft["eval"][f"{split}/{kind}/{col}"] <= 1.0
+    assert 0.0 <= sft["eval"]["test_types/closed_book/base_likelihood"] <= 1.0
+    assert sft["eval"]["test_types/in_context/base_likelihood"] is None  # likelihood: closed-book types only
     assert sft["step"] == 3 and len(sft["samples"]) >= 2
     report = (run_dir / "report.md").read_text()
     section = report[report.index("## SFT (instruction tuning)"):]
