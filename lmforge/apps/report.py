@@ -276,7 +276,7 @@ INSTRUCTION_COLUMNS = {"sft": "SFT model, zero-shot", "base_zero": "base, zero-s
 
 FLAN_CAVEAT = (
     "Held-out task types measure zero-shot generalisation to tasks never seen in SFT (FLAN's and T0's question).  "
-    "FLAN (Wei et al. 2022, fig. 7) found that below about 8B parameters instruction tuning can *hurt* unseen "
+    "FLAN (Wei et al. 2022, its model-scale ablation) found that below about 8B parameters instruction tuning can *hurt* unseen "
     "tasks: a small model spends its capacity on the seen tasks.  A model of this size may show exactly that; "
     "the numbers are reported whatever they show.  Closed-book types need facts pretraining had to teach: "
     "instruction tuning can change how the model answers, not what it knows.")
