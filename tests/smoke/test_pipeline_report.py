@@ -3,10 +3,11 @@ link resolves, the curves hold every logged point, and the report's reproduce co
 
 import json
 import re
+import shlex
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 from tests.report_checks import assert_curves_hold_every_point, assert_links_resolve, assert_perplexity_reproduces
 
 TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000", "model.vocab_size=512",
@@ -108,3 +109,14 @@ def test_the_curves_plot_every_logged_point(pipe, sub, right):
 
 def test_the_reports_reproduce_command_prints_the_reports_perplexity(pipe):
     assert_perplexity_reproduces(pipe[0], window=32, stride=16)
+
+
+def test_the_reports_eval_instructions_command_prints_the_reports_line(pipe):
+    run_dir, _ = pipe
+    section = (run_dir / "report.md").read_text()
+    section = section[section.index("## Reproducing the numbers"):]
+    cmd, printed = re.search(r"```sh\n(lmforge eval instructions [^\n]+)\n```\nprints `([^`]+)`", section).groups()
+    assert printed.startswith("| test_entities | in_context | 8 |")
+    proc = cli(*shlex.split(cmd)[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert printed in proc.stdout.splitlines()
