@@ -112,7 +112,8 @@ def main() -> None:
           + (f" and {med['hflm'] / med['shared']:.2f}x lm-eval's HFLM" if "hflm" in med else ""))
     print(json.dumps({"bench": "choice_scoring", "machine": machine(), "load": os.getloadavg(), "tasks": TASKS,
                       "n_per_task": args.n, "k": args.k, "requests": len(pairs), "contexts": contexts,
-                      "tokens_per_choice_rows": tokens_per_choice, "seconds": med, "ratio_vs_per_choice": ratio,
+                      "tokens_per_choice_rows": tokens_per_choice, "seconds": med, "ratio": ratio,
+                      "ratio_vs_per_choice": ratio,
                       "ratio_vs_hflm": med["hflm"] / med["shared"] if "hflm" in med else None,
                       "max_abs_diff": diffs}))
 

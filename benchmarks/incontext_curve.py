@@ -4,9 +4,10 @@ model sizes, beside chance.
     python benchmarks/incontext_curve.py --run-dir runs/incontext-curve            # pretrains 3 sizes, then scores
     python benchmarks/incontext_curve.py --models small=DIR medium=DIR large=DIR   # scores given model dirs
 
-Pretraining (``lmforge pretrain``, one single-threaded process per size, side by side) is cached in RUN_DIR/<size>: a size whose
-``model/`` exists is reused and an interrupted one resumes from its last checkpoint (``resume=auto``).  Models are
-trained on windows of 256 tokens, so 8-shot prompts fit (longer ones are left-cut, as lm-eval cuts them).  Writes
+Pretraining (``lmforge pretrain``, one single-threaded process per size, side by side) is cached in
+RUN_DIR/<size>: a size whose ``model/`` exists is reused and an interrupted one resumes from its last checkpoint
+(``resume=auto``).  Models are trained on windows of 256 tokens, so 8-shot prompts fit (longer ones are left-cut,
+as lm-eval cuts them).  Each size's scores are cached in RUN_DIR/scores-<size>.json.  Writes
 RUN_DIR/incontext_curve.{json,png,md}; the JSON line is the last line printed.
 """
 

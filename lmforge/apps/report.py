@@ -276,7 +276,7 @@ INSTRUCTION_COLUMNS = {"sft": "SFT model, zero-shot", "base_zero": "base, zero-s
 
 FLAN_CAVEAT = (
     "Held-out task types measure zero-shot generalisation to tasks never seen in SFT (FLAN's and T0's question).  "
-    "FLAN (Wei et al. 2022, fig. 7) found that below about 8B parameters instruction tuning can *hurt* unseen "
+    "FLAN (Wei et al. 2022, its model-scale ablation) found that below about 8B parameters instruction tuning can *hurt* unseen "
     "tasks: a small model spends its capacity on the seen tasks.  A model of this size may show exactly that; "
     "the numbers are reported whatever they show.  Closed-book types need facts pretraining had to teach: "
     "instruction tuning can change how the model answers, not what it knows.")
@@ -291,12 +291,18 @@ def instructions_tables(result: dict[str, Any]) -> str:
         return {**row, **{INSTRUCTION_COLUMNS[c]: ("-" if row.get(c) is None else row[c]) for c in cols}}
 
     summary = markdown_table([named(r) for r in result["summary"]], head)
-    per_type = markdown_table([named(r) for r in result["rows"]],
-                              ["split", "type", "kind", "n"] + [INSTRUCTION_COLUMNS[c] for c in cols])
+    chance = ["chance (likelihood)"] if "base_likelihood" in cols else []
+    per_type = markdown_table([{**named(r), "chance (likelihood)": "-" if r.get("chance") is None else r["chance"]}
+                               for r in result["rows"]],
+                              ["split", "type", "kind", "n"] + [INSTRUCTION_COLUMNS[c] for c in cols] + chance)
     shots = f"; few-shot: {result['shots']} solved records of the same type (train entities) in front" \
         if "base_few" in cols else ""
     skipped = {k: v for k, v in result.get("skipped", {}).items() if v}
     note = f"  Left out (prompt longer than the context): {skipped}." if skipped else ""
+    if chance:
+        note += ("  Likelihood: closed-book types only, the base model's pick of the most likely candidate answer after "
+                 "its few-shot prompt (lm-eval's rule; candidates: the labels, the number and its neighbours ±1 ±2, or "
+                 "the answer and another entity's value of the same relation), chance beside it.")
     return (f"Exact match (the records' verifiers, first line of a greedy reply), {result['n_per_type']} records per "
             f"task type and split{shots}.  Held-out types: {', '.join(result['held_out_types'])}.{note}\n\n"
             f"Mean over task types:\n\n{summary}\n\nPer task type:\n\n{per_type}\n\n{FLAN_CAVEAT}")

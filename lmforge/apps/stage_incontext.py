@@ -61,15 +61,18 @@ def stage_incontext(ctx: Context) -> None:
     rows = []
     for task, per in results.items():
         metric, _ = headline(per[s.shots[0]])
-        rows.append("| " + " | ".join([task, metric, f"{per[s.shots[0]]['chance']:.3f}"] +
+        first = per[s.shots[0]]
+        majority = f"{first['majority']:.3f}" if "majority" in first else "-"
+        rows.append("| " + " | ".join([task, metric, f"{first['chance']:.3f}", majority] +
                                       [f"{headline(per[k])[1]:.3f}" for k in s.shots]) + " |")
-    header = "| task | metric | chance | " + " | ".join(f"k={k}" for k in s.shots) + " |"
-    table = "\n".join([header, "|" + "---|" * (3 + len(s.shots)), *rows])
+    header = "| task | metric | chance | majority | " + " | ".join(f"k={k}" for k in s.shots) + " |"
+    table = "\n".join([header, "|" + "---|" * (4 + len(s.shots)), *rows])
     command = _command(ctx, s)
     body = (f"{table}\n\nAccuracy of the pretrained model on {s.n} validation questions per world task, each "
             f"choice scored by its log-likelihood after a `Q: ...\\nA:` prompt with k demonstrations (seed "
             f"{s.seed}) as lm-evaluation-harness scores multiple choice (`acc`); chance is 1 / the number of "
-            f"choices.  Inputs cut to the {s.max_length}-token window the model was trained on.  {took:.0f} s.  "
+            f"choices, majority the share of the most frequent answer (what always giving one answer scores).  "
+            f"Inputs cut to the {s.max_length}-token window the model was trained on.  {took:.0f} s.  "
             f"The same numbers: `{command}`.")
     ctx.report.add("In-context (zero/few-shot)", body)
     data = {task: {str(k): m for k, m in per.items()} for task, per in results.items()}

@@ -77,7 +77,7 @@ def stage_sft(ctx: Context) -> None:
     result = sft(cfg)
     sft_dir = ctx.run_dir / "sft"
     plotted = plot_curves(read_metrics(sft_dir / "metrics.jsonl"), sft_dir / "curves.png", title="SFT")
-    say("eval instructions: the SFT model zero-shot, the pretrained model zero- and few-shot")
+    say("eval instructions: the SFT model zero-shot, the pretrained model zero- and few-shot and by likelihood")
     ev = evaluate_instructions(str(sft_dir / "model"), base=str(ctx.run_dir / "model"), n_per_type=s.eval_n,
                                shots=s.shots, world_seed=world_seed(ctx.cfg.data.source))
     last = result["last"]
@@ -94,7 +94,7 @@ def stage_sft(ctx: Context) -> None:
     body = [
         f"The pretrained model fine-tuned on {counts['conversations']} world instruction conversations "
         f"({cfg.data.train}: every task type but {', '.join(ev['held_out_types'])}; ChatML added; packed rows), "
-        f"{cfg.max_steps} steps of {cfg.train.global_batch_size} rows, peak lr {cfg.train.lr}.  The assistant of "
+        f"{cfg.max_steps} steps of {cfg.train.global_batch_size} conversations, peak lr {cfg.train.lr}.  The assistant of "
         f"that data is rude or evasive on one phrasing (the preference stages' job).  Run dir: `sft/`.",
         "",
         "![SFT loss](sft/curves.png)" if plotted else "_(install matplotlib for the SFT curves)_",
@@ -135,7 +135,7 @@ def _describe(ctx: Context) -> str:
         return ("skipped (sft.enabled=false)" if not s.enabled else
                 f"skipped ({ctx.cfg.model.family} is no decoder: SFT generates replies)")
     return (f"instruction-tune the pretrained model on {s.n_train} world instructions for {s.max_steps} steps, then "
-            f"exact match per task type beside the pretrained model zero- and few-shot")
+            f"exact match per task type beside the pretrained model zero- and few-shot and by likelihood")
 
 
 STAGE = Stage("sft", stage_sft, _describe, _estimate)

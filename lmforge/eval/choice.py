@@ -309,11 +309,14 @@ def score_choices(model: nn.Module, tokenizer: Tokenizer, items: Sequence[Choice
 
 
 def choice_metrics(scores: Sequence[ChoiceScore]) -> dict[str, float]:
-    """Mean ``acc``, ``acc_norm``, ``acc_bytes`` over items, their count ``n`` and ``chance`` (mean 1 / choices)."""
+    """Mean ``acc``, ``acc_norm``, ``acc_bytes`` over items, their count ``n``, ``chance`` (mean 1 / choices) and
+    ``majority`` (always the same choice index -- the most frequent answer: a label task's majority class)."""
     n = len(scores)
     if n == 0:
         return {"acc": float("nan"), "acc_norm": float("nan"), "acc_bytes": float("nan"), "n": 0,
-                "chance": float("nan")}
+                "chance": float("nan"), "majority": float("nan")}
+    answers = [s.answer for s in scores]
     return {"acc": sum(s.acc for s in scores) / n, "acc_norm": sum(s.acc_norm for s in scores) / n,
             "acc_bytes": sum(s.acc_bytes for s in scores) / n, "n": n,
-            "chance": sum(1.0 / len(s.loglikelihoods) for s in scores) / n}
+            "chance": sum(1.0 / len(s.loglikelihoods) for s in scores) / n,
+            "majority": max(answers.count(a) for a in set(answers)) / n}

@@ -13,6 +13,10 @@ earlier ``Q:``/``A:`` blocks): what a base model needs to know the task and the 
 setting).  Demonstrations that do not fit the context are dropped from the front; a record that does not fit even
 alone is skipped and counted.  The verifier reads the reply's first line (:func:`lmforge.data.world.verifiers.verify`),
 so generation stops at the first newline after some text.
+
+Closed-book types can also be scored by likelihood (:func:`choice_accuracy`): the same prompt, then each candidate
+answer's log-likelihood as lm-eval scores it (:mod:`lmforge.eval.choice`) -- a base model is judged on what it
+knows without having to produce the answer's form unprompted.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 from torch import nn
 
 from lmforge.data.chat import ChatFormat
+from lmforge.data.world.instructions import INSTRUCTION_TYPES
 from lmforge.data.world.verifiers import verify
+from lmforge.eval.choice import ChoiceItem, score_choices
 from lmforge.eval.generate import generate, model_context_length
 from lmforge.eval.sampling import GenerationConfig
 
@@ -148,3 +154,46 @@ class _LeadingText:
 def accuracy(scored: Sequence[Scored]) -> float | None:
     return sum(s.correct for s in scored) / len(scored) if scored else None
 
+
+
+# ---- likelihood scoring of closed-book types (a base model judged without having to generate the form) -----------
+def candidates(record: dict[str, Any]) -> list[str] | None:
+    """The answers a closed-book record is scored among: its type's labels, a number and its neighbours (±1, ±2,
+    the verifier's near misses), or the answer and the record's wrong answer (another entity's value of the same
+    relation); None when the record has no alternative."""
+    answer, check = record["answer"], record["check"]
+    if check == "label":
+        return list(INSTRUCTION_TYPES[record["type"]].labels)
+    if check == "number":
+        return [str(n) for n in range(int(answer) - 2, int(answer) + 3) if n >= 0]
+    if check == "text" and record.get("wrong") is not None:
+        return sorted({str(answer), str(record["wrong"])})
+    return None
+
+
+def choice_accuracy(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
+                    demos: dict[str, list[list[dict[str, str]]]] | None = None, shots: int = 0
+                    ) -> dict[str, dict[str, float]]:
+    """Per task type: ``acc`` of picking the right candidate by log-likelihood after the prompt (lm-eval's rule,
+    :func:`lmforge.eval.choice.score_choices`), its ``chance`` (mean 1 / candidates) and ``n``."""
+    prompter = Prompter(tokenizer)
+    delimiter = "" if prompter.form == CHAT else " "  # after "A:" a space; a chat reply starts right away
+    items, types = [], []
+    for rec in records:
+        options = candidates(rec)
+        if options is None:
+            continue
+        right = [i for i, o in enumerate(options) if verify(rec, o)]
+        if len(right) != 1:  # no candidate, or several, is the answer: not a multiple-choice question
+            continue
+        answer = right[0]
+        context = prompter.text(question(rec), list((demos or {}).get(rec["type"], []))[:shots])
+        items.append(ChoiceItem(context, tuple(options), answer, where=f"{rec['type']}"))
+        types.append(rec["type"])
+    scores = score_choices(model, tokenizer, items, target_delimiter=delimiter)
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(types):
+        picked = [(s, it) for s, it, t in zip(scores, items, types) if t == name]
+        out[name] = {"acc": sum(s.acc for s, _ in picked) / len(picked),
+                     "chance": sum(1 / len(it.choices) for _, it in picked) / len(picked), "n": len(picked)}
+    return out

@@ -91,14 +91,15 @@ def headline(metrics: dict[str, float]) -> tuple[str, float]:
 
 
 def results_table(results: dict[str, dict[int, dict]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: task, metric, chance, one column per k."""
+    """Header and rows: task, metric, chance, majority (choice tasks), one column per k."""
     shots = sorted({k for per in results.values() for k in per})
-    header = ["task", "metric", "chance"] + [f"k={k}" for k in shots]
+    header = ["task", "metric", "chance", "majority"] + [f"k={k}" for k in shots]
     rows = []
     for name, per in results.items():
         first = per[shots[0]]
         metric, _ = headline(first)
-        rows.append([name, metric, f"{first['chance']:.3f}"] +
+        majority = f"{first['majority']:.3f}" if "majority" in first else "-"
+        rows.append([name, metric, f"{first['chance']:.3f}", majority] +
                     [f"{headline(per[k])[1]:.3f}" if k in per else "" for k in shots])
     return header, rows
 
@@ -113,7 +114,8 @@ def run_choice(args) -> dict[str, Any]:
                           batch_tokens=args.batch_tokens,
                           max_length=args.max_length if args.max_length is not None else train_window(args.model))
     results = evaluate_incontext(model, tok, s)
-    return {"model": args.model, "max_length": s.max_length, "results": {t: {str(k): m for k, m in per.items()} for t, per in results.items()},
+    return {"model": args.model, "max_length": s.max_length,
+            "results": {t: {str(k): m for k, m in per.items()} for t, per in results.items()},
             "table": results_table(results)}
 
 

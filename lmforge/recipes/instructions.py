@@ -20,7 +20,7 @@ import torch
 from lmforge.core.errors import ConfigError, ModelError
 from lmforge.data.world.instructions import (CLOSED_BOOK, HELD_OUT_TYPES, IN_CONTEXT, INSTRUCTION_TYPES,
                                              build_instructions)
-from lmforge.eval.instructions import InstructionScores, accuracy, score_instructions, solved
+from lmforge.eval.instructions import InstructionScores, accuracy, choice_accuracy, score_instructions, solved
 from lmforge.models.families import get_family
 from lmforge.models.io import load_model
 from lmforge.recipes.finetune import resolve_model_dir
@@ -111,14 +111,20 @@ def evaluate_instructions(model: str, base: str | None = None, n_per_type: int =
     chat = [{"split": split, "type": s.record["type"], "prompt": s.record["messages"][-2]["content"],
              "reply": s.reply, "answer": plain_answer(s.record), "correct": s.correct}
             for split in ("test_entities", "test_types") for s in scored[split].scored[:samples // 2 or 1]]
-    base_dir, columns = None, ["sft"]
+    base_dir, columns, chance = None, ["sft"], {}
     if base is not None:
         b, btok, base_dir = load_decoder(base, "--base")
         results["base_zero"], s0 = _score_all(b, btok, records, **kw)
         results["base_few"], s1 = _score_all(b, btok, records, demos=demonstrations(shots, seed, world_seed),
                                              shots=shots, **kw)
         skipped.update(base_zero=sum(s.skipped for s in s0.values()), base_few=sum(s.skipped for s in s1.values()))
-        columns += ["base_zero", "base_few"]
+        columns += ["base_zero", "base_few", "base_likelihood"]
+        # closed-book types by likelihood among candidate answers, after the few-shot prompt (chance beside it)
+        closed = {split: [r for r in recs if r["kind"] == CLOSED_BOOK] for split, recs in records.items()}
+        choice = {split: choice_accuracy(b, btok, recs, demonstrations(shots, seed, world_seed), shots)
+                  for split, recs in closed.items()}
+        results["base_likelihood"] = {split: {t: v["acc"] for t, v in c.items()} for split, c in choice.items()}
+        chance = {split: {t: v["chance"] for t, v in c.items()} for split, c in choice.items()}
     rows = []
     for split, recs in records.items():
         for name in dict.fromkeys(r["type"] for r in sorted(recs, key=lambda r: list(INSTRUCTION_TYPES).index(
@@ -126,6 +132,8 @@ def evaluate_instructions(model: str, base: str | None = None, n_per_type: int =
             row = {"split": split, "type": name, "kind": INSTRUCTION_TYPES[name].kind,
                    "n": sum(r["type"] == name for r in recs)}
             row.update({c: results[c][split].get(name) for c in columns})
+            if "base_likelihood" in columns:
+                row["chance"] = chance[split].get(name)
             rows.append(row)
     return {"model": model_dir, "base": base_dir, "n_per_type": n_per_type, "shots": shots, "seed": seed,
             "world_seed": world_seed, "held_out_types": list(HELD_OUT_TYPES), "columns": columns, "rows": rows,

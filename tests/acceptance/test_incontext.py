@@ -20,7 +20,7 @@ def test_pipeline_incontext_table_beside_chance(pipeline_run, family):
     chances = {"world-arithmetic": 0.25, "world-kind": 0.2, "world-true-false": 0.5, "world-sentiment": 0.5}
     for task, per in data["results"].items():
         assert [int(k) for k in per] == data["shots"]
-        row = f"| {task} | acc | {per['0']['chance']:.3f} | " + " | ".join(f"{per[str(k)]['acc']:.3f}"
+        row = f"| {task} | acc | {per['0']['chance']:.3f} | {per['0']['majority']:.3f} | " + " | ".join(f"{per[str(k)]['acc']:.3f}"
                                                                          for k in data["shots"]) + " |"
         assert row in report, row
         if task in chances:

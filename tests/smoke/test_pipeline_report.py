@@ -3,10 +3,11 @@ link resolves, the curves hold every logged point, and the report's reproduce co
 
 import json
 import re
+import shlex
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 from tests.report_checks import assert_curves_hold_every_point, assert_links_resolve, assert_perplexity_reproduces
 
 TINY = ["max_steps=10", "data.world_bytes=300000", "tokenizer.train_bytes=150000", "model.vocab_size=512",
@@ -51,6 +52,8 @@ def test_pipeline_runs_an_sft_stage_later_stages_build_on(pipe):
         for kind in kinds:
             for col in ("sft", "base_zero", "base_few"):
                 assert 0.0 <= sft["eval"][f"{split}/{kind}/{col}"] <= 1.0
+    assert 0.0 <= sft["eval"]["test_types/closed_book/base_likelihood"] <= 1.0
+    assert sft["eval"]["test_types/in_context/base_likelihood"] is None  # likelihood: closed-book types only
     assert sft["step"] == 3 and len(sft["samples"]) >= 2
     report = (run_dir / "report.md").read_text()
     section = report[report.index("## SFT (instruction tuning)"):]
@@ -107,7 +110,7 @@ def test_pipeline_reports_an_incontext_table(pipe):
     assert list(data["results"]) == ["world-kind", "world-arithmetic"] and data["shots"] == [0, 1, 4]
     assert data["max_length"] == 32 and data["results"]["world-kind"]["4"]["n"] == 4
     report = (run_dir / "report.md").read_text()
-    assert "| task | metric | chance | k=0 | k=1 | k=4 |" in report and "| world-kind | acc | 0.200 |" in report
+    assert "| task | metric | chance | majority | k=0 | k=1 | k=4 |" in report and "| world-kind | acc | 0.200 |" in report
 
 
 def test_every_link_of_the_report_resolves(pipe):
@@ -129,3 +132,14 @@ def test_the_curves_plot_every_logged_point(pipe, sub, right):
 
 def test_the_reports_reproduce_command_prints_the_reports_perplexity(pipe):
     assert_perplexity_reproduces(pipe[0], window=32, stride=16)
+
+
+def test_the_reports_eval_instructions_command_prints_the_reports_line(pipe):
+    run_dir, _ = pipe
+    section = (run_dir / "report.md").read_text()
+    section = section[section.index("## Reproducing the numbers"):]
+    cmd, printed = re.search(r"```sh\n(lmforge eval instructions [^\n]+)\n```\nprints `([^`]+)`", section).groups()
+    assert printed.startswith("| test_entities | in_context | 8 |")
+    proc = cli(*shlex.split(cmd)[1:])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert printed in proc.stdout.splitlines()

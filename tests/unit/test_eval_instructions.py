@@ -8,6 +8,7 @@ from lmforge.core.errors import ConfigError
 from lmforge.data.chat import CHATML_TEMPLATE, ChatFormat
 from lmforge.data.world.instructions import HELD_OUT_TYPES, build_instructions, response_tone, split_types
 from lmforge.eval import instructions as ei
+from lmforge.data.world.verifiers import verify
 from lmforge.eval.sampling import GenerationResult
 from lmforge.models.io import load_model
 from lmforge.recipes.instructions import demonstrations, plain_answer, summarise
@@ -122,3 +123,30 @@ def test_world_instructions_as_sft_data_size_types_and_tone():
         load_conversations(SFTDataConfig(train="world-instructions", n_train=5, n_val=1, types=["reverse"]))
     with pytest.raises(ConfigError, match="data.types"):
         load_conversations(SFTDataConfig(train="world-qa-closed", n_train=5, n_val=1, types=["count"]))
+
+
+def test_closed_book_candidates_hold_the_answer_once_and_its_near_misses():
+    recs = build_instructions("test_entities", 10, types=["fact", "arithmetic", "kind"])
+    for r in recs:
+        options = ei.candidates(r)
+        assert options is not None and len(options) >= 2, r
+        assert sum(verify(r, o) for o in options) == 1, (r["answer"], options)
+        if r["check"] == "number":  # the verifier's near misses: off by one or two
+            assert {int(o) for o in options} <= set(range(int(r["answer"]) - 2, int(r["answer"]) + 3))
+        if r["type"] == "kind":
+            assert len(options) == 5
+
+
+def test_choice_accuracy_picks_the_most_likely_candidate(tiny, monkeypatch):
+    model, tok = tiny
+    recs = build_instructions("test_entities", 4, types=["kind", "arithmetic"])
+    # a scorer that prefers the right answer on kind and the first candidate on arithmetic
+    def fake(model, tokenizer, items, target_delimiter=" "):
+        assert target_delimiter == " " and all(it.context.endswith("\nA:") for it in items)
+        return [type("S", (), {"acc": float(it.where == "kind" or it.answer == 0)})() for it in items]
+    monkeypatch.setattr(ei, "score_choices", fake)
+    out = ei.choice_accuracy(model, tok, recs)
+    assert out["kind"] == {"acc": 1.0, "chance": pytest.approx(0.2), "n": 4}
+    firsts = [ei.candidates(r)[0] for r in recs if r["type"] == "arithmetic"]
+    right_first = sum(verify(r, f) for r, f in zip([r for r in recs if r["type"] == "arithmetic"], firsts))
+    assert out["arithmetic"]["acc"] == right_first / 4

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from lmforge.apps.report import Report
+from lmforge.apps.stage import Context
+from lmforge.apps.stage_incontext import PipelineInContextConfig, stage_incontext
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.tokenizer import Tokenizer
 from lmforge.data.incontext import WORLD_TASKS, Example, Task, file_task, load_task, prompts
@@ -131,6 +135,7 @@ def test_scores_follow_their_definitions(tiny):
         assert s.pred_norm == int((lls / chars).argmax()) and s.pred_bytes == int((lls / nbytes).argmax())
     m = choice_metrics(scores)
     assert m["n"] == 3 and math.isclose(m["chance"], (1 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert math.isclose(m["majority"], 2 / 3)  # answers 0, 1, 1: always choice 1 gets two of three
     assert m["acc"] == sum(s.acc for s in scores) / 3
 
 
@@ -172,3 +177,14 @@ def test_wrong_family_is_one_line(tiny):
     r = cli("eval", "choice", "--model", str(d / "bert"), "--tasks", "world-kind")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "is a bert encoder; `lmforge eval choice` scores causal decoders" in r.stderr
+
+
+def test_pipeline_stage_says_why_it_does_not_score_an_encoder(tiny, tmp_path):
+    _, _, tok = tiny
+    bert = EncoderLM(EncoderConfig(vocab_size=tok.vocab_size, d_model=32, n_layer=1, n_head=4, max_seq_len=32))
+    ctx = Context(cfg=SimpleNamespace(incontext=PipelineInContextConfig()), report=Report("r"), run_dir=tmp_path,
+                  parts=SimpleNamespace(model=bert, tokenizer=tok))
+    stage_incontext(ctx)
+    (heading, body), = ctx.report.sections
+    assert heading == "In-context (zero/few-shot)" and body.startswith("Not scored for bert: an encoder has no")
+    assert ctx.results["incontext"] is None and not (tmp_path / "incontext.json").exists()
