@@ -15,7 +15,7 @@ from typing import Callable
 from lmforge import __version__
 from lmforge.apps.chat import one_turn, run_chat
 from lmforge.apps.pipeline import run_pipeline
-from lmforge.apps.report import write_bench_peft_report, write_finetune_report
+from lmforge.apps.report import write_bench_peft_report, write_finetune_report, write_w2s_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
 from lmforge.core.tokenizer import vocabulary_note
@@ -32,6 +32,7 @@ from lmforge.recipes.pretrain import run_pretrain
 from lmforge.recipes.dpo import run_dpo
 from lmforge.recipes.reward import evaluate_reward, run_reward
 from lmforge.recipes.sft import inspect_data, run_sft
+from lmforge.recipes.w2s import run_w2s
 from lmforge.train.distributed import require_single_process, shutdown
 
 TRAINING_EPILOG = (
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_command(sub, "dpo", "learn from preference pairs against a frozen reference: DPO (sigmoid), cdpo, "
                           "robust, hinge, ipo, simpo, + RPO's sft term; the reference a copy, the policy with its "
                           "delta off, or log-probs precomputed", config_optional=True)
+    _add_training_command(sub, "w2s", "the weak-to-strong experiment (Burns et al. 2023): a weak model fine-tuned on "
+                          "ground truth labels data for a strong one (soft-label CE, the auxiliary confidence loss), "
+                          "against the strong ceiling; PGR per seed with bootstrap intervals (RUN_DIR/report.md)")
     ins = sub.add_parser("inspect-data", help="show SFT examples as rendered, supervised tokens marked [[...]]",
                          description="Render the first N training conversations of an SFT config with the model's "
                          "chat template, mark the supervised tokens [[like this]], and count the conversations "
@@ -292,6 +296,14 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_w2s(args) -> int:
+    result = run_w2s(args.config, args.overrides)
+    path = write_w2s_report(result)
+    print(json.dumps({"run_dir": result["run_dir"], "task": result["task"], "pgr": [
+        {k: r[k] for k in ("student", "pgr_median", "pgr_interval")} for r in result["pgr"]], "report": str(path)}))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     if args.eval_command == "reward":
         out = evaluate_reward(args.model, args.data, args.max_length)
@@ -423,7 +435,7 @@ def _cmd_world(args) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo")
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo", "w2s")
 """The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
 
 COMMANDS: dict[str, Callable] = {
@@ -441,6 +453,7 @@ COMMANDS: dict[str, Callable] = {
     "sft": _cmd_sft,
     "reward": _cmd_reward,
     "dpo": _cmd_dpo,
+    "w2s": _cmd_w2s,
     "inspect-data": _cmd_inspect_data,
     "chat": _cmd_chat,
 }
