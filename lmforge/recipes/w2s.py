@@ -360,6 +360,10 @@ def w2s(cfg: W2SConfig) -> dict[str, Any]:
     """Run (or reuse) every seed's runs and write ``RUN_DIR/w2s.json``; return the summary."""
     with training_run(cfg.run_dir):  # one w2s process per run dir; each run takes its own dir's lock too
         data = prepare_data(cfg)
+        uses = set(cfg.losses) | ({cfg.chain_loss} if cfg.chain else set())
+        if "logconf" in uses and len(data["labels"]) != 2:  # before any training (the objective refuses it too)
+            raise ConfigError(f"the auxiliary confidence loss (logconf) is binary, as the paper's; task "
+                              f"'{data['task']}' has {len(data['labels'])} labels — use losses=[ce] or a two-label task")
         sizes = check_models(cfg, data["labels"])
         seeds = [run_seed(cfg, data, seed) for seed in cfg.seeds]
         out = {"run_dir": cfg.run_dir, "task": data["task"], "description": data["description"],

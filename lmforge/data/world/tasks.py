@@ -62,8 +62,8 @@ WORLD_TASKS: dict[str, WorldTask] = {t.name: t for t in (
               ("negative", "positive"), None,
               "test and validation reviews are about objects and places that never appear in train (entity split)"),
     WorldTask("world-sentiment-mixed", "classification",
-              "the overall sentiment of a review weighing three evaluations (negation and contrast) that disagree: "
-              "the majority decides; harder than world-sentiment (made for weak-to-strong studies)",
+              "the overall sentiment of a review weighing three one-clause evaluations (plain or negated) that "
+              "disagree: the majority decides (made for weak-to-strong studies)",
               ("negative", "positive"), None,
               "test and validation reviews are about objects and places that never appear in train (entity split)"),
     WorldTask("world-topic", "classification",
@@ -226,16 +226,17 @@ def _polar(table: dict, aspect: str, good: bool) -> list[str]:
     return [w for w in pool if w not in _NO_NEGATION]
 
 
-def _evaluation(table: dict, x: str, positive: bool, rng: random.Random, used: list[str]) -> str:
+def _evaluation(table: dict, x: str, positive: bool, rng: random.Random, used: list[str], forms: int = 3) -> str:
     """One sentence about aspect ``x`` that agrees with the label, in one of three equally likely forms.
 
     Positive: "x was GOOD." / "x was not BAD (at all)." / "x was BAD, but y was GOOD."; negative is the
     mirror image.  Every adjective, "not" and "but" is therefore as frequent under either label, so
-    only a reader of negation and contrast (not a bag of words) can tell the label.
+    only a reader of negation and contrast (not a bag of words) can tell the label.  ``forms=2``: the first two
+    forms only (one clause each).
     """
     used.append(x)
     vx = "were" if x in _PLURAL else "was"
-    form = rng.randrange(3)
+    form = rng.randrange(forms)
     if form == 0:
         return f"{cap(x)} {vx} {rng.choice(_polar(table, x, positive))}."
     if form == 1:
@@ -250,8 +251,8 @@ def _evaluation(table: dict, x: str, positive: bool, rng: random.Random, used: l
 
 def _review(view: World, label: str, rng: random.Random, mixed: bool = False) -> dict:
     """A polarity-free opening (and for objects maybe a fact), then 1-2 evaluations; no verdict or
-    rating, since those would be keyword giveaways.  ``mixed``: three evaluations, one of which (three times in
-    four) disagrees with the label, so the label is their majority."""
+    rating, since those would be keyword giveaways.  ``mixed``: three one-clause evaluations (plain or negated),
+    one of which (three times in four) disagrees with the label, so the label is their majority."""
     kinds = [k for k in ("object", "place") if view.of_kind(k)]
     kind = "object" if "object" in kinds and (rng.random() < 0.55 or "place" not in kinds) else "place"
     e: Entity = rng.choice(view.of_kind(kind))
@@ -277,7 +278,7 @@ def _review(view: World, label: str, rng: random.Random, mixed: bool = False) ->
         votes = [positive] * rng.randint(1, 2)
     for vote in votes:
         x = rng.choice([k for k in table if k not in used] or list(table))
-        sentences.append(_evaluation(table, x, vote, rng, used))
+        sentences.append(_evaluation(table, x, vote, rng, used, forms=2 if mixed else 3))
     return {"text": " ".join(sentences), "label": label}
 
 
