@@ -44,7 +44,6 @@ from lmforge.models.model_dir import read_json, read_weights
 from lmforge.objectives.weak_to_strong import LOSSES, SoftLabelObjective
 from lmforge.recipes.finetune import (PREDICTIONS_FILE, FinetuneParts, FinetunePlug, finetune, load_finetune_config,
                                       resolve_model_dir)
-from lmforge.train.runlock import training_run
 
 DONE_FILE = "w2s-done.json"  # written last in a run dir: the run finished with these settings
 PROBS_FILE = "weak-probs.json"  # a supervisor's soft labels: {"train": [[p, ...], ...], "test": [...]}
@@ -244,6 +243,13 @@ def _test_correct(run_dir: Path) -> tuple[np.ndarray, list[str]]:
     return np.array([r["prediction"] == r["gold"] for r in rows], dtype=float), preds
 
 
+def _student_dir(cfg: W2SConfig, loss: str) -> str:
+    """``strong-<loss>``; the confidence loss at other than the paper's settings gets a directory of its own."""
+    if loss == "logconf" and (cfg.aux_coef, cfg.warmup_frac) != (0.5, 0.1):
+        return f"strong-logconf-a{cfg.aux_coef:g}-w{cfg.warmup_frac:g}"
+    return f"strong-{loss}"
+
+
 def run_seed(cfg: W2SConfig, data: dict[str, Any], seed: int) -> dict[str, Any]:
     root = Path(cfg.run_dir) / f"seed{seed}"
     labels, records_b, files = data["labels"], data["B"], data["files"]
@@ -257,7 +263,7 @@ def run_seed(cfg: W2SConfig, data: dict[str, Any], seed: int) -> dict[str, Any]:
     runs = {"weak": weak_dir}
     for loss in cfg.losses:
         say(f"strong student on the weak labels of B ({loss})")
-        runs[f"w2s-{loss}"] = root / f"strong-{loss}"
+        runs[f"w2s-{loss}"] = root / _student_dir(cfg, loss)
         _run(cfg, runs[f"w2s-{loss}"], seed, cfg.strong, weak_file, data,
              _student_plug(cfg, loss, soft_b, labels, None, data), {})
     say("strong ceiling on the ground truth of B")
@@ -357,23 +363,26 @@ def summarize(cfg: W2SConfig, seeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def w2s(cfg: W2SConfig) -> dict[str, Any]:
-    """Run (or reuse) every seed's runs and write ``RUN_DIR/w2s.json``; return the summary."""
-    with training_run(cfg.run_dir):  # one w2s process per run dir; each run takes its own dir's lock too
-        data = prepare_data(cfg)
-        uses = set(cfg.losses) | ({cfg.chain_loss} if cfg.chain else set())
-        if "logconf" in uses and len(data["labels"]) != 2:  # before any training (the objective refuses it too)
-            raise ConfigError(f"the auxiliary confidence loss (logconf) is binary, as the paper's; task "
-                              f"'{data['task']}' has {len(data['labels'])} labels — use losses=[ce] or a two-label task")
-        sizes = check_models(cfg, data["labels"])
-        seeds = [run_seed(cfg, data, seed) for seed in cfg.seeds]
-        out = {"run_dir": cfg.run_dir, "task": data["task"], "description": data["description"],
-               "labels": data["labels"], "n_weak": cfg.n_weak, "n_student": cfg.n_student,
-               "weak_model": cfg.weak.model, "strong_model": cfg.strong.model, "chain": list(cfg.chain),
-               "parameters": sizes, "losses": list(cfg.losses), "aux_coef": cfg.aux_coef,
-               "warmup_frac": cfg.warmup_frac, "seeds": list(cfg.seeds), **summarize(cfg, seeds),
-               "per_seed": [{k: v for k, v in s.items() if not k.startswith("_")} for s in seeds]}
-        atomic_write_json(Path(cfg.run_dir) / "w2s.json", out)
-        return out
+    """Run (or reuse) every seed's runs and write ``RUN_DIR/w2s.json``; return the summary.
+
+    Each fine-tuning run takes its own dir's lock, not the whole RUN_DIR: seeds can run side by side in processes of
+    their own (``seeds=[k]`` each; the data files they write are identical), and one more call with every seed
+    then reuses them all and summarises."""
+    data = prepare_data(cfg)
+    uses = set(cfg.losses) | ({cfg.chain_loss} if cfg.chain else set())
+    if "logconf" in uses and len(data["labels"]) != 2:  # before any training (the objective refuses it too)
+        raise ConfigError(f"the auxiliary confidence loss (logconf) is binary, as the paper's; task "
+                          f"'{data['task']}' has {len(data['labels'])} labels — use losses=[ce] or a two-label task")
+    sizes = check_models(cfg, data["labels"])
+    seeds = [run_seed(cfg, data, seed) for seed in cfg.seeds]
+    out = {"run_dir": cfg.run_dir, "task": data["task"], "description": data["description"],
+           "labels": data["labels"], "n_weak": cfg.n_weak, "n_student": cfg.n_student,
+           "weak_model": cfg.weak.model, "strong_model": cfg.strong.model, "chain": list(cfg.chain),
+           "parameters": sizes, "losses": list(cfg.losses), "aux_coef": cfg.aux_coef,
+           "warmup_frac": cfg.warmup_frac, "seeds": list(cfg.seeds), **summarize(cfg, seeds),
+           "per_seed": [{k: v for k, v in s.items() if not k.startswith("_")} for s in seeds]}
+    atomic_write_json(Path(cfg.run_dir) / "w2s.json", out)
+    return out
 
 
 def load_w2s_config(config_path: Optional[str], overrides: list[str]) -> W2SConfig:
