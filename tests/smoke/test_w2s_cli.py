@@ -149,3 +149,19 @@ def test_multiclass_task_refuses_the_confidence_loss_in_one_line(setup, tmp_path
                    f"task.validation={tmp_path / 'validation.jsonl'}", f"task.test={tmp_path / 'test.jsonl'}",
                    f"weak.model={setup / 'small'}", f"strong.model={setup / 'large'}", *FAST)
     assert_clean_error(proc, "the auxiliary confidence loss (logconf) is binary")
+
+
+def test_bootstrapping_chain_labels_disjoint_parts(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(*_args(setup, run_dir, f"chain=[{setup / 'large'}]", "losses=[ce]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((run_dir / "w2s.json").read_text())
+    assert [r["student"] for r in out["pgr"]] == ["w2s-ce", "bootstrap-logconf"]
+    first = (run_dir / "seed0/chain0-train.jsonl").read_text().splitlines()
+    second = (run_dir / "seed0/chain1-train.jsonl").read_text().splitlines()
+    assert len(first) == len(second) == 30  # B (60) in two disjoint halves
+    texts = lambda lines: {json.loads(l)["text"] for l in lines}  # noqa: E731
+    assert not texts(first) & texts(second)
+    # the second step's labels are the intermediate model's argmax on the second half
+    probs = json.loads((run_dir / "seed0/chain0/weak-probs.json").read_text())["train"]
+    assert [json.loads(l)["label"] for l in second] == [["neg", "pos"][int(p[1] > p[0])] for p in probs]
