@@ -179,7 +179,7 @@ def check_models(cfg: W2SConfig, labels: list[str]) -> dict[str, int]:
 
 # ---- one run --------------------------------------------------------------------------------------
 def _run(cfg: W2SConfig, run_dir: Path, seed: int, model: W2SModel, train_file: Path, data: dict[str, Any],
-         plug: FinetunePlug, extra: dict[str, Any]) -> dict[str, Any]:
+         plug: FinetunePlug) -> dict[str, Any]:
     """One fine-tuning run, or its results if it finished before with the same settings."""
     overrides = [*cfg.finetune, *model.overrides]
     ft = load_finetune_config(None, overrides)
@@ -187,7 +187,7 @@ def _run(cfg: W2SConfig, run_dir: Path, seed: int, model: W2SModel, train_file: 
                                test=str(data["files"]["test"]), labels=list(data["labels"]),
                                max_length=cfg.task.max_length)
     ft = dataclasses.replace(ft, run_dir=str(run_dir), seed=seed, model=model.model, task=task, resume="auto")
-    settings = json.dumps({"finetune": to_dict(ft), "plug": plug.config, **extra}, sort_keys=True)
+    settings = json.dumps({"finetune": to_dict(ft), "plug": plug.config}, sort_keys=True)
     done = run_dir / DONE_FILE
     if done.is_file() and done.read_text(encoding="utf-8") == settings:
         print(f"  {run_dir}: finished before, reused", file=sys.stderr, flush=True)
@@ -256,7 +256,7 @@ def run_seed(cfg: W2SConfig, data: dict[str, Any], seed: int) -> dict[str, Any]:
     say = lambda what: print(f"[seed {seed}] {what}", file=sys.stderr, flush=True)  # noqa: E731
     say("weak supervisor on the ground truth of A")
     weak_dir = root / "weak"
-    _run(cfg, weak_dir, seed, cfg.weak, files["A"], data, _probs_plug(data, records_b, {"role": "weak"}), {})
+    _run(cfg, weak_dir, seed, cfg.weak, files["A"], data, _probs_plug(data, records_b, {"role": "weak"}))
     weak_probs = json.loads((weak_dir / PROBS_FILE).read_text(encoding="utf-8"))
     soft_b = weak_probs["train"]
     weak_file = _labelled_file(root / "B-weak.jsonl", records_b, soft_b, labels)
@@ -265,11 +265,11 @@ def run_seed(cfg: W2SConfig, data: dict[str, Any], seed: int) -> dict[str, Any]:
         say(f"strong student on the weak labels of B ({loss})")
         runs[f"w2s-{loss}"] = root / _student_dir(cfg, loss)
         _run(cfg, runs[f"w2s-{loss}"], seed, cfg.strong, weak_file, data,
-             _student_plug(cfg, loss, soft_b, labels, None, data), {})
+             _student_plug(cfg, loss, soft_b, labels, None, data))
     say("strong ceiling on the ground truth of B")
     runs["ceiling"] = root / "ceiling"
     _run(cfg, runs["ceiling"], seed, cfg.strong, files["B"], data, FinetunePlug(select=False,
-                                                                                config={"role": "ceiling"}), {})
+                                                                                config={"role": "ceiling"}))
     if cfg.chain:
         runs[f"bootstrap-{cfg.chain_loss}"] = _chain(cfg, data, seed, root, say)
     out: dict[str, Any] = {"seed": seed, "runs": {k: str(v) for k, v in runs.items()}}
@@ -308,7 +308,7 @@ def _chain(cfg: W2SConfig, data: dict[str, Any], seed: int, root: Path, say: Any
         say(f"bootstrap step {k + 1}/{len(models)}: {model.model} on its supervisor's labels ({cfg.chain_loss})")
         train_file = _labelled_file(root / f"chain{k}-train.jsonl", subsets[k], soft, labels)
         _run(cfg, run_dir, seed, model, train_file, data,
-             _student_plug(cfg, cfg.chain_loss, soft, labels, None if last else subsets[k + 1], data), {})
+             _student_plug(cfg, cfg.chain_loss, soft, labels, None if last else subsets[k + 1], data))
         if not last:
             soft = json.loads((run_dir / PROBS_FILE).read_text(encoding="utf-8"))["train"]
     return run_dir
