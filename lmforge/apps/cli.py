@@ -15,7 +15,8 @@ from typing import Callable
 from lmforge import __version__
 from lmforge.apps.chat import one_turn, run_chat
 from lmforge.apps.pipeline import run_pipeline
-from lmforge.apps.report import instructions_tables, write_bench_peft_report, write_finetune_report
+from lmforge.apps.report import (instructions_tables, write_bench_peft_report, write_finetune_report,
+                                 write_w2s_report)
 from lmforge.apps.scaling_report import write_scaling_report
 from lmforge.core.errors import RESUME_HINT, LmforgeError, user_error
 from lmforge.core.outputs import check_output_file, running
@@ -41,6 +42,7 @@ from lmforge.recipes.scaling_fit import fit as fit_scaling
 from lmforge.recipes.scaling_sweep import run_scaling_sweep
 from lmforge.recipes.sft import inspect_data, run_sft
 from lmforge.recipes.tone import answer_tone, tone_line
+from lmforge.recipes.w2s import run_w2s
 from lmforge.train.distributed import require_single_process, shutdown
 
 TRAINING_EPILOG = (
@@ -134,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_command(sub, "ppo", "RL with PPO and a KL leash: per-token KL penalty (fixed or adaptive), the score "
                           "on the answer's last token, GAE, clipped policy and value losses, a value head on the "
                           "policy or a separate critic", config_optional=True)
+    _add_training_command(sub, "w2s", "the weak-to-strong experiment (Burns et al. 2023): a weak model fine-tuned on "
+                          "ground truth labels data for a strong one (soft-label CE, the auxiliary confidence loss), "
+                          "against the strong ceiling; PGR per seed with bootstrap intervals (RUN_DIR/report.md)")
     ins = sub.add_parser("inspect-data", help="show SFT examples as rendered, supervised tokens marked [[...]]",
                          description="Render the first N training conversations of an SFT config with the model's "
                          "chat template, mark the supervised tokens [[like this]], and count the conversations "
@@ -407,6 +412,14 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
+def _cmd_w2s(args) -> int:
+    result = run_w2s(args.config, args.overrides)
+    path = write_w2s_report(result)
+    print(json.dumps({"run_dir": result["run_dir"], "task": result["task"], "pgr": [
+        {k: r[k] for k in ("student", "pgr_median", "pgr_interval")} for r in result["pgr"]], "report": str(path)}))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     if args.eval_command == "choice":
         out = run_choice(args)
@@ -606,7 +619,8 @@ def _cmd_world(args) -> int:
     return 0
 
 
-TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo", "grpo", "ppo", "scaling")
+TRAINING_COMMANDS = ("pretrain", "pipeline", "finetune", "bench", "sft", "reward", "dpo", "grpo", "ppo", "scaling",
+                     "w2s")
 """The commands that write checkpoints: an interrupted or disk-full one says how its run goes on."""
 
 COMMANDS: dict[str, Callable] = {
@@ -627,6 +641,7 @@ COMMANDS: dict[str, Callable] = {
     "dpo": _cmd_dpo,
     "grpo": _cmd_grpo,
     "ppo": _cmd_ppo,
+    "w2s": _cmd_w2s,
     "inspect-data": _cmd_inspect_data,
     "chat": _cmd_chat,
 }

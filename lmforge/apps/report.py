@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,3 +307,86 @@ def instructions_tables(result: dict[str, Any]) -> str:
     return (f"Exact match (the records' verifiers, first line of a greedy reply), {result['n_per_type']} records per "
             f"task type and split{shots}.  Held-out types: {', '.join(result['held_out_types'])}.{note}\n\n"
             f"Mean over task types:\n\n{summary}\n\nPer task type:\n\n{per_type}\n\n{FLAN_CAVEAT}")
+
+
+# ---- lmforge w2s ---------------------------------------------------------------------------------------
+def _pct(v: Any) -> str:
+    return f"{v * 100:.1f}" if _number(v) else "-"
+
+
+def _span(iv: Any) -> str:
+    return f"[{_pct(iv[0])}, {_pct(iv[1])}]" if iv else "-"
+
+
+def _w2s_plot(out: dict[str, Any], path: Path) -> bool:
+    """Test accuracy per model (median over seeds, bootstrap interval) and PGR per student (per seed, median)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = out["accuracy"]
+    names = [r["model"] for r in rows]
+    med = [r["accuracy_median"] for r in rows]
+    err = [[m - (r["accuracy_interval"] or [m, m])[0] for m, r in zip(med, rows)],
+           [(r["accuracy_interval"] or [m, m])[1] - m for m, r in zip(med, rows)]]
+    a.bar(names, med, yerr=err, color="tab:blue", capsize=4)
+    for i, r in enumerate(rows):
+        a.scatter([i] * len(r["accuracy_per_seed"]), r["accuracy_per_seed"], color="black", s=10, zorder=3)
+    a.set_ylim(min(0.4, min(med) - 0.05), 1.02)
+    a.set_title(f"{out['task']}: test accuracy (median of seeds, {out['confidence']:.0%} interval; dots: seeds)")
+    a.tick_params(axis="x", labelsize=8)
+    for i, r in enumerate(out["pgr"]):
+        vals = [v for v in r["pgr_per_seed"] if v is not None]
+        b.scatter([i] * len(vals), vals, color="black", s=12, zorder=3)
+        if r["pgr_median"] is not None:
+            lo, hi = r["pgr_interval"] or [r["pgr_median"]] * 2
+            b.errorbar([i], [r["pgr_median"]], yerr=[[r["pgr_median"] - lo], [hi - r["pgr_median"]]], fmt="o",
+                       color="tab:red", capsize=4)
+    b.set_xticks(range(len(out["pgr"])), [r["student"] for r in out["pgr"]], fontsize=8)
+    b.axhline(0, color="gray", lw=0.8)
+    b.axhline(1, color="gray", lw=0.8, ls="--")
+    b.set_title("PGR = (w2s − weak) / (ceiling − weak)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_w2s_report(out: dict[str, Any]) -> Path:
+    """``RUN_DIR/report.md`` and ``w2s.png`` for ``lmforge w2s``."""
+    run_dir = Path(out["run_dir"])
+    report = Report(title=f"lmforge w2s — {out['task']}")
+    params = ", ".join(f"{k} {v:,}" for k, v in out["parameters"].items())
+    report.add("Setup", f"Task **{out['task']}** ({out['description']}); labels {out['labels']}.  Split A "
+               f"({out['n_weak']} examples) trains the weak model on ground truth; split B ({out['n_student']}) is "
+               f"labelled by it for the student and trains the ceiling on ground truth.  Weak `{out['weak_model']}`, "
+               f"strong `{out['strong_model']}`" + (f", chain {out['chain']}" if out["chain"] else "") +
+               f" (parameters: {params}).  Seeds {out['seeds']}; every run keeps its final model after a fixed "
+               f"number of steps (no checkpoint chosen on ground truth).  Confidence loss: aux_coef "
+               f"{out['aux_coef']}, warmup_frac {out['warmup_frac']}.")
+    acc_rows = [{"model": r["model"], "test accuracy % (median)": _pct(r["accuracy_median"]),
+                 f"{out['confidence']:.0%} interval": _span(r["accuracy_interval"]),
+                 "per seed": ", ".join(_pct(v) for v in r["accuracy_per_seed"])} for r in out["accuracy"]]
+    report.add("Accuracy", markdown_table(acc_rows) + f"\n\nIntervals: percentile bootstrap over the "
+               f"{out['test_examples']} test examples ({out['bootstrap']} resamples, paired: one resample for every "
+               f"model and seed), of the median over seeds.")
+    pgr_rows = []
+    for r in out["pgr"]:
+        agree = [x["all"] for x in r["agreement_with_weak"]]
+        wrong = [x["weak_wrong"] for x in r["agreement_with_weak"] if x["weak_wrong"] is not None]
+        pgr_rows.append({"student": r["student"], "PGR % (median)": _pct(r["pgr_median"]),
+                         f"{out['confidence']:.0%} interval": _span(r["pgr_interval"]),
+                         "per seed (interval)": "; ".join(f"{_pct(v)} {_span(iv)}" for v, iv in
+                                                          zip(r["pgr_per_seed"], r["pgr_interval_per_seed"])),
+                         "agrees with weak %": _pct(statistics.fmean(agree)),
+                         "copies weak's errors %": _pct(statistics.fmean(wrong)) if wrong else "-"})
+    report.add("Performance gap recovered", markdown_table(pgr_rows) + "\n\nPGR = (w2s − weak) / (ceiling − weak) "
+               "per seed (none where the ceiling does not beat weak).  *Agrees with weak*: test examples where the "
+               "student predicts the weak model's label; *copies weak's errors*: the same, on the test examples "
+               "the weak model gets wrong (1.0 = it imitates every error, 0 = it fixes them all).")
+    if _w2s_plot(out, run_dir / "w2s.png"):
+        report.add("Plot", "![accuracy and PGR](w2s.png)")
+    report.add("Runs", "Per seed: `seed<k>/weak`, `seed<k>/strong-<loss>`, `seed<k>/ceiling`"
+               + (", `seed<k>/chain<i>`" if out["chain"] else "") + " (fine-tuning runs: results.json, "
+               "predictions-test.jsonl, report-free); the summary: `w2s.json`.")
+    return report.write(run_dir / "report.md")

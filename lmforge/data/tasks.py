@@ -36,8 +36,8 @@ class TaskConfig:
     """The ``task:`` section of a fine-tuning config."""
 
     name: Optional[str] = "world-sentiment"
-    """A built-in world task (world-sentiment, world-topic, world-ner, world-qa-context, world-qa-closed); set
-    to null and give ``train`` (+ ``validation``/``test``) for your own files."""
+    """A built-in world task (world-sentiment, world-sentiment-mixed, world-topic, world-ner, world-qa-context,
+    world-qa-closed); set to null and give ``train`` (+ ``validation``/``test``) for your own files."""
     type: Literal["auto", "classification", "token_classification", "text2text"] = "auto"
     """auto: from the world task, or from the fields of the first training record."""
     train: Optional[str] = None

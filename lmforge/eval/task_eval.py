@@ -63,6 +63,20 @@ def evaluate_classification(model: nn.Module, objective: Any, examples: Sequence
 
 
 @torch.no_grad()
+def classification_probs(model: nn.Module, objective: Any, examples: Sequence[dict[str, Any]],
+                         batch_size: int = 64) -> torch.Tensor:
+    """``[N, num_labels]`` class probabilities (softmax of ``objective.logits``) of encoded examples, in eval mode."""
+    device, was_training = _device(model), model.training
+    model.eval()
+    try:
+        out = [torch.softmax(objective.logits(model, _to(b, device)), -1).cpu()
+               for b in batches(examples, objective.collate, batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
 def evaluate_token_classification(model: nn.Module, objective: Any, examples: Sequence[dict[str, Any]],
                                   records: Sequence[dict[str, Any]], labels: Sequence[str], batch_size: int = 64
                                   ) -> tuple[dict[str, float], list[list[str]]]:

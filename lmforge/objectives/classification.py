@@ -88,10 +88,17 @@ class ClassificationObjective(TaskEncoding, Objective):
     def target_count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].numel())
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+    def _hidden_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["attention_mask"]
         hidden = model.features(batch["input_ids"], attention_mask=mask, token_type_ids=batch.get("token_type_ids"))
-        logits = model.classify(hidden, attention_mask=mask).float()
+        return hidden, model.classify(hidden, attention_mask=mask).float()
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, num_labels]`` class logits (fp32) of a batch."""
+        return self._hidden_logits(model, batch)[1]
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        hidden, logits = self._hidden_logits(model, batch)
         loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
         metrics: dict[str, Any] = {"correct": (logits.detach().argmax(-1) == batch["labels"]).sum()}
         if self.aux_lm_weight:

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
@@ -146,6 +146,23 @@ class FinetuneConfig:
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
 
 
+@dataclass
+class FinetunePlug:
+    """What a recipe built on fine-tuning changes in it (``lmforge w2s``: a student on a weak supervisor's soft
+    labels), everything else staying fine-tuning's own: the model, head, delta, Trainer, test scoring, saving."""
+
+    objective: Optional[Callable[[Any], Any]] = None
+    """The task objective -> the objective to train with (it also encodes and collates)."""
+    train_examples: Optional[Callable[[list[Any]], list[Any]]] = None
+    """The encoded training examples -> those to train on (e.g. with soft labels attached)."""
+    select: bool = True
+    """False: no validation-based selection, the final model is kept (no ground truth chooses it)."""
+    after: Optional[Callable[[FinetuneParts], dict[str, Any]]] = None
+    """Called with the trained parts before saving; what it returns is added to the results."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Settings of the plug saved with the run's config (a resume with other settings is refused)."""
+
+
 # ---- building the pieces ------------------------------------------------------------------------
 def resolve_model_dir(path: str) -> Path:
     p = Path(path)
@@ -247,7 +264,7 @@ def select_metric(task_type: str, mode: str) -> str:
     return "accuracy" if task_type == "classification" else "exact_match"
 
 
-def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
+def build(cfg: FinetuneConfig, progress: bool | None = None, plug: FinetunePlug | None = None) -> FinetuneParts:
     dist, device = setup_distributed(cfg.distributed, cfg.train.device)
     if dist.enabled:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
@@ -287,6 +304,8 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
     model.train()
     max_len = _max_length(cfg, model.config)
     objective = _objective(cfg, task, mode, tokenizer, family, max_len)
+    if plug is not None and plug.objective is not None:
+        objective = plug.objective(objective)
     examples, truncated, gen_inputs = {}, {}, {}
     for split, records in task_t2t.splits.items():
         before = objective.truncated
@@ -296,7 +315,10 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
             gen_inputs[split] = [objective.prompt_ids(r["input"], max_len - cfg.max_new_tokens) for r in records]
         elif mode == "seq2seq":
             gen_inputs[split] = [x for x, _ in examples[split]]
-    source = ExampleSource(examples["train"], objective.collate, seed=cfg.seed)
+    train_examples = examples["train"]
+    if plug is not None and plug.train_examples is not None:
+        train_examples = plug.train_examples(train_examples)
+    source = ExampleSource(train_examples, objective.collate, seed=cfg.seed)
     metric = select_metric(task.type, mode)
     parts_ref: dict[str, Any] = {}
 
@@ -305,9 +327,11 @@ def build(cfg: FinetuneConfig, progress: bool | None = None) -> FinetuneParts:
         return {f"val_{k}": v for k, v in metrics.items()}
 
     # the best validation checkpoint is what gets scored and saved (restored by the Trainer at the end of fit)
-    evaluation = Evaluation(evaluator if task.splits["validation"] else None, select_metric=f"val_{metric}",
-                            select_mode="max", restore_best=True)
-    run = RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=to_dict(cfg),
+    select = plug is None or plug.select
+    evaluation = Evaluation(evaluator if task.splits["validation"] and select else None,
+                            select_metric=f"val_{metric}", select_mode="max", restore_best=select)
+    config_dict = to_dict(cfg) if plug is None or not plug.config else {**to_dict(cfg), "plug": plug.config}
+    run = RunSpec(cfg.run_dir, cfg.max_steps, seed=cfg.seed, resume=cfg.resume, config_dict=config_dict,
                   mutable_keys=MUTABLE_KEYS)
     trainer = Trainer(model, objective, source, cfg.train, run, evaluation, dist=dist, progress=progress)
     parts = FinetuneParts(cfg, task_t2t, mode, model, tokenizer, objective, examples, gen_inputs, truncated, trainer,
@@ -337,16 +361,16 @@ def evaluate_split(parts: FinetuneParts, split: str, model: torch.nn.Module | No
         model.train(was_training)
 
 
-def finetune(cfg: FinetuneConfig, progress: bool | None = None) -> dict[str, Any]:
-    """Train (ending on the best checkpoint), score the test split once, save; return the results (also
-    written to ``RUN_DIR/results.json``)."""
+def finetune(cfg: FinetuneConfig, progress: bool | None = None, plug: FinetunePlug | None = None) -> dict[str, Any]:
+    """Train (ending on the best checkpoint, or with ``plug.select=False`` the final one), score the test split
+    once, save; return the results (also written to ``RUN_DIR/results.json``)."""
     with training_run(cfg.run_dir):  # the run dir's lock first: before the process group and any write
-        return _finetune(cfg, progress)
+        return _finetune(cfg, progress, plug)
 
 
-def _finetune(cfg: FinetuneConfig, progress: bool | None) -> dict[str, Any]:
+def _finetune(cfg: FinetuneConfig, progress: bool | None, plug: FinetunePlug | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    parts = build(cfg, progress)
+    parts = build(cfg, progress, plug)
     trainer = parts.trainer
     memory = _measure_memory(parts) if cfg.measure_memory and not trainer.dist.enabled else None
     fit = trainer.fit()  # restores the best checkpoint: a collective under fsdp
@@ -381,6 +405,8 @@ def _finetune(cfg: FinetuneConfig, progress: bool | None) -> dict[str, Any]:
     results["total_params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if memory is not None:
         results["memory"] = memory
+    if plug is not None and plug.after is not None:
+        results.update(plug.after(parts))
     trainer.log_record({"step": trainer.step, **{f"test_{k}": v for k, v in results.get("test", {}).items()},
                         "selected": selected})
     model = model.cpu()

@@ -267,6 +267,7 @@ class Trainer:
         token_fn = getattr(self.objective, "input_tokens", None)
         tokens = int(token_fn(batch)) if token_fn is not None else count_input_tokens(batch)
         dist = self.dist
+        batch = self._prepare_batch(batch)
         if dist.enabled:  # the count above is the global batch's; this rank trains on its slice of the rows
             batch = dist.shard_batch(batch, batch_rows(batch))
         batch = to_device(batch, self.device)
@@ -298,6 +299,26 @@ class Trainer:
             for k in sorted(metrics):
                 metrics[k] = dist.all_reduce(metrics[k].clone())
         return StepStats(loss_sum=loss_acc, count=count, tokens=tokens, metrics=metrics)
+
+    def _prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The objective's once-per-optimizer-batch hook, ``prepare_batch(model, micro_batches, step_frac) -> dict``
+        of new per-row entries: a loss whose targets depend on the whole optimizer batch (the weak-to-strong
+        confidence loss's quantile) computes them here, over every micro-batch (no grad, eval mode: no dropout, no
+        RNG drawn), before each micro-batch's forward/backward reads its rows.  ``step_frac`` is completed steps
+        / ``max_steps``.  Under DDP/FSDP every rank runs it on the whole global batch, so all agree."""
+        prepare = getattr(self.objective, "prepare_batch", None)
+        if prepare is None:
+            return batch
+        batch = to_device(batch, self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                extra = prepare(self.forward_model, split_batch(batch, self.cfg.micro),
+                                self.step / max(self.run.max_steps, 1))
+        finally:
+            self.model.train(was_training)
+        return {**batch, **extra}
 
     def train_step(self, batch: dict[str, Any], collect: bool = False) -> tuple[StepStats, torch.Tensor | None, float]:
         """One optimizer update on a global batch; returns (stats, grad norm or None, lr used)."""

@@ -20,7 +20,7 @@ from lmforge.data.world.tasks import bio_tags
 from lmforge.data.world.text import plural_creature, plural_object
 from lmforge.eval.baselines import task_baselines
 
-ENTITY_SPLIT_TASKS = ("world-sentiment", "world-topic", "world-ner", "world-qa-context")
+ENTITY_SPLIT_TASKS = ("world-sentiment", "world-sentiment-mixed", "world-topic", "world-ner", "world-qa-context")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def _digest(tasks: dict) -> str:
 
 
 def test_registry() -> None:
-    assert set(WORLD_TASKS) == {"world-sentiment", "world-topic", "world-ner", "world-qa-context", "world-qa-closed"}
+    assert set(WORLD_TASKS) == {"world-sentiment", "world-sentiment-mixed", "world-topic", "world-ner",
+                                "world-qa-context", "world-qa-closed"}
     assert world_task("world-sentiment").labels == ("negative", "positive")
     assert world_task("world-topic").labels == ("creature", "guild", "object", "person", "place")
     assert world_task("world-ner").labels[0] == "O" and len(world_task("world-ner").labels) == 11

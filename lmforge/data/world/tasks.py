@@ -61,6 +61,11 @@ WORLD_TASKS: dict[str, WorldTask] = {t.name: t for t in (
               "sentiment of a short review whose label needs negation and contrast, not keywords",
               ("negative", "positive"), None,
               "test and validation reviews are about objects and places that never appear in train (entity split)"),
+    WorldTask("world-sentiment-mixed", "classification",
+              "the overall sentiment of a review weighing three one-clause evaluations (plain or negated) that "
+              "disagree: the majority decides (made for weak-to-strong studies)",
+              ("negative", "positive"), None,
+              "test and validation reviews are about objects and places that never appear in train (entity split)"),
     WorldTask("world-topic", "classification",
               "which kind of entity a short encyclopedia passage is about", tuple(sorted(KINDS)), None,
               _ENTITY_SPLIT),
@@ -221,16 +226,17 @@ def _polar(table: dict, aspect: str, good: bool) -> list[str]:
     return [w for w in pool if w not in _NO_NEGATION]
 
 
-def _evaluation(table: dict, x: str, positive: bool, rng: random.Random, used: list[str]) -> str:
+def _evaluation(table: dict, x: str, positive: bool, rng: random.Random, used: list[str], forms: int = 3) -> str:
     """One sentence about aspect ``x`` that agrees with the label, in one of three equally likely forms.
 
     Positive: "x was GOOD." / "x was not BAD (at all)." / "x was BAD, but y was GOOD."; negative is the
     mirror image.  Every adjective, "not" and "but" is therefore as frequent under either label, so
-    only a reader of negation and contrast (not a bag of words) can tell the label.
+    only a reader of negation and contrast (not a bag of words) can tell the label.  ``forms=2``: the first two
+    forms only (one clause each).
     """
     used.append(x)
     vx = "were" if x in _PLURAL else "was"
-    form = rng.randrange(3)
+    form = rng.randrange(forms)
     if form == 0:
         return f"{cap(x)} {vx} {rng.choice(_polar(table, x, positive))}."
     if form == 1:
@@ -243,9 +249,10 @@ def _evaluation(table: dict, x: str, positive: bool, rng: random.Random, used: l
             f"but {y} {vy} {rng.choice(_polar(table, y, positive))}.")
 
 
-def _review(view: World, label: str, rng: random.Random) -> dict:
+def _review(view: World, label: str, rng: random.Random, mixed: bool = False) -> dict:
     """A polarity-free opening (and for objects maybe a fact), then 1-2 evaluations; no verdict or
-    rating, since those would be keyword giveaways."""
+    rating, since those would be keyword giveaways.  ``mixed``: three one-clause evaluations (plain or negated),
+    one of which (three times in four) disagrees with the label, so the label is their majority."""
     kinds = [k for k in ("object", "place") if view.of_kind(k)]
     kind = "object" if "object" in kinds and (rng.random() < 0.55 or "place" not in kinds) else "place"
     e: Entity = rng.choice(view.of_kind(kind))
@@ -263,9 +270,15 @@ def _review(view: World, label: str, rng: random.Random) -> dict:
         sentences = [rng.choice(_OPEN_PLACE).format_map(f)]
         table = _PLACE_ASPECTS
     used: list[str] = []
-    for _ in range(rng.randint(1, 2)):
-        x = rng.choice([k for k in table if k not in used])
-        sentences.append(_evaluation(table, x, label == "positive", rng, used))
+    positive = label == "positive"
+    if mixed:
+        votes = [positive, positive, positive if rng.random() < 0.25 else not positive]
+        rng.shuffle(votes)
+    else:
+        votes = [positive] * rng.randint(1, 2)
+    for vote in votes:
+        x = rng.choice([k for k in table if k not in used] or list(table))
+        sentences.append(_evaluation(table, x, vote, rng, used, forms=2 if mixed else 3))
     return {"text": " ".join(sentences), "label": label}
 
 
@@ -273,6 +286,13 @@ def _make_sentiment(view: World, rng: random.Random, n: int, what: str) -> list[
     if not view.objects and not view.places:
         raise DataError(f"{what}: the world has no object or place to review")
     return _balanced(n, WORLD_TASKS["world-sentiment"].labels, lambda label: _review(view, label, rng), rng, what)
+
+
+def _make_sentiment_mixed(view: World, rng: random.Random, n: int, what: str) -> list[dict]:
+    if not view.objects and not view.places:
+        raise DataError(f"{what}: the world has no object or place to review")
+    return _balanced(n, WORLD_TASKS["world-sentiment-mixed"].labels,
+                     lambda label: _review(view, label, rng, mixed=True), rng, what)
 
 
 # -- world-topic ----------------------------------------------------------------------------------
@@ -435,6 +455,6 @@ def _closed_qa(world: World, seed: int, sizes: dict[str, int]) -> dict[str, list
 
 
 _MAKERS: dict[str, Callable[[World, random.Random, int, str], list[dict]]] = {
-    "world-sentiment": _make_sentiment, "world-topic": _make_topic, "world-ner": _make_ner,
+    "world-sentiment": _make_sentiment, "world-sentiment-mixed": _make_sentiment_mixed, "world-topic": _make_topic, "world-ner": _make_ner,
     "world-qa-context": _make_qa_context,
 }
