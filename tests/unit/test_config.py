@@ -81,6 +81,8 @@ def test_shipped_configs_parse():
 
     from lmforge.recipes.bench_peft import BenchPeftConfig
     from lmforge.recipes.finetune import load_finetune_config
+    from lmforge.recipes.scaling_sweep import ScalingSweepConfig
+    from lmforge.recipes.w2s import load_w2s_config
 
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("*.yaml")):
@@ -89,6 +91,14 @@ def test_shipped_configs_parse():
         elif path.name.startswith("bench-peft-"):  # a benchmark: its fine-tuning config and overrides parse too
             bench = load_config(BenchPeftConfig, path)
             cfg = load_finetune_config(str(root.parent / bench.finetune), list(bench.overrides))
+        elif path.name.startswith("scaling-"):  # a sweep: its own keys, and the pretraining config it runs
+            sweep = load_config(ScalingSweepConfig, path)
+            assert sweep.budgets, path
+            cfg = load_config(PretrainConfig, root.parent / sweep.pretrain if not Path(sweep.pretrain).is_absolute()
+                              else sweep.pretrain)
+        elif path.name.startswith("w2s-"):
+            load_w2s_config(str(path), [])
+            continue
         else:
             cfg = load_config(FinetuneConfig if path.name.startswith("finetune-") else PretrainConfig, path)
         assert cfg.max_steps > 0, path
