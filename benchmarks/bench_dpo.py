@@ -190,6 +190,7 @@ def main() -> None:
                   f"({r['lmforge']['pairs_per_cpu_s']:.1f} per CPU s), TRL {r['trl']['pairs_per_s']:7.1f} pairs/s "
                   f"({r['trl']['pairs_per_cpu_s']:.1f} per CPU s): {r['ratio']:.2f}x (by CPU time {r['cpu_ratio']:.2f}x)")
     print(json.dumps({"bench": "dpo_step", "machine": machine(), "results": result,
+                      "ratio": min(r["ratio"] for r in result.values()),  # the worse of the two settings
                       "shape": {"d_model": args.d_model, "layers": args.layers, "batch_pairs": args.batch,
                                 "vocab": args.vocab, "steps": args.steps, "threads": args.threads,
                                 "rounds": args.rounds}}))

@@ -167,7 +167,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs")
     a = ap.parse_args()
+    if a.quick:
+        a.prompts, a.G, a.new_tokens, a.d_model, a.layers, a.steps, a.rounds = 2, 2, 4, 64, 1, 2, 1
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, texts = build_model(Path(tmp) / "model", a.d_model, a.layers)

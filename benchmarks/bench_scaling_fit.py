@@ -55,12 +55,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ref-starts", type=int, default=45)
+    ap.add_argument("--quick", action="store_true", help="every 50th start of the grid and 3 reference starts: checks "
+                    "the script runs")
     args = ap.parse_args()
+    if args.quick:
+        args.ref_starts = 3
     torch.set_num_threads(args.threads)
     points, _ = read_points(DATA)
     points = sorted(points, key=lambda p: p["loss"])[:-5]  # Epoch's outliers: the 5 highest losses
     n, d, loss = (np.array([p[k] for p in points]) for k in ("N", "D", "loss"))
     grid = epoch_grid()
+    if args.quick:
+        grid = grid[::50]
 
     t, cpu = time.perf_counter(), time.process_time()
     ours = fit_approach3(n, d, loss, grid=grid)

@@ -107,7 +107,7 @@ def plot(means: list[dict], path: Path) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the pretrained model (the pipeline's RUN_DIR/model)")
-    p.add_argument("--out", default="runs/bench_sft_data", help="run dirs, the plot and results.json")
+    p.add_argument("--out", default="runs/sft_data_study", help="run dirs, the plot and results.json")
     p.add_argument("--sizes", default="100,300,1000,3000")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--focused", default="count,sort,position", help="the focused mix's types")
