@@ -42,8 +42,6 @@ def test_preference_stages_learn_tone_and_evasion(pipeline_run, family):
           "\ntone:", json.dumps(summary["dpo"]["tone"]))
     for kind in ("tone", "evasive"):  # pairs that differ only in a rude line, or answer vs evasion
         assert reward[kind]["accuracy"] >= 0.9 and dpo[kind]["accuracy"] >= 0.9, kind
-    for test in (reward, dpo):  # correctness-only pairs: above chance at least
-        assert test["correctness"]["accuracy"] > 0.5
     before, after = summary["dpo"]["tone"]["sft"], summary["dpo"]["tone"]["dpo"]
     assert before["rude_or_evasive"] >= 0.1  # the SFT model picked up the data's habit...
     assert after["rude_or_evasive"] <= before["rude_or_evasive"] / 2  # ...and DPO halves it (or better)
