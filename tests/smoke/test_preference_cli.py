@@ -143,3 +143,16 @@ def test_a_prompt_longer_than_max_length_is_dropped_and_counted(base, tmp_path):
     out = last_json(run_cli("dpo", f"model={base}", f"run_dir={tmp_path / 'r'}", f"data.train={data}",
                             "data.max_length=64", "max_steps=1", "train.global_batch_size=1"))
     assert out["data"]["train"] == {"pairs": 2, "truncated": 0, "dropped": 1}
+
+
+def test_eval_tone_prints_its_line_and_refuses_bad_models(base, tmp_path):
+    out = cli("eval", "tone", "--model", str(base), "--n", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["all"]["n"] >= 1 and result["all"]["n"] + result["skipped"] >= 10  # a long prompt is skipped, counted
+    assert 0.0 <= result["all"]["rude_or_evasive"] <= 1.0
+    assert sum(result["all"][t] for t in ("rude", "evasive", "polite", "plain")) == pytest.approx(1.0)
+    line = cli("eval", "tone", "--model", str(base), "--n", "1")
+    assert line.returncode == 0 and line.stdout.strip().startswith("rude or evasive ")
+    assert_refused(cli("eval", "tone", "--model", str(tmp_path / "missing")), "missing")
+    assert_refused(cli("eval", "tone", "--model", str(base), "--n", "0"), "--n")
